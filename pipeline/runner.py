@@ -1,0 +1,134 @@
+"""The pipeline, in the order of the diagram:
+
+    per shard:  download -> quantize -> verify
+    once:       finalize -> load_check -> card -> publish (staging/ -> artifact/) -> upload
+
+Each (stage, unit) runs under a lock and is skipped when its record says done with the same fingerprint (hashes
+of its inputs and of the parameters that shaped it). Several processes may share one workdir: a unit locked by
+another live process is left to it, and the artifact is built once every shard is verified.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from pipeline import __version__
+from pipeline.context import Context, pick_device
+from pipeline.errors import LockedError, PipelineError, StageError
+from pipeline.manifest import Manifest, params_hash
+from pipeline.state import RunState
+from stages import card, download, finalize, load_check, publish, quantize, upload, verify
+
+log = logging.getLogger(__name__)
+SHARD_STAGES: tuple[ModuleType, ...] = (download, quantize, verify)
+ARTIFACT_STAGES: tuple[ModuleType, ...] = (finalize, load_check, card, publish)
+ALL_STAGES = [m.NAME for m in (*SHARD_STAGES, *ARTIFACT_STAGES, upload)]
+ARTIFACT_UNIT = "artifact"
+
+
+def open_run(manifest: Manifest, workdir: Any) -> Context:
+    state = RunState(workdir)
+    source = download.resolve(manifest, state)
+    return Context(manifest, workdir, state, source, pick_device(manifest.quantize.device))
+
+
+def run_unit(ctx: Context, stage: str, unit: str, fingerprint: dict[str, str], work: Callable[[], dict[str, Any]]) -> str:
+    """Run one unit of work unless it is already done; returns 'done', 'skipped' or 'locked'."""
+    if ctx.state.is_done(stage, unit, fingerprint):
+        return "skipped"
+    try:
+        with ctx.state.lock(stage, unit):
+            if ctx.state.is_done(stage, unit, fingerprint):  # finished by another process while we looked
+                return "skipped"
+            t0 = time.monotonic()
+            try:
+                result = work()
+            except Exception as e:
+                msg = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
+                ctx.state.write(stage, unit, {"status": "failed", "fingerprint": fingerprint, "error": msg,
+                                              "seconds": round(time.monotonic() - t0, 3)})  # fmt: skip
+                if isinstance(e, PipelineError):
+                    raise
+                raise StageError(f"{stage} {unit} failed: {msg}") from e
+            ctx.state.write(stage, unit, {"status": "done", "fingerprint": fingerprint, "outputs": {}, "info": {},
+                                          **result, "seconds": round(time.monotonic() - t0, 3)})  # fmt: skip
+            return "done"
+    except LockedError:
+        return "locked"
+
+
+def run_shard(ctx: Context, unit: str) -> bool:
+    """download -> quantize -> verify for one shard; False when another process holds part of it."""
+    for stage in SHARD_STAGES:
+        outcome = run_unit(ctx, stage.NAME, unit, stage.fingerprint(ctx, unit), lambda s=stage: s.run(ctx, unit))
+        if outcome == "locked":
+            log.info("%s %s is held by another process; moving on", stage.NAME, unit)
+            return False
+    return True
+
+
+def artifact_fingerprint(ctx: Context) -> dict[str, str]:
+    verified = [(u, ctx.state.read(verify.NAME, u) or {}) for u in ctx.units]
+    inputs = params_hash({u: [r.get("fingerprint"), r.get("outputs")] for u, r in verified} | {"files": ctx.source.files})
+    m = ctx.manifest
+    return {"inputs": inputs, "params": params_hash({"q": m.quantize, "l": m.load_check, "v": __version__})}
+
+
+def build_artifact(ctx: Context) -> str:
+    fp = artifact_fingerprint(ctx)
+    if ctx.state.is_done(publish.NAME, ARTIFACT_UNIT, fp) and ctx.artifact.exists():
+        return "skipped"
+    try:
+        with ctx.state.lock("build", ARTIFACT_UNIT):
+            if ctx.state.is_done(publish.NAME, ARTIFACT_UNIT, fp) and ctx.artifact.exists():
+                return "skipped"
+            for stage in ARTIFACT_STAGES:
+                # Inside the artifact lock each step runs again: staging/ is rebuilt from scratch every time.
+                ctx.state.clear(stage.NAME, ARTIFACT_UNIT)
+                run_unit(ctx, stage.NAME, ARTIFACT_UNIT, fp, lambda s=stage: s.run(ctx))
+            return "done"
+    except LockedError:
+        return "locked"
+
+
+def upload_artifact(ctx: Context) -> str:
+    pub = ctx.state.read(publish.NAME, ARTIFACT_UNIT) or {}
+    fp = {"inputs": params_hash(pub.get("outputs", {})), "params": params_hash(ctx.manifest.destination)}
+    return run_unit(ctx, upload.NAME, ARTIFACT_UNIT, fp, lambda: upload.run(ctx))
+
+
+def wait_for_shards(ctx: Context, units: list[str], poll_s: float = 1.0) -> None:
+    """Wait for shards other processes hold, then take over any they left unfinished."""
+    while units:
+        time.sleep(poll_s)
+        still = []
+        for unit in units:
+            if any(ctx.state.holder(s.NAME, unit) for s in SHARD_STAGES):
+                still.append(unit)
+            elif not run_shard(ctx, unit):
+                still.append(unit)
+        units = still
+
+
+def convert(ctx: Context, units: list[str] | None = None, build: bool = True) -> None:
+    """Run the shard stages (for `units`, default all), then, if `build`, the artifact and upload stages."""
+    todo = units if units is not None else ctx.units
+    log.info("convert %s: %d shard(s), source %s@%s, device %s", ctx.manifest.name, len(todo), ctx.source.name,
+             ctx.source.revision, ctx.device)  # fmt: skip
+    held = [u for u in todo if not run_shard(ctx, u)]
+    if not build:
+        if held:
+            wait_for_shards(ctx, held)
+        return
+    wait_for_shards(ctx, held)
+    missing = [u for u in ctx.units if not ctx.state.is_done(verify.NAME, u, verify.fingerprint(ctx, u))]
+    if missing:
+        raise StageError(f"cannot build the artifact: shard(s) not verified: {', '.join(missing)}")
+    while build_artifact(ctx) == "locked":
+        time.sleep(1.0)
+    log.info("artifact ready: %s", ctx.artifact)
+    upload_artifact(ctx)

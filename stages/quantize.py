@@ -1,0 +1,105 @@
+"""Stage quantize: one source shard -> one HLWQ shard, tensor by tensor (rotate -> codebook -> pack).
+
+Memory holds one source tensor and its codes at a time: the output header is planned from the source header,
+then tensors stream through the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from pipeline import format as fmt
+from pipeline.context import Context
+from pipeline.errors import IntegrityError
+from pipeline.manifest import Manifest, params_hash
+from pipeline.quant import QuantParams, quantize
+from pipeline.quant.hadamard import signs_to_hex
+from pipeline.shards import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, check_shard_matches_index
+
+NAME = "quantize"
+log = logging.getLogger(__name__)
+
+
+def quant_params(manifest: Manifest, bits: int) -> QuantParams:
+    q = manifest.quantize
+    return QuantParams(bits=bits, block_size=q.block_size, sign_seed=q.sign_seed, scale=q.scale,
+                       fit_codebook=q.fit_codebook)  # fmt: skip
+
+
+def layout(manifest: Manifest) -> fmt.Layout:
+    bits = quant_params(manifest, manifest.quantize.bits).sign_bits()
+    return fmt.Layout(
+        block_size=manifest.quantize.block_size,
+        signs_hex=None if bits is None else signs_to_hex(bits),
+        scale=manifest.quantize.scale,
+        codebook="fitted" if manifest.quantize.fit_codebook else "gaussian",
+    )
+
+
+def bits_for(manifest: Manifest, info: TensorInfo) -> int | None:
+    """Bits for this tensor, or None when it is kept as it is."""
+    q = manifest.quantize
+    n = 1
+    for d in info.shape:
+        n *= d
+    if len(info.shape) < 2 or n < q.min_elements or any(fnmatchcase(info.name, p) for p in q.keep_bf16):
+        return None
+    if info.dtype not in FLOAT_DTYPES:
+        raise IntegrityError(
+            f"tensor {info.name} has dtype {info.dtype}; only BF16/F16/F32 weights are quantized "
+            "(list it in quantize.keep_bf16 to pass it through)"
+        )
+    return manifest.bits_for(info.name)
+
+
+def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
+    src = ctx.state.read("download", unit) or {}
+    q = {k: v for k, v in vars(ctx.manifest.quantize).items() if k != "device"}  # the device never changes bytes
+    return {"inputs": src.get("info", {}).get("sha256", ""), "params": params_hash({"q": q, "v": fmt.FORMAT_VERSION})}
+
+
+def run(ctx: Context, unit: str) -> dict[str, Any]:
+    src = ctx.source_shard(unit)
+    infos = check_shard_matches_index(src, ctx.source.shards[ctx.source.shard_of(unit)])
+    decisions = {name: bits_for(ctx.manifest, infos[name]) for name in sorted(infos)}
+    plan: list[tuple[str, str, tuple[int, ...]]] = []
+    records = {}
+    for name, bits in decisions.items():
+        info = infos[name]
+        if bits is None:
+            plan.append((name, info.dtype, info.shape))
+        else:
+            plan += fmt.quantized_plan(name, info.shape, bits, ctx.manifest.quantize.block_size)
+            records[name] = fmt.tensor_record(info.shape, DTYPES[info.dtype], bits)
+    writer = StreamingWriter(plan, fmt.shard_metadata(layout(ctx.manifest), records))
+    out = ctx.quantized_shard(unit)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with safe_open(str(src), framework="pt") as f:
+            for name, bits in tqdm(decisions.items(), desc=f"quantize {unit}", unit="tensor", leave=False, disable=None):
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")
+                if bits is None:
+                    yield name, t
+                    continue
+                q = quantize(t.to(ctx.device), quant_params(ctx.manifest, bits))
+                yield from fmt.quantized_entries(name, q)
+
+    size, sha = writer.write(out, tensors())
+    n_q = sum(b is not None for b in decisions.values())
+    log.info("quantize %s: %d tensors quantized, %d kept, %.1f MB -> %.1f MB", unit, n_q, len(decisions) - n_q,
+             src.stat().st_size / 1e6, size / 1e6)  # fmt: skip
+    return {
+        "outputs": {str(out.relative_to(ctx.workdir)): {"size": size, "sha256": sha}},
+        "info": {"quantized": n_q, "kept": len(decisions) - n_q, "device": str(ctx.device)},
+        "bytes_in": src.stat().st_size,
+        "bytes_out": size,
+    }

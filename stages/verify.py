@@ -1,0 +1,69 @@
+"""Stage verify: decode what quantize wrote, compare it with the source tensor, fail under min_cos_sim.
+
+Passed-through tensors must be bit-identical to the source. The per-shard report feeds hlwq_report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pipeline import format as fmt
+from pipeline.context import Context
+from pipeline.errors import IntegrityError, VerifyError
+from pipeline.manifest import params_hash
+from pipeline.quant import metrics
+from pipeline.shards import atomic_write_json
+
+NAME = "verify"
+log = logging.getLogger(__name__)
+
+
+def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
+    q = ctx.state.read("quantize", unit) or {}
+    d = ctx.state.read("download", unit) or {}
+    inputs = [m.get("sha256", "") for m in q.get("outputs", {}).values()] + [d.get("info", {}).get("sha256", "")]
+    return {"inputs": ":".join(inputs), "params": params_hash(ctx.manifest.verify)}
+
+
+def tensor_metrics(ref: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
+    rows_cos = metrics.cos_sim_rows(ref, rec)
+    return {
+        "cos_sim": metrics.cos_sim(ref, rec),
+        "rel_mse": metrics.rel_mse(ref, rec),
+        "sqnr_db": metrics.sqnr_db(ref, rec),
+        "min_row_cos_sim": float(rows_cos.min()),
+    }
+
+
+def run(ctx: Context, unit: str) -> dict[str, Any]:
+    src = ctx.source_shard(unit)
+    reader = fmt.ShardReader(ctx.quantized_shard(unit))
+    tensors: dict[str, Any] = {}
+    with safe_open(str(src), framework="pt") as f:
+        for name in reader.names():
+            ref = f.get_tensor(name).to(ctx.device)
+            if name in reader.quantized:
+                rec = reader.get(name, ctx.device)
+                tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
+                                 **tensor_metrics(ref, rec)}  # fmt: skip
+            else:
+                if not torch.equal(ref, reader.get(name, ctx.device)):
+                    raise IntegrityError(f"{unit}: kept tensor {name} differs from the source")
+                tensors[name] = {"shape": list(ref.shape), "bits": None, "dtype": str(ref.dtype).removeprefix("torch.")}
+    report = {"unit": unit, "tensors": tensors}
+    path = ctx.report_path(unit)
+    atomic_write_json(path, report)
+    threshold = ctx.manifest.verify.min_cos_sim
+    bad = sorted((t["cos_sim"], n) for n, t in tensors.items() if t["bits"] is not None and t["cos_sim"] < threshold)
+    if bad:
+        raise VerifyError(f"verify {unit}: {bad[0][1]} has cos-sim {bad[0][0]:.6f} < min_cos_sim {threshold} "
+                          f"({len(bad)} tensor(s) under the threshold)")  # fmt: skip
+    q = [t["cos_sim"] for t in tensors.values() if t["bits"] is not None]
+    log.info("verify %s: %d quantized tensors, min cos-sim %.6f", unit, len(q), min(q) if q else float("nan"))
+    if ctx.manifest.source.delete_after_verify and ctx.source.kind == "hub":
+        src.unlink(missing_ok=True)  # only shards we downloaded; a user's local folder is never touched
+    return {"outputs": {str(path.relative_to(ctx.workdir)): {"size": path.stat().st_size}}, "info": {"tensors": len(q)}}
