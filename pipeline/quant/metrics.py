@@ -19,7 +19,8 @@ def cos_sim_rows(ref: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
 def rel_mse_rows(ref: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     a, b = _rows(ref), _rows(rec)
     num, den = (a - b).pow(2).sum(dim=1), a.pow(2).sum(dim=1)
-    return torch.where(den > 0, num / den.clamp(min=1e-300), (num > 0).double() * torch.inf)
+    zero_ref = torch.where(num > 0, torch.full_like(num, torch.inf), torch.zeros_like(num))
+    return torch.where(den > 0, num / den.clamp(min=1e-300), zero_ref)
 
 
 def sqnr_db_rows(ref: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:

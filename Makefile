@@ -1,0 +1,48 @@
+# `make convert` converts the embedded tiny default; `make convert MODEL=gemma-4-31B-it` a shipped manifest.
+# Every target sets up .venv/ first (pinned by requirements.lock; torch pinned to the CPU wheel).
+PY      := .venv/bin/python
+HLWQ    := .venv/bin/hlwq
+STAMP   := .venv/.hlwq-installed
+MODEL   ?=
+ARGS    ?=
+
+.PHONY: setup convert test lint bench-quant bench-quality bench-rss clean
+
+$(STAMP): requirements.lock pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.lock
+	.venv/bin/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+convert: setup
+ifeq ($(MODEL),)
+	$(HLWQ) tiny work/tiny-gemma4-bf16
+	$(HLWQ) convert manifests/tiny-gemma4.yaml $(ARGS)
+else
+	$(HLWQ) convert manifests/$(MODEL).yaml $(ARGS)
+endif
+
+# The Slurm tests need Debian's slurm-wlm; the installer is a no-op when it is there (and skipped when not root).
+test: setup
+	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-slurm.sh || [ -z "$$CI" ]; fi
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	.venv/bin/ruff check pipeline stages tests bench
+	.venv/bin/ruff format --check pipeline stages tests bench
+	.venv/bin/mypy
+
+bench-quant: setup
+	$(PY) bench/quant.py $(ARGS)
+
+bench-quality: setup
+	$(PY) -m bench.quality $(ARGS)
+
+bench-rss: setup
+	$(PY) bench/rss.py $(ARGS)
+
+clean:
+	rm -rf work
