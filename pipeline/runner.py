@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline import __version__
+from pipeline.faults import maybe_die, maybe_fail
 from pipeline.context import Context, pick_device
 from pipeline.errors import LockedError, PipelineError, StageError
 from pipeline.manifest import Manifest, params_hash
@@ -46,7 +47,10 @@ def run_unit(ctx: Context, stage: str, unit: str, fingerprint: dict[str, str], w
                 return "skipped"
             t0 = time.monotonic()
             try:
+                maybe_die(f"{stage}:{unit}:start")
+                maybe_fail(f"{stage}:{unit}")
                 result = work()
+                maybe_die(f"{stage}:{unit}:end")
             except Exception as e:
                 msg = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
                 ctx.state.write(stage, unit, {"status": "failed", "fingerprint": fingerprint, "error": msg,

@@ -151,6 +151,16 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Delete temp files atomic_open left beside `path` when a writer was killed; call only while holding the
+    lock of the unit that owns `path` (then no live process can be writing them)."""
+    n = 0
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,6 +48,11 @@ class Lock:
             os.utime(self.path)
         except FileNotFoundError:
             pass
+
+
+def _heartbeat(lock: Lock, stop: threading.Event) -> None:
+    while not stop.wait(max(1.0, STALE_AFTER_S / 4)):
+        lock.refresh()
 
 
 class RunState:
@@ -133,9 +139,15 @@ class RunState:
             break
         else:
             raise LockedError(f"{stage}/{unit}: could not take the lock")
+        # Heartbeat while held: otherwise a unit running longer than STALE_AFTER_S looks stale to other hosts.
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(Lock(p), stop), daemon=True)
+        beat.start()
         try:
             yield Lock(p)
         finally:
+            stop.set()
+            beat.join()
             try:
                 if p.read_text() == mine:  # never remove a lock that someone else took after ours went stale
                     p.unlink()

@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.context import Context
 from pipeline.shards import atomic_open, atomic_write_text
 from stages.finalize import REPORT
@@ -50,51 +52,92 @@ def write_chart(path: Path, layers: dict[int, tuple[float, float]], threshold: f
     plt.close(fig)
 
 
-def _license(ctx: Context) -> str:
+def source_front_matter(ctx: Context) -> dict[str, Any]:
+    """The YAML front matter of the source's README.md ({} when there is none or it does not parse)."""
     readme = ctx.source.folder / "README.md"
-    if readme.exists():
-        m = re.search(r"^license:\s*(\S+)", readme.read_text(errors="replace"), re.M)
-        if m:
-            return m.group(1)
-    return "other"
+    if not readme.exists():
+        return {}
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", readme.read_text(errors="replace"), re.S)
+    if not m:
+        return {}
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def front_matter(ctx: Context) -> dict[str, Any]:
+    """What the Hub reads: base model and relation, the source's license (name and link too when it is 'other')."""
+    src = source_front_matter(ctx)
+    meta: dict[str, Any] = {}
+    if ctx.source.kind == "hub":  # a local folder has no Hub id; a made-up base_model would link nowhere
+        meta |= {"base_model": ctx.source.name, "base_model_relation": "quantized"}
+    meta["license"] = str(src.get("license") or "other")
+    for key in ("license_name", "license_link"):
+        if src.get(key):
+            meta[key] = str(src[key])
+    if meta["license"] == "other" and "license_name" not in meta:
+        meta["license_name"] = "same-as-source" if src else "unknown"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = str(src.get("pipeline_tag") or "image-text-to-text")
+    meta["tags"] = ["hlwq", "quantized", f"{ctx.manifest.quantize.bits}-bit"]
+    return meta
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def per_kind(tensors: dict[str, Any]) -> list[tuple[str, int, str, float, float]]:
+    """(kind, tensors, bits, median cos-sim, min cos-sim) per weight kind, e.g. 'self_attn.q_proj'."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for name, t in tensors.items():
+        if t["bits"] is not None:
+            parts = name.removesuffix(".weight").split(".")
+            kind = ".".join(p for p in parts[-2:] if not p.isdigit())
+            groups[("vision: " if "vision" in name else "") + kind].append(t)
+    rows = []
+    for kind, ts in sorted(groups.items()):
+        bits = "/".join(str(b) for b in sorted({t["bits"] for t in ts}))
+        cos = [t["cos_sim"] for t in ts]
+        rows.append((kind, len(ts), bits, statistics.median(cos), min(cos)))
+    return rows
 
 
 def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) -> str:
     s = report["summary"]
     m = ctx.manifest
-    base = ctx.source.name if ctx.source.kind == "hub" else m.name
-    front = [
-        "---",
-        f"base_model: {base}",
-        "base_model_relation: quantized",
-        f"license: {_license(ctx)}",
-        "library_name: transformers",
-        "pipeline_tag: image-text-to-text",
-        "tags:",
-        "- hlwq",
-        "- quantized",
-        f"- {m.quantize.bits}-bit",
-        "---",
-    ]
-    gb = 1e9
+    q = m.quantize
+    meta = front_matter(ctx)
+    hub = ctx.source.kind == "hub"
+    source = f"[`{ctx.source.name}`](https://huggingface.co/{ctx.source.name})" if hub else f"`{ctx.source.name}`"
+    target = m.destination.repo or "path/to/artifact"
     lines = [
-        f"# {m.name} — HLWQ Q{m.quantize.bits}",
+        f"# {m.name} — HLWQ Q{q.bits}",
         "",
-        f"Calibration-free {m.quantize.bits}-bit weights: each 128-block of a weight row is rotated by a signed "
-        "Walsh-Hadamard transform, coded with a Lloyd-Max codebook and a 16-bit block scale. "
-        f"Source: `{ctx.source.name}` at revision `{ctx.source.revision}`. Format version {report['format_version']}.",
+        f"{q.bits}-bit weights of {source} at revision `{ctx.source.revision}`, made without calibration data: "
+        f"each {q.block_size}-weight block of a row is rotated by a signed Walsh-Hadamard transform, coded with a "
+        "Lloyd-Max codebook and a 16-bit block scale. Norms, embeddings, the vision tower and the other tensors "
+        f"listed below are kept as they are. Artifact format version {report['format_version']}.",
         "",
         "## Size",
         "",
         "| | value |",
         "|---|---|",
-        f"| source size | {s['bytes_in'] / gb:.3f} GB |",
-        f"| artifact tensors | {s['bytes_out'] / gb:.3f} GB ({s['bytes_out'] / max(s['bytes_in'], 1):.1%} of the source) |",
+        f"| source tensors (BF16) | {_size(s['bytes_in'])} |",
+        f"| artifact tensors | {_size(s['bytes_out'])} ({s['bytes_out'] / max(s['bytes_in'], 1):.1%} of the source) |",
         f"| bits per quantized weight (codes + scales + codebooks) | {s['bits_per_weight_quantized']:.3f} |",
         f"| bits per weight, all tensors (kept ones included) | {s['bits_per_weight_all']:.3f} |",
         f"| quantized / kept tensors | {s['quantized_tensors']} / {s['kept_tensors']} |",
         "",
         "## Weight fidelity (measured by the verify stage)",
+        "",
+        "Every quantized tensor was decoded from the files in this repository and compared with its source tensor; "
+        f"the build fails when one is under cos-sim {m.verify.min_cos_sim}.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -102,7 +145,13 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) ->
         f"| min cos-sim | {s['min_cos_sim']:.6f} (`{s['min_cos_sim_tensor']}`) |",
         f"| median relative MSE | {s['median_rel_mse']:.3e} |",
         "",
-        f"![per-layer cos-sim]({CHART})",
+        "| weight kind | tensors | bits | median cos-sim | min cos-sim |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {n} | {b} | {med:.6f} | {lo:.6f} |" for k, n, b, med, lo in per_kind(report["tensors"])]
+    lines += [
+        "",
+        f"![per-layer weight cos-sim: median and min over each decoder layer's quantized tensors]({CHART})",
         "",
         "Weight cos-sim is a check, not the goal: what matters is the output distribution (see `hlwq bench`).",
         "",
@@ -117,17 +166,27 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) ->
         "",
         "## Use",
         "",
-        "```python",
-        "from pipeline.loader import load_dequantized  # pip install hlwq (this repository)",
+        "With the HLWQ repository installed (it provides `pipeline.loader`):",
         "",
-        f'model = load_dequantized("{ctx.manifest.destination.repo or "path/to/artifact"}", device="cpu")',
+        "```python",
+        "from pipeline.loader import load_dequantized",
+        "",
+        f'model = load_dequantized("{target}", device="cuda")  # a Hub repo id or a local folder',
         "```",
         "",
         "Every tensor's layout is documented in FORMAT.md of the HLWQ repository; `hlwq_report.json` has the "
-        "per-tensor figures.",
+        "per-tensor figures and `config.json` the `quantization_config`.",
+        "",
+        "## How it was made",
+        "",
+        f"`hlwq convert` with manifest `{m.name}`: bits {q.bits}, block size {q.block_size}, scale `{q.scale}`, "
+        f"sign seed {q.sign_seed}, codebook {'fitted per tensor' if q.fit_codebook else 'Gaussian Lloyd-Max'}; "
+        f"kept as they are: {', '.join(f'`{p}`' for p in q.keep_bf16)}"
+        + (f"; per-pattern bits: {', '.join(f'`{p}`: {b}' for p, b in q.overrides.items())}" if q.overrides else "")
+        + f". hlwq {report.get('hlwq_version', '?')}. License: as the source model ({meta['license']}).",
         "",
     ]
-    return "\n".join(front + [""] + lines)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
 
 
 def run(ctx: Context) -> dict[str, Any]:

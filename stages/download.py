@@ -47,6 +47,10 @@ def _file_fingerprint(p: Path) -> str:
 
 
 def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
+    if ctx.source.kind == "hub":
+        from stages import hub
+
+        return hub.shard_fingerprint(ctx, unit)
     shard = ctx.source_shard(unit)
     local = _file_fingerprint(shard) if ctx.source.kind == "path" and shard.exists() else ""
     return {"inputs": f"{ctx.source.revision}:{unit}:{local}", "params": ""}

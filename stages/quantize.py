@@ -18,10 +18,18 @@ from tqdm import tqdm
 from pipeline import format as fmt
 from pipeline.context import Context
 from pipeline.errors import IntegrityError
+from pipeline.faults import maybe_die
 from pipeline.manifest import Manifest, params_hash
 from pipeline.quant import QuantParams, quantize
 from pipeline.quant.hadamard import signs_to_hex
-from pipeline.shards import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, check_shard_matches_index
+from pipeline.shards import (
+    DTYPES,
+    FLOAT_DTYPES,
+    StreamingWriter,
+    TensorInfo,
+    check_shard_matches_index,
+    remove_stale_temps,
+)
 
 NAME = "quantize"
 log = logging.getLogger(__name__)
@@ -80,6 +88,8 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
             records[name] = fmt.tensor_record(info.shape, DTYPES[info.dtype], bits)
     writer = StreamingWriter(plan, fmt.shard_metadata(layout(ctx.manifest), records))
     out = ctx.quantized_shard(unit)
+    if remove_stale_temps(out):
+        log.info("quantize %s: removed the temp file of an interrupted run", unit)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(src), framework="pt") as f:
@@ -92,6 +102,7 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
                     continue
                 q = quantize(t.to(ctx.device), quant_params(ctx.manifest, bits))
                 yield from fmt.quantized_entries(name, q)
+                maybe_die(f"quantize:{unit}:mid")  # a kill with a half-written temp file
 
     size, sha = writer.write(out, tensors())
     n_q = sum(b is not None for b in decisions.values())

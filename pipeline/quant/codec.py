@@ -16,8 +16,10 @@ import torch
 from pipeline.quant import bitpack, hadamard, lloyd_max
 
 ScaleKind = Literal["l2", "lsq"]
-# Rows per chunk are picked so one chunk's float32 working set stays cache-sized (~1 MiB).
+# Rows per chunk are picked so one chunk's float32 working set stays cache-sized (~1 MiB); on a GPU such chunks are
+# launch-bound (a 31B model is ~10^5 of them), so there a chunk is 16 MiB. Rows are independent: bytes are unchanged.
 _CHUNK_ELEMS = 1 << 18
+_CHUNK_ELEMS_GPU = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ def _as_rows(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _chunk_rows(cols: int) -> int:
-    return max(1, _CHUNK_ELEMS // max(cols, 1))
+def _chunk_rows(cols: int, device: torch.device | None = None) -> int:
+    elems = _CHUNK_ELEMS_GPU if device is not None and device.type == "cuda" else _CHUNK_ELEMS
+    return max(1, elems // max(cols, 1))
 
 
 def _normalize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +109,9 @@ def quantize(w: torch.Tensor, params: QuantParams) -> Quantized:
         candidates.insert(0, lloyd_max.fit_codebook(sample_normalized(w, params), gauss))
     for codebook in candidates:
         codes, scales, err, ref = [], [], 0.0, 0.0
-        for start in range(0, rows.shape[0], _chunk_rows(rows.shape[1])):
-            y = hadamard.rotate(rows[start : start + _chunk_rows(rows.shape[1])], signs)
+        step = _chunk_rows(rows.shape[1], w.device)
+        for start in range(0, rows.shape[0], step):
+            y = hadamard.rotate(rows[start : start + step], signs)
             u, norms = _normalize(y)
             c = lloyd_max.assign(u, codebook)
             levels = lloyd_max.lookup(c, codebook)
@@ -135,7 +139,7 @@ def dequantize(q: Quantized, sign_bits: list[int] | None, dtype: torch.dtype | N
     codebook = q.codebook.to(device=q.codes.device, dtype=torch.float32)
     out = torch.empty(rows, cols, dtype=dtype or q.dtype, device=q.codes.device)
     n_blocks = q.scales.shape[1]
-    step = _chunk_rows(n_blocks * b)
+    step = _chunk_rows(n_blocks * b, q.codes.device)
     for start in range(0, rows, step):
         packed = q.codes[start : start + step].reshape(-1, n_blocks, bitpack.packed_block_bytes(q.bits, b))
         levels = lloyd_max.lookup(bitpack.unpack(packed, q.bits, b), codebook)
