@@ -63,15 +63,17 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     check_block_size(n)
     lead = x.shape[:-1]
+    # Ping-pong between two buffers: each stage pairs element j with j + h inside runs of 2h: (a, b) -> (a+b, a-b).
+    src, dst = x.to(torch.float32, copy=True).contiguous(), torch.empty(x.shape, dtype=torch.float32, device=x.device)
     h = 1
     while h < n:
-        # Pair element j with j + h inside each run of 2h: (a, b) -> (a + b, a - b).
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        s, d = src.view(*lead, n // (2 * h), 2, h), dst.view(*lead, n // (2 * h), 2, h)
+        torch.add(s[..., 0, :], s[..., 1, :], out=d[..., 0, :])
+        torch.sub(s[..., 0, :], s[..., 1, :], out=d[..., 1, :])
+        src, dst = dst, src
         h *= 2
-    # 1/sqrt(n) is exact in float32 only for even log2(n); one rounded multiply keeps devices in agreement anyway.
-    return x * (1.0 / math.sqrt(n))
+    # One rounded multiply by 1/sqrt(n) keeps every device in agreement.
+    return src.mul_(1.0 / math.sqrt(n))
 
 
 def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
