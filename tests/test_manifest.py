@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ManifestError
+from pipeline.manifest import DEFAULT_KEEP, load_manifest, parse_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"name": "x", "source": {"path": "a"}, "destination": {"path": "b"}}
+
+
+def test_shipped_manifests_load():
+    for p in (ROOT / "manifests").glob("*.yaml"):
+        m = load_manifest(p)
+        assert m.quantize.bits == 5 and m.verify.min_cos_sim == 0.998
+    g = load_manifest(ROOT / "manifests/gemma-4-31B-it.yaml")
+    assert g.source.repo == "google/gemma-4-31B-it" and "*vision_tower*" in g.quantize.keep_bf16
+
+
+def test_defaults():
+    m = parse_manifest(BASE)
+    assert (m.quantize.bits, m.quantize.block_size, m.quantize.scale, m.quantize.sign_seed) == (5, 128, "lsq", 0)
+    assert m.quantize.keep_bf16 == DEFAULT_KEEP and m.load_check.max_vram_gb == 22.0
+    assert m.bits_for("anything") == 5
+
+
+def test_overrides_first_match_wins():
+    m = parse_manifest({**BASE, "quantize": {"overrides": {"*.down_proj.*": 6, "*.mlp.*": 4}}})
+    assert m.bits_for("l.0.mlp.down_proj.weight") == 6 and m.bits_for("l.0.mlp.up_proj.weight") == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "x", "source": {"path": "a"}}, "destination: required key is missing"),
+        ({**BASE, "quantize": {"bitz": 4}}, "quantize.bitz: unknown key"),
+        ({**BASE, "quantise": {}}, "quantise: unknown key"),
+        ({**BASE, "quantize": {"bits": "5"}}, "quantize.bits: expected int"),
+        ({**BASE, "quantize": {"bits": True}}, "quantize.bits: expected int"),
+        ({**BASE, "quantize": {"bits": 9}}, "quantize.bits: bits must be in 2..8"),
+        ({**BASE, "quantize": {"block_size": 100}}, "quantize.block_size"),
+        ({**BASE, "quantize": {"scale": "max"}}, "quantize.scale: must be one of"),
+        ({**BASE, "quantize": {"overrides": {"*": 1}}}, "quantize.overrides"),
+        ({**BASE, "quantize": {"keep_bf16": "*norm*"}}, "quantize.keep_bf16: expected a list"),
+        ({**BASE, "verify": {"min_cos_sim": 1.5}}, "verify.min_cos_sim"),
+        ({**BASE, "source": {"path": "a", "repo": "o/n"}}, "source: give exactly one"),
+        ({**BASE, "source": {"repo": "no-slash"}}, "source.repo"),
+        ({**BASE, "name": "../evil"}, "name:"),
+        ({**BASE, "slurm": {"extra": ["#SBATCH --x"]}}, "slurm.extra"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_bad_manifests_name_the_key(data, message):
+    with pytest.raises(ManifestError, match=message.replace("*", r"\*").replace(".", r"\.")):
+        parse_manifest(data)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path):
+    p = tmp_path / "m.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ManifestError, match="invalid YAML at line"):
+        load_manifest(p)
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        load_manifest(tmp_path / "nope.yaml")
