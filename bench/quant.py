@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peers import asym_minmax_int4, rtn_symmetric  # noqa: E402
-from pipeline.quant import QuantParams, dequantize, hadamard, lloyd_max, metrics, quantize  # noqa: E402
-from pipeline.quant.codec import _normalize  # noqa: E402
-from pipeline.quant.bitpack import packed_block_bytes  # noqa: E402
+from bench.peers import asym_minmax_int4, rtn_symmetric
+from pipeline.quant import QuantParams, dequantize, hadamard, lloyd_max, metrics, quantize
+from pipeline.quant.bitpack import packed_block_bytes
+from pipeline.quant.codec import _normalize
 
-REFERENCE_5BIT_POS = [0.0880, 0.2641, 0.4404, 0.6173, 0.7951, 0.9741, 1.1550, 1.3387, 1.5266, 1.7207, 1.9241,
-                      2.1420, 2.3829, 2.6629, 3.0169, 3.5516]  # fmt: skip  (technique.md: the seed's shipped table)
+REFERENCE_5BIT_POS = [
+    0.0880,
+    0.2641,
+    0.4404,
+    0.6173,
+    0.7951,
+    0.9741,
+    1.1550,
+    1.3387,
+    1.5266,
+    1.7207,
+    1.9241,
+    2.1420,
+    2.3829,
+    2.6629,
+    3.0169,
+    3.5516,
+]  # fmt: skip  (technique.md: the seed's shipped table)
 # One sliding-attention decoder layer of Gemma-4-31B (gemma4-31b.md): 478.7 M params.
 LAYER = {"q_proj": (8192, 5376), "k_proj": (4096, 5376), "v_proj": (4096, 5376), "o_proj": (5376, 8192),
          "gate_proj": (21504, 5376), "up_proj": (21504, 5376), "down_proj": (5376, 21504)}  # fmt: skip
@@ -127,7 +142,9 @@ def speed(scale: float) -> dict[str, float]:
     res = {"layer_params": n, "copy_gb_s": bw / 1e9, "quantize_s": t_q, "dequantize_s": t_d, "bound_s": bound_q,
            "quantize_params_per_s": n / t_q, "dequantize_params_per_s": n / t_d, "bound_params_per_s": n / bound_q,
            "quantize_fraction_of_bound": bound_q / t_q, "dequantize_fraction_of_bound": bound_q / t_d}  # fmt: skip
-    print(f"speed   layer params {n / 1e6:.1f} M, threads {torch.get_num_threads()}, copy bandwidth {bw / 1e9:.2f} GB/s")
+    print(
+        f"speed   layer params {n / 1e6:.1f} M, threads {torch.get_num_threads()}, copy bandwidth {bw / 1e9:.2f} GB/s"
+    )
     print(f"speed   quantize   {n / t_q / 1e6:8.1f} M params/s ({t_q:.2f} s)")
     print(f"speed   dequantize {n / t_d / 1e6:8.1f} M params/s ({t_d:.2f} s)")
     print(f"speed   streaming bound (read BF16 + write packed) {n / bound_q / 1e6:8.1f} M params/s ({bound_q:.2f} s)")
@@ -165,8 +182,10 @@ def memory(scale: float) -> dict[str, float]:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     m = json.loads(r.stdout.strip().splitlines()[-1])
     goal = 2 * m["largest_tensor"] + 1e9
-    print(f"memory  peak RSS while quantizing the layer {m['peak'] / 1e9:.3f} GB (RSS before {m['baseline'] / 1e9:.3f} "
-          f"GB, largest tensor {m['largest_tensor'] / 1e9:.3f} GB; goal <= 2 x largest + 1 GB = {goal / 1e9:.3f} GB)")
+    print(
+        f"memory  peak RSS while quantizing the layer {m['peak'] / 1e9:.3f} GB (RSS before {m['baseline'] / 1e9:.3f} "
+        f"GB, largest tensor {m['largest_tensor'] / 1e9:.3f} GB; goal <= 2 x largest + 1 GB = {goal / 1e9:.3f} GB)"
+    )
     print(f"memory  peak above the process baseline {(m['peak'] - m['baseline']) / 1e9:.3f} GB")
     return {**m, "goal": goal}
 

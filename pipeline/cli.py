@@ -65,7 +65,7 @@ def cmd_redo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.runner import ARTIFACT_UNIT, ARTIFACT_STAGES, SHARD_STAGES, upload
+    from pipeline.runner import ARTIFACT_STAGES, ARTIFACT_UNIT, SHARD_STAGES, upload
 
     ctx = _open(args)
     print(f"{ctx.manifest.name}: source {ctx.source.name}@{ctx.source.revision}, workdir {ctx.workdir}")

@@ -45,7 +45,9 @@ class Layout:
         return None if self.signs_hex is None else signs_from_hex(self.signs_hex, self.block_size)
 
 
-def quantized_plan(name: str, shape: tuple[int, ...], bits: int, block_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def quantized_plan(
+    name: str, shape: tuple[int, ...], bits: int, block_size: int
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """The three entries (name, dtype, shape) a quantized tensor becomes, computable before quantizing."""
     rows, cols = shape[0], math.prod(shape[1:])
     n_blocks = -(-cols // block_size)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from pipeline import __version__
-from pipeline.faults import maybe_die, maybe_fail
 from pipeline.context import Context, pick_device
 from pipeline.errors import LockedError, PipelineError, StageError
+from pipeline.faults import maybe_die, maybe_fail
 from pipeline.manifest import Manifest, params_hash
 from pipeline.state import RunState
 from stages import card, download, finalize, load_check, publish, quantize, upload, verify
@@ -37,7 +38,9 @@ def open_run(manifest: Manifest, workdir: Any) -> Context:
     return Context(manifest, workdir, state, source, pick_device(manifest.quantize.device))
 
 
-def run_unit(ctx: Context, stage: str, unit: str, fingerprint: dict[str, str], work: Callable[[], dict[str, Any]]) -> str:
+def run_unit(
+    ctx: Context, stage: str, unit: str, fingerprint: dict[str, str], work: Callable[[], dict[str, Any]]
+) -> str:
     """Run one unit of work unless it is already done; returns 'done', 'skipped' or 'locked'."""
     if ctx.state.is_done(stage, unit, fingerprint):
         return "skipped"
@@ -68,7 +71,7 @@ def run_unit(ctx: Context, stage: str, unit: str, fingerprint: dict[str, str], w
 def run_shard(ctx: Context, unit: str) -> bool:
     """download -> quantize -> verify for one shard; False when another process holds part of it."""
     for stage in SHARD_STAGES:
-        outcome = run_unit(ctx, stage.NAME, unit, stage.fingerprint(ctx, unit), lambda s=stage: s.run(ctx, unit))
+        outcome = run_unit(ctx, stage.NAME, unit, stage.fingerprint(ctx, unit), partial(stage.run, ctx, unit))
         if outcome == "locked":
             log.info("%s %s is held by another process; moving on", stage.NAME, unit)
             return False
@@ -77,7 +80,9 @@ def run_shard(ctx: Context, unit: str) -> bool:
 
 def artifact_fingerprint(ctx: Context) -> dict[str, str]:
     verified = [(u, ctx.state.read(verify.NAME, u) or {}) for u in ctx.units]
-    inputs = params_hash({u: [r.get("fingerprint"), r.get("outputs")] for u, r in verified} | {"files": ctx.source.files})
+    inputs = params_hash(
+        {u: [r.get("fingerprint"), r.get("outputs")] for u, r in verified} | {"files": ctx.source.files}
+    )
     m = ctx.manifest
     return {"inputs": inputs, "params": params_hash({"q": m.quantize, "l": m.load_check, "v": __version__})}
 
@@ -93,7 +98,7 @@ def build_artifact(ctx: Context) -> str:
             for stage in ARTIFACT_STAGES:
                 # Inside the artifact lock each step runs again: staging/ is rebuilt from scratch every time.
                 ctx.state.clear(stage.NAME, ARTIFACT_UNIT)
-                run_unit(ctx, stage.NAME, ARTIFACT_UNIT, fp, lambda s=stage: s.run(ctx))
+                run_unit(ctx, stage.NAME, ARTIFACT_UNIT, fp, partial(stage.run, ctx))
             return "done"
     except LockedError:
         return "locked"

@@ -120,9 +120,13 @@ def check_shard_matches_index(path: Path, expected: list[str]) -> dict[str, Tens
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        raise IntegrityError(f"{path.name}: tensor {missing[0]} is in the index but not in the shard ({len(missing)} missing)")
+        raise IntegrityError(
+            f"{path.name}: tensor {missing[0]} is in the index but not in the shard ({len(missing)} missing)"
+        )
     if extra:
-        raise IntegrityError(f"{path.name}: tensor {extra[0]} is in the shard but not in the index ({len(extra)} extra)")
+        raise IntegrityError(
+            f"{path.name}: tensor {extra[0]} is in the shard but not in the index ({len(extra)} extra)"
+        )
     return tensors
 
 

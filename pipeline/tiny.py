@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,13 +26,13 @@ VISION = dict(
     hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
     head_dim=32, patch_size=16, pooling_kernel_size=3, position_embedding_size=1024, standardize=True,
 )  # fmt: skip
-SPECIAL = dict(
+SPECIAL: dict[str, Any] = dict(
     boi_token_id=500, eoi_token_id=501, image_token_id=502, video_token_id=503, boa_token_id=504,
     eoa_token_index=505, audio_token_id=506,
 )  # fmt: skip
 
 
-def tiny_config(layers: int = 6) -> object:
+def tiny_config(layers: int = 6) -> Any:
     from transformers import Gemma4Config
 
     pattern = ["sliding_attention"] * 5 + ["full_attention"]

@@ -33,7 +33,10 @@ def resolve(manifest: Manifest, state: RunState) -> SourceInfo:
     files = {
         p.name: _file_fingerprint(p)
         for p in sorted(folder.iterdir())
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".safetensors") and p.name not in _SKIP_FILES
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(".safetensors")
+        and p.name not in _SKIP_FILES
     }
     index = folder / INDEX_NAME
     ident = index.read_bytes() if index.exists() else _file_fingerprint(folder / SINGLE_NAME).encode()

@@ -77,7 +77,9 @@ def run(ctx: Context) -> dict[str, Any]:
         tensors, _ = read_header(shard)
         weight_map.update({n: shard.name for n in tensors})
         total += sum(t.nbytes for t in tensors.values())
-    atomic_write_json(staging / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    atomic_write_json(
+        staging / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    )
     config_path = ctx.source.folder / "config.json"
     if not config_path.exists():
         raise IntegrityError(f"source has no config.json ({ctx.source.name})")

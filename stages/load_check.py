@@ -26,5 +26,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     figures = load_check(ctx.staging, runtime=cfg.runtime, context_tokens=cfg.context_tokens)
     if figures["peak_vram_gb"] > cfg.max_vram_gb:
-        raise StageError(f"load_check: peak GPU memory {figures['peak_vram_gb']:.2f} GB > max_vram_gb {cfg.max_vram_gb}")
+        raise StageError(
+            f"load_check: peak GPU memory {figures['peak_vram_gb']:.2f} GB > max_vram_gb {cfg.max_vram_gb}"
+        )
     return {"info": {"status": "measured", "figures": figures}}

@@ -93,7 +93,9 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(src), framework="pt") as f:
-            for name, bits in tqdm(decisions.items(), desc=f"quantize {unit}", unit="tensor", leave=False, disable=None):
+            for name, bits in tqdm(
+                decisions.items(), desc=f"quantize {unit}", unit="tensor", leave=False, disable=None
+            ):
                 t = f.get_tensor(name)
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")

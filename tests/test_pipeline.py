@@ -57,7 +57,9 @@ def test_artifact_is_complete_and_decodes(reference: Path, tiny_src: Path):
                 assert torch.equal(got, src[name]) and index[name] == f"{unit}.safetensors"
     assert seen == report["summary"]["quantized_tensors"] > 0
     # the embedding (tied to lm_head) and the vision tower stay BF16
-    assert not any("embed_tokens" in n or "vision_tower" in n for n in report["tensors"] if report["tensors"][n]["bits"])
+    assert not any(
+        "embed_tokens" in n or "vision_tower" in n for n in report["tensors"] if report["tensors"][n]["bits"]
+    )
 
 
 def test_rerun_does_nothing(reference: Path, tiny_src: Path, tmp_path: Path):

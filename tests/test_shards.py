@@ -61,7 +61,7 @@ def test_unsafe_tensor_names(name: str):
 
 
 def test_index_errors(tmp_path: Path):
-    with pytest.raises(IntegrityError, match="no model.safetensors.index.json"):
+    with pytest.raises(IntegrityError, match=r"no model\.safetensors\.index\.json"):
         load_index(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(IntegrityError, match="weight_map"):

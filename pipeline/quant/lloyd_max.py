@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ def _pdf(t: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * np.square(t)) * _INV_SQRT_2PI
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaussian_levels(bits: int, tol: float = 1e-13, max_iter: int = 200_000) -> tuple[float, ...]:
     """Converged Lloyd-Max levels for N(0,1), ascending, computed (not tabulated) from the normal cdf."""
     if bits not in SUPPORTED_BITS:
@@ -49,6 +49,7 @@ def gaussian_mse(levels: tuple[float, ...] | np.ndarray) -> float:
     edges = np.concatenate(([-np.inf], (c[1:] + c[:-1]) / 2, [np.inf]))
     lo, hi = edges[:-1], edges[1:]
     mass, mean = _interval_mass_and_mean(lo, hi)
+
     # E[(X-c)^2] over each cell = E[X^2] - 2 c E[X] + c^2 P, with E[X^2 1{cell}] = P + lo*pdf(lo) - hi*pdf(hi).
     def tpdf(t: np.ndarray) -> np.ndarray:
         finite = np.isfinite(t)

@@ -63,7 +63,7 @@ def test_fitted_codebook_option_not_worse():
     torch.manual_seed(0)
     w = torch.distributions.StudentT(3.0).sample((256, 1024))
     _, r_g = _round_trip(w, scale="l2")
-    q_f, r_f = _round_trip(w, scale="l2", fit_codebook=True)
+    _, r_f = _round_trip(w, scale="l2", fit_codebook=True)
     assert metrics.rel_mse(w, r_f) <= metrics.rel_mse(w, r_g) * 1.001
 
 

@@ -31,7 +31,8 @@ def test_sign_bits_are_seeded_and_golden():
     assert 40 < sum(a) < 88  # about half negative
     hx = hadamard.signs_to_hex(a)
     assert hadamard.signs_from_hex(hx, 128) == a
-    # SplitMix64(0) first output is 0xE220A8397B1DCDAF (top bit 1), so bit 0 is set. Golden value: a decoder in another language reproduces it from FORMAT.md's SplitMix64 description.
+    # SplitMix64(0)'s first output is 0xE220A8397B1DCDAF (top bit 1), so bit 0 is set. The golden hex lets a
+    # decoder in another language check its SplitMix64 against FORMAT.md.
     assert hadamard._splitmix64(0)[1] == 0xE220A8397B1DCDAF and a[0] == 1
     assert hx == GOLDEN_SEED0
 
