@@ -143,7 +143,9 @@ def _place(module: nn.Module, attr: str, value: torch.Tensor) -> None:
         old = module._parameters[attr]
         if old is not None and old.shape != value.shape:
             raise FormatError(f"{attr}: artifact shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
-        module._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        module._parameters[attr] = (
+            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        )
     else:
         module._buffers[attr] = value
 
@@ -317,8 +319,8 @@ def _text_config(model: nn.Module) -> Any:
 def _safe_token_range(model: nn.Module) -> tuple[int, int]:
     """Token ids for synthetic prompts: below every special multimodal id that sits inside the vocabulary."""
     vocab = _text_config(model).vocab_size
-    specials = [getattr(model.config, k, None) for k in ("boi_token_id", "image_token_id", "eoi_token_id",
-                                                        "video_token_id", "audio_token_id", "boa_token_id")]  # fmt: skip
+    keys = ("boi_token_id", "image_token_id", "eoi_token_id", "video_token_id", "audio_token_id", "boa_token_id")
+    specials = [getattr(model.config, k, None) for k in keys]
     high = min([vocab, *[s for s in specials if isinstance(s, int) and 16 < s < vocab]])
     return 16, high
 
@@ -472,6 +474,10 @@ def versions() -> dict[str, str | None]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    if out["hlwq"] is None:  # a source checkout that was not pip-installed
+        from pipeline import __version__
+
+        out["hlwq"] = __version__
     out["cuda"] = torch.version.cuda
     return out
 
@@ -479,7 +485,6 @@ def versions() -> dict[str, str | None]:
 def measure(model: nn.Module, folder: Path, memory: _Memory, context_tokens: int = 4096, compiled: bool = True,
             chunk: int | None = 512, deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Figures for a loaded model: answers, peak memory without and with a filled KV cache, decode speed."""
-    dev = _device_of(model)
     fig: dict[str, Any] = {"resident_gb": memory.now()}
     memory.reset_peak()
     fig["text_answer"] = text_answer(model, folder)
@@ -489,29 +494,35 @@ def measure(model: nn.Module, folder: Path, memory: _Memory, context_tokens: int
     memory.reset_peak()
     fig["context"] = fill_context(model, context_tokens, chunk=chunk)
     fig["peak_vram_context_gb"] = memory.peak()
-    eager = decode_speed(model, static=False)
+    eager = decode_speed(model, tokens=32, repeats=2, static=False)
     fig["decode_eager"] = eager
     fig["decode_tok_s_eager"] = eager["tok_s"]
     fig["decode_tok_s"], fig["decode_mode"] = eager["tok_s"], "eager (HF generate, dynamic cache)"
-    if compiled and dev.type == "cuda":
-        if deadline is not None and time.monotonic() > deadline:
-            fig["decode_compiled"] = {"error": "skipped: out of time budget before the compile warm-up"}
-        else:
-            try:
-                comp = decode_speed(model, static=True)
-                fig["decode_compiled"] = comp
-                fig["decode_tok_s"], fig["decode_mode"] = comp["tok_s"], "HF static cache, compiled (CUDA graphs)"
-            except Exception as e:  # a compile failure is a figure to report, not a failed check
-                fig["decode_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                log.warning("compiled decode failed: %s", fig["decode_compiled"]["error"])
+    if compiled:
+        compiled_decode(model, fig, deadline)
     return fig
 
 
-def load_check(artifact_dir: str | Path, runtime: str = "int4", context_tokens: int = 4096, *,
-               device: str | torch.device | None = None, compiled: bool = True, chunk: int | None = 512,
-               deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
-    """Load the artifact (INT4 or dequantized BF16) and measure it; peak_vram_gb covers the load and a generate
-    that fills a context_tokens KV cache (torch.cuda.max_memory_allocated, above what was allocated before)."""
+def compiled_decode(model: nn.Module, fig: dict[str, Any], deadline: float | None = None) -> None:
+    """Adds HF's compiled static-cache decode speed to `fig` (CUDA only; a failure or no time is recorded)."""
+    if _device_of(model).type != "cuda":
+        fig["decode_compiled"] = {"error": "skipped: no CUDA device"}
+    elif deadline is not None and time.monotonic() > deadline:
+        fig["decode_compiled"] = {"error": "skipped: out of time budget before the compile warm-up"}
+    else:
+        try:
+            comp = decode_speed(model, static=True)
+            fig["decode_compiled"] = comp
+            fig["decode_tok_s"], fig["decode_mode"] = comp["tok_s"], "HF static cache, compiled (CUDA graphs)"
+        except Exception as e:  # a compile failure is a figure to report, not a failed check
+            fig["decode_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log.warning("compiled decode failed: %s", fig["decode_compiled"]["error"])
+
+
+def load_and_measure(artifact_dir: str | Path, runtime: str = "int4", context_tokens: int = 4096, *,
+                     device: str | torch.device | None = None, compiled: bool = True, chunk: int | None = 512,
+                     deadline: float | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """load_check's work, returning the loaded model too (the 31B bench measures more on it)."""
     folder = resolve(artifact_dir)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = _Memory(dev)
@@ -522,10 +533,9 @@ def load_check(artifact_dir: str | Path, runtime: str = "int4", context_tokens: 
     load_s = time.perf_counter() - t0
     fig: dict[str, Any] = {"runtime": runtime, "load_s": round(load_s, 2), "peak_vram_load_gb": memory.peak()}
     fig.update(measure(model, folder, memory, context_tokens, compiled, chunk, deadline))
-    peaks = [fig["peak_vram_load_gb"], fig["peak_vram_no_cache_gb"], fig["peak_vram_context_gb"]]
     if memory.cuda:
-        fig["peak_vram_gb"] = max(peaks)
-        fig["peak_vram_no_cache_gb"] = max(peaks[:2])
+        fig["peak_vram_gb"] = max(fig["peak_vram_load_gb"], fig["peak_vram_no_cache_gb"], fig["peak_vram_context_gb"])
+        fig["peak_vram_no_cache_gb"] = max(fig["peak_vram_load_gb"], fig["peak_vram_no_cache_gb"])
     else:
         fig["peak_vram_gb"] = None
     fig["int4_weights"] = getattr(model, "_hlwq_counts", {}).get("int4")
@@ -533,5 +543,15 @@ def load_check(artifact_dir: str | Path, runtime: str = "int4", context_tokens: 
     fig["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     fig["versions"] = versions()
     fig["params"] = sum(math.prod(p.shape) for p in model.parameters())
+    return model, fig
+
+
+def load_check(artifact_dir: str | Path, runtime: str = "int4", context_tokens: int = 4096, *,
+               device: str | torch.device | None = None, compiled: bool = True, chunk: int | None = 512,
+               deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Load the artifact (INT4 or dequantized BF16) and measure it; peak_vram_gb covers the load and a generate
+    that fills a context_tokens KV cache (torch.cuda.max_memory_allocated, above what was allocated before)."""
+    model, fig = load_and_measure(artifact_dir, runtime, context_tokens, device=device, compiled=compiled,
+                                  chunk=chunk, deadline=deadline)  # fmt: skip
     del model
     return fig

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 

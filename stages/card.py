@@ -128,7 +128,7 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) ->
         "",
         "| | value |",
         "|---|---|",
-        f"| source tensors (BF16) | {_size(s['bytes_in'])} |",
+        f"| source tensors | {_size(s['bytes_in'])} |",
         f"| artifact tensors | {_size(s['bytes_out'])} ({s['bytes_out'] / max(s['bytes_in'], 1):.1%} of the source) |",
         f"| bits per quantized weight (codes + scales + codebooks) | {s['bits_per_weight_quantized']:.3f} |",
         f"| bits per weight, all tensors (kept ones included) | {s['bits_per_weight_all']:.3f} |",

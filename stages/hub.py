@@ -21,8 +21,9 @@ import re
 import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pipeline.context import Context, SourceInfo
@@ -271,7 +272,8 @@ def _download_attempt(repo: str, sha: str, name: str, size: int, part: Path, poi
             have = 0
         if have:
             log.info("%s: resuming at byte %d of %d", name, have, size)
-        http_get(meta.location, _KillProbe(f, point), resume_size=have, headers=headers, expected_size=size,
+        probe = cast(BinaryIO, _KillProbe(f, point))
+        http_get(meta.location, probe, resume_size=have, headers=headers, expected_size=size,
                  displayed_filename=name)  # fmt: skip
         f.flush()
         os.fsync(f.fileno())
@@ -392,7 +394,7 @@ def upload_artifact(ctx: Context) -> dict[str, Any]:
     ops = operations()
     for i in range(0, len(ops), UPLOAD_GROUP):
         group = ops[i : i + UPLOAD_GROUP]
-        with_retries(lambda g=group: api.preupload_lfs_files(repo, additions=g), repo, "main", "upload to")
+        with_retries(partial(api.preupload_lfs_files, repo, additions=group), repo, "main", "upload to")
         log.info("upload %s: %d/%d file(s) on the server", repo, min(i + UPLOAD_GROUP, len(ops)), len(ops))
         maybe_die("hub:upload:mid")
     remote = with_retries(lambda: api.list_repo_files(repo), repo, "main", "list")

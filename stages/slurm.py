@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,12 +243,10 @@ def _record(plan: Plan, submission: dict[str, Any]) -> None:
 
 
 def live_jobs(plan: Plan) -> list[str]:
-    """Recorded jobs or array tasks still pending or running."""
-    live = []
-    for sub in read_jobs(plan)["submissions"]:
-        for job in filter(None, (sub.get("array_job"), sub.get("finalize_job"))):
-            live += [k for k, r in job_records(job).items() if r.get("JobState") not in TERMINAL]
-    return live
+    """Jobs or array tasks of the latest submission still pending or running (earlier ones were over before it)."""
+    subs = read_jobs(plan)["submissions"]
+    jobs = [j for j in (subs[-1].get("array_job"), subs[-1].get("finalize_job")) if j] if subs else []
+    return [k for j in jobs for k, r in job_records(j).items() if r.get("JobState") not in TERMINAL]
 
 
 # ----------------------------------------------------------------------------------------------- submit
@@ -281,7 +280,7 @@ def submit(plan: Plan, indices: list[int] | None = None, begin: str | None = Non
     for path, body in scripts.items():
         atomic_write_text(path, body)
     sub: dict[str, Any] = {
-        "id": time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{kind}",
+        "id": f"{kind}-{uuid.uuid4().hex[:12]}",
         "kind": kind,
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "revision": ctx.source.revision,
@@ -331,12 +330,13 @@ def shard_statuses(plan: Plan, ctx: Any) -> list[ShardStatus]:  # ctx: pipeline.
     from stages import verify
 
     jobs = read_jobs(plan)
+    tasks = [_task_of(jobs, i) for i in range(len(ctx.units))]
     slurm: dict[str, dict[str, str]] = {}
-    for array_job in {s["array_job"] for s in jobs["submissions"] if s.get("array_job")}:
+    for array_job in sorted({t.split("_")[0] for t in tasks if t}):
         slurm.update(job_records(array_job))
     out = []
     for i, unit in enumerate(ctx.units):
-        task = _task_of(jobs, i)
+        task = tasks[i]
         rec = slurm.get(task, {})
         sstate = rec.get("JobState", "gone" if task else "")
         recs = [r for s in SHARD_STAGES if (r := ctx.state.read(s.NAME, unit))]
@@ -406,8 +406,8 @@ def status_text(plan: Plan) -> tuple[str, bool]:
 
 def resubmit(plan: Plan, dry_run: bool = False) -> tuple[str, dict[str, Any] | None]:
     """An array over the shards not verified (failed or missing), then finalize again; nothing when all is done."""
-    from pipeline.runner import ARTIFACT_UNIT
-    from stages import upload
+    from pipeline.runner import ARTIFACT_UNIT, artifact_fingerprint
+    from stages import publish, upload
 
     ctx = _open(plan)
     shards = shard_statuses(plan, ctx)
@@ -417,7 +417,8 @@ def resubmit(plan: Plan, dry_run: bool = False) -> tuple[str, dict[str, Any] | N
                          "wait for them (hlwq slurm status) or scancel them first")  # fmt: skip
     todo = [s.index for s in shards if s.state != "verified"]
     up = ctx.state.read(upload.NAME, ARTIFACT_UNIT) or {}
-    if not todo and up.get("status") == "done":
+    built = ctx.state.is_done(publish.NAME, ARTIFACT_UNIT, artifact_fingerprint(ctx))
+    if not todo and built and up.get("status") == "done":
         return "", None
     return submit(plan, todo, dry_run=dry_run, kind="resubmit")
 
@@ -454,6 +455,18 @@ def published_revision(m: Manifest) -> str | None:
     return str(report.get("source", {}).get("revision")) or None
 
 
+def _unpin(plan: Plan, rev: str) -> None:
+    """A Hub source stays pinned to the commit its workdir first saw; a nightly run must convert the new one."""
+    from pipeline.state import RunState
+    from stages import hub
+
+    state = RunState(plan.workdir)
+    pinned = state.read(hub.PIN_STAGE, hub.PIN_UNIT)
+    if pinned and pinned.get("sha") != rev:
+        log.info("source moved from %s to %s: re-pinning %s", pinned.get("sha"), rev, plan.workdir)
+        state.clear(hub.PIN_STAGE, hub.PIN_UNIT)
+
+
 def nightly(plan: Plan, dry_run: bool = False) -> tuple[str, str]:
     """(outcome, text): 'up-to-date' or 'in-progress' (nothing submitted), 'dry-run' or 'submitted' with the text
     of the scripts (as --dry-run prints them)."""
@@ -461,9 +474,11 @@ def nightly(plan: Plan, dry_run: bool = False) -> tuple[str, str]:
     if published_revision(plan.manifest) == rev:
         return "up-to-date", f"{plan.manifest.name}: the artifact for source revision {rev} is already published"
     if not dry_run:
-        subs = read_jobs(plan)["submissions"]
-        if subs and subs[-1].get("revision") == rev and live_jobs(plan):
-            return "in-progress", f"{plan.manifest.name}: revision {rev} is already queued or running"
+        live = live_jobs(plan)
+        if live:
+            return "in-progress", f"{plan.manifest.name}: an earlier submission is still queued or running ({live[0]})"
+        if plan.manifest.source.repo is not None:
+            _unpin(plan, rev)
     text, sub = submit(plan, dry_run=dry_run, kind="nightly")
     if sub is None:
         return "dry-run", text
