@@ -169,9 +169,11 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) ->
         "With the HLWQ repository installed (it provides `pipeline.loader`):",
         "",
         "```python",
+        "import torch",
         "from pipeline.loader import load_dequantized",
         "",
-        f'model = load_dequantized("{target}", device="cuda")  # a Hub repo id or a local folder',
+        'device = "cuda" if torch.cuda.is_available() else "cpu"',
+        f'model = load_dequantized("{target}", device=device)  # a Hub repo id or a local folder',
         "```",
         "",
         "Every tensor's layout is documented in FORMAT.md of the HLWQ repository; `hlwq_report.json` has the "

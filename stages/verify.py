@@ -31,12 +31,14 @@ def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
 
 def tensor_metrics(ref: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
     rows_cos = metrics.cos_sim_rows(ref, rec)
-    return {
+    figures = {
         "cos_sim": metrics.cos_sim(ref, rec),
         "rel_mse": metrics.rel_mse(ref, rec),
         "sqnr_db": metrics.sqnr_db(ref, rec),
         "min_row_cos_sim": float(rows_cos.min()),
     }
+    # 10 significant digits: float64 sums differ in the last bits with the thread count, reports should not.
+    return {k: float(f"{v:.10g}") for k, v in figures.items()}
 
 
 def run(ctx: Context, unit: str) -> dict[str, Any]:
