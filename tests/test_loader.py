@@ -1,0 +1,142 @@
+"""The companion loader on the CPU: the tiny artifact loads (dequantized BF16, and torchao int4 through the same
+streaming code) and generates exactly what a reference built independently from the dequantized weights does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import loader
+from pipeline.errors import FormatError
+from pipeline.format import ShardReader
+
+NEW_TOKENS = 12
+PROMPT = torch.tensor([[2, 10, 11, 12, 13, 40, 41]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(source BF16 checkpoint, converted artifact), converted once through the pipeline."""
+    from pipeline.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("loader")
+    src = write_tiny_checkpoint(root / "src")
+    manifest = root / "m.yaml"
+    manifest.write_text(
+        f"name: tiny-loader\nsource: {{path: {src}}}\ndestination: {{path: {root / 'pub'}}}\n"
+        "quantize: {bits: 5, block_size: 128}\nload_check: {enabled: false}\n"
+    )
+    cli = [sys.executable, "-m", "pipeline.cli", "convert", str(manifest), "--workdir", str(root / "work")]
+    subprocess.run(cli, check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    return src, root / "work" / "artifact"
+
+
+def _reference(src: Path, artifact: Path) -> torch.nn.Module:
+    """The source model with every weight replaced by ShardReader.get (the format's reference dequantization)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16).eval()
+    state = {}
+    for shard in sorted(artifact.glob("*.safetensors")):
+        reader = ShardReader(shard)
+        state.update({n: reader.get(n) for n in reader.names()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return model
+
+
+def _greedy(model: torch.nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(input_ids=PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def test_dequantized_matches_reference(tiny: tuple[Path, Path]) -> None:
+    src, artifact = tiny
+    model = loader.load_dequantized(artifact)
+    ref = _reference(src, artifact)
+    # Same weights bit for bit, tied head included, then the same greedy tokens and logits.
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    for name, t in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+    out = _greedy(model)
+    assert out.shape[1] == PROMPT.shape[1] + NEW_TOKENS
+    assert torch.equal(out, _greedy(ref))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=PROMPT).logits, ref(input_ids=PROMPT).logits)
+    # The quantization is visible: the source weights give other logits.
+    from transformers import Gemma4ForConditionalGeneration
+
+    orig = Gemma4ForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        assert not torch.equal(model(input_ids=PROMPT).logits, orig(input_ids=PROMPT).logits)
+
+
+def test_int4_streams_like_quantizing_the_dequantized_model(tiny: tuple[Path, Path]) -> None:
+    """load_int4 (CPU: IntxWeightOnlyConfig int4, group 128) equals quantize_ applied to the reference model."""
+    from torchao.quantization import quantize_
+
+    src, artifact = tiny
+    model = loader.load_int4(artifact, "cpu")
+    counts = model._hlwq_counts
+    assert counts["int4"] > 0 and counts["quantized"] > counts["int4"]  # 320-wide inputs stay BF16
+    ref = _reference(src, artifact)
+    quantize_(ref, loader.int4_config(torch.device("cpu")),
+              filter_fn=lambda m, fqn: "language_model" in fqn and loader.int4_eligible(m, "weight"))  # fmt: skip
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=PROMPT).logits, ref(input_ids=PROMPT).logits)
+
+
+def test_context_fill_and_image_prompt(tiny: tuple[Path, Path]) -> None:
+    _, artifact = tiny
+    model = loader.load_dequantized(artifact)
+    ctx = loader.fill_context(model, 160, new_tokens=8, chunk=64)
+    assert ctx["context_tokens"] == 160
+    # Chunked prefill gives the same continuation as one forward.
+    ids = loader.synthetic_ids(model, 152, seed=3)
+    with torch.inference_mode():
+        plain = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    with torch.inference_mode():
+        for part in torch.split(ids[:, :-1], 64, dim=1):
+            model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        chunked = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False)  # fmt: skip
+    assert torch.equal(plain, chunked)
+    answer = loader.image_answer(model, artifact, new_tokens=4)
+    assert len(answer["ids"]) == 4 and answer["prompt_tokens"] > 70  # 70 soft image tokens in the prompt
+    assert loader.TEST_IMAGE.stat().st_size < 20_000
+
+
+def test_unknown_quant_method_and_missing_weights(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    _, artifact = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="quant_method"):
+        loader.load_dequantized(bad)
+    cfg["quantization_config"]["quant_method"] = "hlwq"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != first}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match="lacks"):
+        loader.load_dequantized(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_check_on_gpu(tiny: tuple[Path, Path]) -> None:
+    _, artifact = tiny
+    fig = loader.load_check(artifact, "int4", context_tokens=256, compiled=False)
+    assert fig["peak_vram_gb"] >= fig["resident_gb"] > 0 and fig["decode_tok_s_eager"] > 0
