@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip compiled decode runs past this")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the embedded tiny config on the CPU (a smoke test)")
+    ap.add_argument("--host-embed", action="store_true",
+                    help="ours: embedding in host RAM, int8 output layer (load_check.host_embedding)")  # fmt: skip
     args = ap.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         res["kernel_microbench"] = kernel_microbench(model, dev)
     save("baseline measured (eager)")
 
-    ours_model, ours = loader.load_and_measure(art, "int4", args.context, device=dev, compiled=False, chunk=chunk)
+    ours_model, ours = loader.load_and_measure(art, "int4", args.context, device=dev, compiled=False, chunk=chunk,
+                                               host_embed=args.host_embed)  # fmt: skip
     res["ours"] = ours
     keys = ("peak_vram_gb", "peak_vram_no_cache_gb", "resident_gb", "decode_tok_s", "decode_tok_s_eager", "load_s")
     res.update({k: ours[k] for k in keys})

@@ -24,7 +24,8 @@ def run(ctx: Context) -> dict[str, Any]:
         return {"info": {"status": "skipped", "reason": "no CUDA GPU on the host that built this artifact"}}
     from pipeline.loader import load_check
 
-    figures = load_check(ctx.staging, runtime=cfg.runtime, context_tokens=cfg.context_tokens)
+    figures = load_check(ctx.staging, runtime=cfg.runtime, context_tokens=cfg.context_tokens,
+                         host_embed=cfg.host_embedding)  # fmt: skip
     if figures["peak_vram_gb"] > cfg.max_vram_gb:
         raise StageError(
             f"load_check: peak GPU memory {figures['peak_vram_gb']:.2f} GB > max_vram_gb {cfg.max_vram_gb}"
