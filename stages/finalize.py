@@ -39,8 +39,10 @@ def build_report(ctx: Context) -> dict[str, Any]:
     n_q = sum(math.prod(t["shape"]) for t in q.values())
     n_all = sum(math.prod(t["shape"]) for t in tensors.values())
     bs = ctx.manifest.quantize.block_size
-    code_bits = sum(math.prod(t["shape"]) * t["bits"] for t in q.values())
-    side_bits = sum(t["shape"][0] * -(-math.prod(t["shape"][1:]) // bs) * 16 + 32 * 2 ** t["bits"] for t in q.values())
+    # What is stored: codes for every padded block, a 16-bit scale per block, a float32 codebook per tensor.
+    blocks = {n: t["shape"][0] * -(-math.prod(t["shape"][1:]) // bs) for n, t in q.items()}
+    code_bits = sum(blocks[n] * bs * t["bits"] for n, t in q.items())
+    side_bits = sum(blocks[n] * 16 + 32 * 2 ** t["bits"] for n, t in q.items())
     return {
         "format_version": fmt.FORMAT_VERSION,
         "hlwq_version": __version__,
