@@ -39,6 +39,7 @@ bench-quant: setup
 	$(PY) bench/quant.py $(ARGS)
 
 bench-quality: setup
+	DISABLE_CUDA=1 .venv/bin/pip install -q --no-deps -r bench/requirements.txt
 	$(PY) -m bench.quality $(ARGS)
 
 bench-rss: setup

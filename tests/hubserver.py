@@ -616,7 +616,7 @@ class _Handler(BaseHTTPRequestHandler):
             resp.headers |= exc.headers
         except (ValueError, KeyError, TypeError) as exc:  # malformed request bodies
             resp = _json({"error": f"bad request: {exc!r}"}, 400)
-        except Exception as exc:  # noqa: BLE001 - a server bug: answer 500 (the client shows it) and print it
+        except Exception as exc:
             traceback.print_exc()
             resp = _json({"error": repr(exc)}, 500)
             resp.headers["X-Error-Message"] = f"hubserver bug: {exc!r}"

@@ -327,7 +327,7 @@ class LocalSlurm:
         return records
 
     def job_states(self, job_ids: list[str]) -> dict[str, str]:
-        """Current states of the given jobs, array tasks keyed `<array id>_<task id>` (a pending range reads e.g. `7_1-2%2`)."""
+        """Current states of the given jobs; array tasks keyed `<array id>_<task id>` (pending: e.g. `7_1-2%2`)."""
         states: dict[str, str] = {}
         for job_id in job_ids:
             states.update(self._job_records(str(job_id)))
