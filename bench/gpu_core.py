@@ -60,8 +60,10 @@ def main() -> None:
     bound = (2 * n + out_bytes) / bw
     res.update(layer_params=n, quantize_s=t_q, dequantize_s=t_d, copy_gb_s=bw / 1e9, bound_s=bound,
                quantize_fraction_of_bound=bound / t_q, dequantize_fraction_of_bound=bound / t_d)  # fmt: skip
-    print(f"gpu layer {n / 1e6:.1f} M params: quantize {n / t_q / 1e9:.2f} G params/s ({t_q * 1e3:.0f} ms), "
-          f"dequantize {n / t_d / 1e9:.2f} G params/s ({t_d * 1e3:.0f} ms)")
+    print(
+        f"gpu layer {n / 1e6:.1f} M params: quantize {n / t_q / 1e9:.2f} G params/s ({t_q * 1e3:.0f} ms), "
+        f"dequantize {n / t_d / 1e9:.2f} G params/s ({t_d * 1e3:.0f} ms)"
+    )
     print(f"gpu copy bandwidth {bw / 1e9:.0f} GB/s; streaming bound {n / bound / 1e9:.1f} G params/s; quantize at "
           f"{bound / t_q:.3f} of it, dequantize at {bound / t_d:.3f}")  # fmt: skip
     print(f"gpu peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")

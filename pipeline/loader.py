@@ -82,7 +82,7 @@ def model_class(config: Any) -> type[nn.Module]:
 
     for mapping in (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
         if type(config) in mapping:
-            return mapping[type(config)]
+            return mapping[type(config)]  # type: ignore[return-value]
     raise FormatError(f"no transformers model class for model_type {config.model_type!r}")
 
 
@@ -100,7 +100,7 @@ def _params_on_meta(dtype: torch.dtype) -> Iterator[None]:
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
 
     old_dtype = torch.get_default_dtype()
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
     torch.set_default_dtype(dtype)
     try:
         yield
@@ -127,7 +127,7 @@ def shard_files(folder: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def _owner(model: Any, name: str) -> tuple[nn.Module, str]:
     mod_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(mod_name)
@@ -161,7 +161,7 @@ def _target_dtype(module: nn.Module, attr: str, value: torch.Tensor) -> torch.dt
 Converter = Callable[[nn.Module, str, torch.Tensor], torch.Tensor]
 
 
-def _stream(model: nn.Module, folder: Path, device: torch.device, convert: Converter | None) -> dict[str, int]:
+def _stream(model: Any, folder: Path, device: torch.device, convert: Converter | None) -> dict[str, int]:
     """Materialize every artifact tensor in place, one at a time; `convert` turns a dequantized weight into what
     the module keeps (INT4). Returns counts by kind."""
     counts = {"quantized": 0, "int4": 0, "kept": 0}
@@ -188,7 +188,7 @@ def _stream(model: nn.Module, folder: Path, device: torch.device, convert: Conve
     return counts
 
 
-def _finish(model: nn.Module, device: torch.device) -> nn.Module:
+def _finish(model: Any, device: torch.device) -> nn.Module:
     """Move the constructed buffers, re-tie tied weights, and refuse a model with a weight the artifact lacked."""
     for module in model.modules():
         for key, buf in module._buffers.items():
@@ -230,7 +230,7 @@ def int4_config(device: torch.device) -> Any:
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))  # type: ignore[attr-defined]
 
 
 def int4_eligible(module: nn.Module, attr: str) -> bool:
@@ -283,14 +283,16 @@ class Int8Head(nn.Module):
         self.out_features, self.in_features = w.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q: torch.Tensor = self.q  # type: ignore[assignment]
+        scale: torch.Tensor = self.scale  # type: ignore[assignment]
         parts = [
-            nn.functional.linear(x, self.q[a : a + self.chunk].to(x.dtype)) * self.scale[a : a + self.chunk].to(x.dtype)
+            nn.functional.linear(x, q[a : a + self.chunk].to(x.dtype)) * scale[a : a + self.chunk].to(x.dtype)
             for a in range(0, self.out_features, self.chunk)
         ]
         return torch.cat(parts, dim=-1)
 
 
-def host_embedding(model: nn.Module, device: torch.device) -> nn.Module:
+def host_embedding(model: Any, device: torch.device) -> nn.Module:
     """Untie the embedding from the output layer: the embedding moves to host RAM, the output layer becomes an
     int8 copy of it on `device` (saves 1.4 GB on Gemma-4-31B; the int8 error per logit is ~0.4% of a row's scale)."""
     emb = model.get_input_embeddings()
@@ -362,18 +364,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def _device_of(model: Any) -> torch.device:
     """Where the model computes: the output layer's device (the embedding may live in host RAM)."""
     head = model.get_output_embeddings()
     ref = next(iter(head.buffers()), None) if isinstance(head, Int8Head) else None
     return ref.device if ref is not None else next(p.device for p in model.parameters())
 
 
-def _text_config(model: nn.Module) -> Any:
+def _text_config(model: Any) -> Any:
     return model.config.get_text_config(decoder=True)
 
 
-def _safe_token_range(model: nn.Module) -> tuple[int, int]:
+def _safe_token_range(model: Any) -> tuple[int, int]:
     """Token ids for synthetic prompts: below every special multimodal id that sits inside the vocabulary."""
     vocab = _text_config(model).vocab_size
     keys = ("boi_token_id", "image_token_id", "eoi_token_id", "video_token_id", "audio_token_id", "boa_token_id")
@@ -382,13 +384,13 @@ def _safe_token_range(model: nn.Module) -> tuple[int, int]:
     return 16, high
 
 
-def synthetic_ids(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+def synthetic_ids(model: Any, n: int, seed: int = 0) -> torch.Tensor:
     lo, hi = _safe_token_range(model)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(lo, hi, (1, n), generator=g)
 
 
-def _greedy(model: nn.Module, new_tokens: int, **inputs: Any) -> torch.Tensor:
+def _greedy(model: Any, new_tokens: int, **inputs: Any) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           top_p=None, top_k=None, temperature=None)  # fmt: skip
 
@@ -401,7 +403,7 @@ def _tokenizer(folder: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def text_answer(model: nn.Module, folder: Path, new_tokens: int = 16) -> dict[str, Any]:
+def text_answer(model: Any, folder: Path, new_tokens: int = 16) -> dict[str, Any]:
     dev = _device_of(model)
     tok = _tokenizer(folder)
     if tok is not None:
@@ -414,7 +416,7 @@ def text_answer(model: nn.Module, folder: Path, new_tokens: int = 16) -> dict[st
             "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None}  # fmt: skip
 
 
-def _image_inputs(model: nn.Module, folder: Path, image: Any) -> dict[str, torch.Tensor]:
+def _image_inputs(model: Any, folder: Path, image: Any) -> dict[str, torch.Tensor]:
     """Prompt + image through the artifact's processor when it ships one; else the model's own image processor
     settings and a hand-built token layout (bos, text, boi, image tokens, eoi)."""
     cfg = model.config
@@ -433,8 +435,8 @@ def _image_inputs(model: nn.Module, folder: Path, image: Any) -> dict[str, torch
     px = proc(images=[image], return_tensors="pt")
     n = int(px["num_soft_tokens_per_image"][0])
     bos = _text_config(model).bos_token_id
-    text = synthetic_ids(model, 8, seed=2)[0].tolist()
-    ids = torch.tensor([[bos, *text, cfg.boi_token_id, *[cfg.image_token_id] * n, cfg.eoi_token_id, *text[:3]]])
+    prompt = synthetic_ids(model, 8, seed=2)[0].tolist()
+    ids = torch.tensor([[bos, *prompt, cfg.boi_token_id, *[cfg.image_token_id] * n, cfg.eoi_token_id, *prompt[:3]]])
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
@@ -444,7 +446,7 @@ def _image_inputs(model: nn.Module, folder: Path, image: Any) -> dict[str, torch
     }
 
 
-def image_answer(model: nn.Module, folder: Path, new_tokens: int = 16) -> dict[str, Any]:
+def image_answer(model: Any, folder: Path, new_tokens: int = 16) -> dict[str, Any]:
     from PIL import Image
 
     dev = _device_of(model)
@@ -472,7 +474,7 @@ def _cache_bytes(cache: Any) -> int:
 
 
 @torch.inference_mode()
-def fill_context(model: nn.Module, context_tokens: int, new_tokens: int = 32, chunk: int | None = 512,
+def fill_context(model: Any, context_tokens: int, new_tokens: int = 32, chunk: int | None = 512,
                  seed: int = 3) -> dict[str, Any]:  # fmt: skip
     """Prefill a (context_tokens - new_tokens)-token prompt, then greedy-generate new_tokens: the KV cache ends
     holding context_tokens positions. chunk: prefill in chunks of that many tokens (None: one forward, as plain
@@ -494,7 +496,7 @@ def fill_context(model: nn.Module, context_tokens: int, new_tokens: int = 32, ch
             "kv_cache_gb": _gb(_cache_bytes(cache))}  # fmt: skip
 
 
-def decode_speed(model: nn.Module, tokens: int = 64, prompt: int = 32, static: bool = False,
+def decode_speed(model: Any, tokens: int = 64, prompt: int = 32, static: bool = False,
                  repeats: int = 3) -> dict[str, Any]:  # fmt: skip
     """Batch-1 greedy decode tok/s: (t(8 + tokens) - t(8)) over `tokens`, so prefill cancels out; median of repeats.
     static: HF's static cache, whose decode step `generate` compiles (torch.compile, CUDA graphs)."""
@@ -539,7 +541,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def measure(model: nn.Module, folder: Path, memory: _Memory, context_tokens: int = 4096, compiled: bool = True,
+def measure(model: Any, folder: Path, memory: _Memory, context_tokens: int = 4096, compiled: bool = True,
             chunk: int | None = 512, deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Figures for a loaded model: answers, peak memory without and with a filled KV cache, decode speed."""
     fig: dict[str, Any] = {"resident_gb": memory.now()}
@@ -560,7 +562,7 @@ def measure(model: nn.Module, folder: Path, memory: _Memory, context_tokens: int
     return fig
 
 
-def compiled_decode(model: nn.Module, fig: dict[str, Any], deadline: float | None = None) -> None:
+def compiled_decode(model: Any, fig: dict[str, Any], deadline: float | None = None) -> None:
     """Adds HF's compiled static-cache decode speed to `fig` (CUDA only; a failure or no time is recorded)."""
     if _device_of(model).type != "cuda":
         fig["decode_compiled"] = {"error": "skipped: no CUDA device"}

@@ -16,9 +16,9 @@ NAME = "upload"
 def run(ctx: Context) -> dict[str, Any]:
     dest = ctx.manifest.destination
     if dest.repo is not None:
-        from stages import hub
+        from stages.hub import upload_artifact
 
-        return hub.upload_artifact(ctx)
+        return upload_artifact(ctx)
     target = Path(dest.path or ".")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
