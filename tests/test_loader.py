@@ -92,6 +92,21 @@ def test_int4_streams_like_quantizing_the_dequantized_model(tiny: tuple[Path, Pa
         assert torch.equal(model(input_ids=PROMPT).logits, ref(input_ids=PROMPT).logits)
 
 
+def test_host_embedding_unties_to_host_and_int8_head(tiny: tuple[Path, Path]) -> None:
+    """host_embed moves the embedding to host RAM and makes the output layer int8; logits barely move."""
+    _, artifact = tiny
+    base = loader.load_int4(artifact, "cpu")
+    model = loader.load_int4(artifact, "cpu", host_embed=True)
+    assert isinstance(model.get_input_embeddings(), loader.HostEmbedding)
+    assert isinstance(model.lm_head, loader.Int8Head) and model.lm_head.q.dtype == torch.int8
+    assert not model.config.get_text_config().tie_word_embeddings
+    with torch.inference_mode():
+        a, b = base(input_ids=PROMPT).logits.float(), model(input_ids=PROMPT).logits.float()
+    assert not torch.equal(a, b)  # the head really is a different (int8) layer
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.9999
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_context_fill_and_image_prompt(tiny: tuple[Path, Path]) -> None:
     _, artifact = tiny
     model = loader.load_dequantized(artifact)
