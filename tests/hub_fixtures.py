@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hubserver import HubServer
+from hubserver import HubServer, client_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_README = "---\nlicense: apache-2.0\npipeline_tag: image-text-to-text\n---\n# tiny Gemma-4\n\nSeeded weights.\n"
@@ -28,19 +28,7 @@ SOURCE_README = "---\nlicense: apache-2.0\npipeline_tag: image-text-to-text\n---
 def hub_env(server: HubServer, home: Path, token: str | None, **extra: str) -> dict[str, str]:
     """The environment of an `hlwq` subprocess: the test Hub, a private HF_HOME, no Xet, quick backoff."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "HLWQ_"))}
-    env |= {
-        "HOME": str(home),
-        "HF_HOME": str(home / "hf"),
-        "HF_ENDPOINT": server.url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HLWQ_HUB_BACKOFF_S": "0.05",
-        "NO_PROXY": "*",
-        "TQDM_DISABLE": "1",
-    }
-    if token is not None:
-        env["HF_TOKEN"] = token
+    env |= client_env(server, home, token) | {"HLWQ_HUB_BACKOFF_S": "0.05", "TQDM_DISABLE": "1"}
     return env | extra
 
 

@@ -654,3 +654,19 @@ class _Handler(BaseHTTPRequestHandler):
             while todo > 0 and (piece := f.read(min(todo, 1 << 20))):
                 self.wfile.write(piece)
                 todo -= len(piece)
+
+
+def client_env(server: HubServer, home: Path, token: str | None = None) -> dict[str, str]:
+    """Environment variables that point a huggingface_hub client at `server`: private HOME/HF_HOME, no Xet."""
+    env = {
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf"),
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "NO_PROXY": "*",  # no proxy variables are passed; this only guards against inherited defaults
+    }
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env

@@ -368,3 +368,12 @@ class LocalSlurm:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def unavailable_reason() -> str:
+    """Why a LocalSlurm cannot run here ("" when it can): tests skip locally and fail under CI on it."""
+    if not slurm_available():
+        return "Slurm not installed (run .ci/install-slurm.sh)"
+    if os.geteuid() != 0:
+        return "LocalSlurm needs root (slurmd runs jobs as root)"
+    return ""

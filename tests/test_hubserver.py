@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or without a conftest / package __init__
-from hubserver import HubServer, git_blob_sha1
+from hubserver import HubServer, client_env, git_blob_sha1
 
 _PRELUDE = """\
 import hashlib, json, os, time
@@ -51,18 +51,7 @@ def hub() -> Iterator[HubServer]:
 
 def run_client(server: HubServer, body: str, home: Path, *, token: str | None = None) -> dict[str, Any]:
     """Run `body` (client code filling the dict `result`) in a subprocess pointed at `server`; return `result`."""
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(home),
-        "HF_HOME": str(home / "hf"),
-        "HF_ENDPOINT": server.url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "NO_PROXY": "*",  # no proxy variables are passed, this only guards against inherited defaults
-    }
-    if token is not None:
-        env["HF_TOKEN"] = token
+    env = {"PATH": os.environ.get("PATH", "")} | client_env(server, home, token)
     script = _PRELUDE + textwrap.indent(textwrap.dedent(body), "    ") + _EPILOGUE
     # check=False: the RESULT line, not the exit status, says what happened; stderr is shown when it is missing
     proc = subprocess.run(

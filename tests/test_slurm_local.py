@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or without a conftest / package __init__
-from slurm_local import LocalSlurm, pid_alive, slurm_available
+from slurm_local import LocalSlurm, pid_alive, unavailable_reason
 
 _CI = bool(os.environ.get("CI"))
-_WHY_NOT = (
-    "Slurm not installed (run .ci/install-slurm.sh)"
-    if not slurm_available()
-    else "LocalSlurm needs root (slurmd runs jobs as root)"
-    if os.geteuid() != 0
-    else ""
-)
+_WHY_NOT = unavailable_reason()
 # Locally a missing Slurm only skips; in CI these tests must run, so the fixture fails instead.
 if _WHY_NOT and not _CI:
     pytest.skip(_WHY_NOT, allow_module_level=True)

@@ -21,16 +21,10 @@ from stages import slurm as hs
 from tests.conftest import artifact_bytes, run_cli, write_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_local import LocalSlurm, slurm_available
+from slurm_local import LocalSlurm, unavailable_reason
 
 _CI = bool(os.environ.get("CI"))
-_WHY_NOT = (
-    "Slurm not installed (run .ci/install-slurm.sh)"
-    if not slurm_available()
-    else "LocalSlurm needs root (slurmd runs jobs as root)"
-    if os.geteuid() != 0
-    else ""
-)
+_WHY_NOT = unavailable_reason()
 UNITS = [f"model-0000{i}-of-00003" for i in (1, 2, 3)]
 # One CPU per task and 4 slots: the three array tasks run side by side on the 2-core CI box.
 SLURM_SECTION = {"cpus": 1, "mem": "500M", "time": "00:10:00", "parallel": 4}
