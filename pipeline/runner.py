@@ -80,8 +80,12 @@ def run_shard(ctx: Context, unit: str) -> bool:
 
 def artifact_fingerprint(ctx: Context) -> dict[str, str]:
     verified = [(u, ctx.state.read(verify.NAME, u) or {}) for u in ctx.units]
+    # `hlwq bench` results left in <workdir>/quality/ go into the card: a new one rebuilds the artifact.
+    bench = {
+        p.name: f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(ctx.workdir.glob("quality/quality.*"))
+    }
     inputs = params_hash(
-        {u: [r.get("fingerprint"), r.get("outputs")] for u, r in verified} | {"files": ctx.source.files}
+        {u: [r.get("fingerprint"), r.get("outputs")] for u, r in verified} | {"files": ctx.source.files, "bench": bench}
     )
     m = ctx.manifest
     return {"inputs": inputs, "params": params_hash({"q": m.quantize, "l": m.load_check, "v": __version__})}

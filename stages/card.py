@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from stages.finalize import REPORT
 
 NAME = "card"
 CHART = "hlwq_cos_sim.png"
+QUALITY_CHART = "hlwq_quality.png"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -108,7 +110,31 @@ def per_kind(tensors: dict[str, Any]) -> list[tuple[str, int, str, float, float]
     return rows
 
 
-def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) -> str:
+def quality_files(ctx: Context) -> tuple[Path, Path]:
+    """Where `hlwq bench ARTIFACT` results for this run are picked up: <workdir>/quality/quality.{json,png}."""
+    return ctx.workdir / "quality" / "quality.json", ctx.workdir / "quality" / "quality.png"
+
+
+def quality_section(q: dict[str, Any], chart: bool) -> list[str]:
+    """The output-quality table of an `hlwq bench` run (bench/results/quality.json schema)."""
+    lines = [
+        "## Output quality (measured by `hlwq bench`)",
+        "",
+        f"Next-token distributions against the float model on `{q['text']}` ({q['tokens']} tokens, {q['date']}); "
+        f"float perplexity {q['float_ppl']:.3f}. Mean KL is the primary figure.",
+        "",
+        "| method | bits per weight | mean KL | top-1 agreement | perplexity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {m['name']} | {m['bits_per_weight']:.3f} | {m['kld']:.4f} | {m['top1']:.2%} | {m['ppl']:.3f} |"
+              for m in q["methods"]]  # fmt: skip
+    if chart:
+        lines += ["", f"![bits per weight vs mean KL]({QUALITY_CHART})"]
+    return [*lines, ""]
+
+
+def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
+           quality: dict[str, Any] | None = None) -> str:  # fmt: skip
     s = report["summary"]
     m = ctx.manifest
     q = m.quantize
@@ -155,6 +181,7 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None) ->
         "",
         "Weight cos-sim is a check, not the goal: what matters is the output distribution (see `hlwq bench`).",
         "",
+        *(quality_section(quality, (ctx.staging / QUALITY_CHART).exists()) if quality else []),
         "## Load check",
         "",
     ]
@@ -197,5 +224,9 @@ def run(ctx: Context) -> dict[str, Any]:
     layers = per_layer_cos(report["tensors"])
     if layers:
         write_chart(ctx.staging / CHART, layers, ctx.manifest.verify.min_cos_sim)
-    atomic_write_text(ctx.staging / "README.md", render(ctx, report, (load or {}).get("info")))
+    qjson, qpng = quality_files(ctx)
+    quality = json.loads(qjson.read_text()) if qjson.exists() else None
+    if quality and qpng.exists():
+        shutil.copyfile(qpng, ctx.staging / QUALITY_CHART)
+    atomic_write_text(ctx.staging / "README.md", render(ctx, report, (load or {}).get("info"), quality))
     return {"info": {"layers": len(layers)}}

@@ -228,3 +228,22 @@ def test_redo_stage_reruns_only_that_stage(tiny_src: Path, tmp_path: Path, refer
     bad = run_cli("redo", str(m), "quantise", "--workdir", str(work))
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
     shutil.rmtree(work)
+
+
+def test_bench_results_go_into_the_card(tiny_src: Path, tmp_path: Path, reference: Path):
+    m = write_manifest(tmp_path / "m.yaml", tiny_src, tmp_path / "pub")
+    work = tmp_path / "work"
+    assert run_cli("convert", str(m), "--workdir", str(work)).returncode == 0
+    assert "Output quality" not in (work / "artifact" / "README.md").read_text()
+    (work / "quality").mkdir()
+    shutil.copyfile(ROOT / "bench/results/quality.json", work / "quality" / "quality.json")
+    shutil.copyfile(ROOT / "bench/results/quality.png", work / "quality" / "quality.png")
+    r = run_cli("convert", str(m), "--workdir", str(work))
+    assert r.returncode == 0, r.stderr
+    card = (work / "artifact" / "README.md").read_text()
+    q = json.loads((work / "quality" / "quality.json").read_text())
+    assert "## Output quality" in card and "(hlwq_quality.png)" in card
+    assert all(f"| {m['name']} |" in card for m in q["methods"])
+    assert (work / "artifact" / "hlwq_quality.png").read_bytes() == (work / "quality" / "quality.png").read_bytes()
+    tensors = {n: b for n, b in artifact_bytes(work / "artifact").items() if n.endswith(".safetensors")}
+    assert tensors == {n: b for n, b in artifact_bytes(reference).items() if n.endswith(".safetensors")}
