@@ -14,6 +14,7 @@ redacted first, because the CLI prints str(exception).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -417,3 +418,29 @@ def upload_artifact(ctx: Context) -> dict[str, Any]:
     deleted = [op.path_in_repo for op in stale]
     size = sum(p.stat().st_size for p in files)
     return {"info": {"repo": repo, "commit": info.oid, "files": len(files), "deleted": deleted, "bytes": size}}
+
+
+# ---- what is published: lets a nightly job skip a source revision that is already converted ----------------------
+def published_revision(manifest: Manifest) -> str | None:
+    """The source commit of the artifact published at destination.repo (from its hlwq_report.json), or None."""
+    import tempfile
+
+    from huggingface_hub import errors as he
+    from huggingface_hub import hf_hub_download
+
+    from stages.finalize import REPORT
+
+    repo = str(manifest.destination.repo)
+    with tempfile.TemporaryDirectory(prefix="hlwq-published-") as tmp:
+        try:
+            path = with_retries(lambda: hf_hub_download(repo, REPORT, local_dir=tmp), repo, "main", "read")
+        except HubError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, he.RepositoryNotFoundError | he.RemoteEntryNotFoundError | he.RevisionNotFoundError):
+                return None  # nothing published yet
+            raise
+        try:
+            rev = json.loads(Path(path).read_text())["source"]["revision"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None  # not an HLWQ artifact we can read: treat as not published
+    return str(rev)
