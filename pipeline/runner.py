@@ -17,6 +17,8 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
+from tqdm import tqdm
+
 from pipeline import __version__
 from pipeline.context import Context, pick_device
 from pipeline.errors import LockedError, PipelineError, StageError
@@ -132,12 +134,13 @@ def convert(ctx: Context, units: list[str] | None = None, build: bool = True) ->
     todo = units if units is not None else ctx.units
     log.info("convert %s: %d shard(s), source %s@%s, device %s", ctx.manifest.name, len(todo), ctx.source.name,
              ctx.source.revision, ctx.device)  # fmt: skip
-    held = [u for u in todo if not run_shard(ctx, u)]
-    if not build:
-        if held:
-            wait_for_shards(ctx, held)
-        return
+    held = []
+    for unit in tqdm(todo, desc=f"{ctx.manifest.name} shards", unit="shard", disable=None):
+        if not run_shard(ctx, unit):
+            held.append(unit)
     wait_for_shards(ctx, held)
+    if not build:
+        return
     missing = [u for u in ctx.units if not ctx.state.is_done(verify.NAME, u, verify.fingerprint(ctx, u))]
     if missing:
         raise StageError(f"cannot build the artifact: shard(s) not verified: {', '.join(missing)}")
