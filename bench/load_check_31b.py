@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ import torch
 
 from pipeline import format as fmt
 from pipeline import loader
-from pipeline.manifest import DEFAULT_KEEP
-from pipeline.quant import QuantParams, quantize
-from pipeline.quant.hadamard import signs_to_hex
-from pipeline.shards import DTYPE_NAMES, INDEX_NAME, StreamingWriter, atomic_write_json, atomic_write_text
+from pipeline.manifest import parse_manifest
+from pipeline.shards import DTYPE_NAMES, INDEX_NAME, TensorInfo, atomic_write_json, atomic_write_text, read_header
+from stages.quantize import layout, write_shard
 
 PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 TEXT_31B = dict(
@@ -49,7 +47,8 @@ VISION_31B = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
     head_dim=72, patch_size=16, pooling_kernel_size=3, position_embedding_size=10240, standardize=True,
 )  # fmt: skip
-PARAMS = QuantParams(bits=5, block_size=128, sign_seed=0, scale="lsq")
+# The default manifest: 5 bits, block 128, least-squares scale, sign seed 0, the default kept tensors.
+MANIFEST = parse_manifest({"name": "gemma-4-31b-shapes", "source": {"path": "."}, "destination": {"path": "."}})
 SHARD_BYTES = 4 << 30  # BF16 bytes per artifact shard (~1.4 GB once quantized)
 
 
@@ -82,13 +81,6 @@ def build_bf16(config: Any, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
-def bits_for(name: str, t: torch.Tensor) -> int | None:
-    """The pipeline's default decisions (stages.quantize.bits_for with the default manifest)."""
-    if t.dim() < 2 or t.numel() < 256 or any(fnmatchcase(name, p) for p in DEFAULT_KEEP):
-        return None
-    return PARAMS.bits
-
-
 def convert(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     """Quantize the model's state dict on its device into HLWQ shards (the format the pipeline writes)."""
     if out.exists():
@@ -96,6 +88,7 @@ def convert(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     state = {n: t for n, t in model.state_dict().items() if n not in tied}
+    device = next(model.parameters()).device
     groups: list[list[str]] = [[]]
     acc = 0
     for name in sorted(state):
@@ -105,39 +98,22 @@ def convert(model: torch.nn.Module, out: Path) -> dict[str, Any]:
             acc = 0
         groups[-1].append(name)
         acc += nbytes
-    layout = fmt.Layout(PARAMS.block_size, signs_to_hex(PARAMS.sign_bits() or []), PARAMS.scale, "gaussian")
     weight_map: dict[str, str] = {}
     total = 0
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        plan: list[tuple[str, str, tuple[int, ...]]] = []
-        records = {}
-        for name in group:
-            t = state[name]
-            bits = bits_for(name, t)
-            if bits is None:
-                plan.append((name, DTYPE_NAMES[t.dtype], tuple(t.shape)))
-            else:
-                plan += fmt.quantized_plan(name, tuple(t.shape), bits, PARAMS.block_size)
-                records[name] = fmt.tensor_record(tuple(t.shape), t.dtype, bits)
-
-        def tensors(group: list[str] = group) -> Iterator[tuple[str, torch.Tensor]]:
-            for name in group:
-                t = state[name]
-                if bits_for(name, t) is None:
-                    yield name, t
-                else:
-                    yield from fmt.quantized_entries(name, quantize(t, PARAMS))
-
-        size, _ = StreamingWriter(plan, fmt.shard_metadata(layout, records)).write(out / fname, tensors())
+        infos = {n: TensorInfo(n, DTYPE_NAMES[state[n].dtype], tuple(state[n].shape), 0) for n in group}
+        # The pipeline's own shard writer and decisions (default manifest), fed from GPU memory instead of a file.
+        size, _, _ = write_shard(MANIFEST, infos, state.__getitem__, out / fname, device, fname)
         total += size
-        weight_map.update({n: fname for n, _, _ in plan})
+        weight_map.update({n: fname for n in read_header(out / fname)[0]})
     atomic_write_json(
         out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     )
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
-    cfg["quantization_config"] = fmt.quantization_config(layout, PARAMS.bits, PARAMS.sign_seed, {}, list(DEFAULT_KEEP))
+    q = MANIFEST.quantize
+    cfg["quantization_config"] = fmt.quantization_config(layout(MANIFEST), q.bits, q.sign_seed, {}, list(q.keep_bf16))
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
     return {"artifact_gb": round(sum(p.stat().st_size for p in out.iterdir()) / 1e9, 3), "shards": len(groups)}
 

@@ -7,8 +7,9 @@ then tensors stream through the writer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,10 +74,11 @@ def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
     return {"inputs": src.get("info", {}).get("sha256", ""), "params": params_hash({"q": q, "v": fmt.FORMAT_VERSION})}
 
 
-def run(ctx: Context, unit: str) -> dict[str, Any]:
-    src = ctx.source_shard(unit)
-    infos = check_shard_matches_index(src, ctx.source.shards[ctx.source.shard_of(unit)])
-    decisions = {name: bits_for(ctx.manifest, infos[name]) for name in sorted(infos)}
+def write_shard(manifest: Manifest, infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor], out: Path,
+                device: torch.device, unit: str) -> tuple[int, str, int]:  # fmt: skip
+    """Plan the output header from the input headers, then stream: each tensor is read, quantized on `device` (or
+    kept) and written in turn. Returns (file size, sha256, number of quantized tensors)."""
+    decisions = {name: bits_for(manifest, infos[name]) for name in sorted(infos)}
     plan: list[tuple[str, str, tuple[int, ...]]] = []
     records = {}
     for name, bits in decisions.items():
@@ -84,35 +86,43 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
         if bits is None:
             plan.append((name, info.dtype, info.shape))
         else:
-            plan += fmt.quantized_plan(name, info.shape, bits, ctx.manifest.quantize.block_size)
+            plan += fmt.quantized_plan(name, info.shape, bits, manifest.quantize.block_size)
             records[name] = fmt.tensor_record(info.shape, DTYPES[info.dtype], bits)
-    writer = StreamingWriter(plan, fmt.shard_metadata(layout(ctx.manifest), records))
+    writer = StreamingWriter(plan, fmt.shard_metadata(layout(manifest), records))
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, bits in tqdm(decisions.items(), desc=f"quantize {unit}", unit="tensor", leave=False, disable=None):
+            t = read(name)
+            if bits is None:
+                yield name, t
+                continue
+            yield from fmt.quantized_entries(name, quantize(t.to(device), quant_params(manifest, bits)))
+            maybe_die(f"quantize:{unit}:mid")  # a kill with a half-written temp file
+
+    size, sha = writer.write(out, tensors())
+    return size, sha, sum(b is not None for b in decisions.values())
+
+
+def run(ctx: Context, unit: str) -> dict[str, Any]:
+    src = ctx.source_shard(unit)
+    infos = check_shard_matches_index(src, ctx.source.shards[ctx.source.shard_of(unit)])
     out = ctx.quantized_shard(unit)
     if remove_stale_temps(out):
         log.info("quantize %s: removed the temp file of an interrupted run", unit)
+    with safe_open(str(src), framework="pt") as f:
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(src), framework="pt") as f:
-            for name, bits in tqdm(
-                decisions.items(), desc=f"quantize {unit}", unit="tensor", leave=False, disable=None
-            ):
-                t = f.get_tensor(name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")
-                if bits is None:
-                    yield name, t
-                    continue
-                q = quantize(t.to(ctx.device), quant_params(ctx.manifest, bits))
-                yield from fmt.quantized_entries(name, q)
-                maybe_die(f"quantize:{unit}:mid")  # a kill with a half-written temp file
+        def read(name: str) -> torch.Tensor:
+            t = f.get_tensor(name)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")
+            return t
 
-    size, sha = writer.write(out, tensors())
-    n_q = sum(b is not None for b in decisions.values())
-    log.info("quantize %s: %d tensors quantized, %d kept, %.1f MB -> %.1f MB", unit, n_q, len(decisions) - n_q,
+        size, sha, n_q = write_shard(ctx.manifest, infos, read, out, ctx.device, unit)
+    log.info("quantize %s: %d tensors quantized, %d kept, %.1f MB -> %.1f MB", unit, n_q, len(infos) - n_q,
              src.stat().st_size / 1e6, size / 1e6)  # fmt: skip
     return {
         "outputs": {str(out.relative_to(ctx.workdir)): {"size": size, "sha256": sha}},
-        "info": {"quantized": n_q, "kept": len(decisions) - n_q, "device": str(ctx.device)},
+        "info": {"quantized": n_q, "kept": len(infos) - n_q, "device": str(ctx.device)},
         "bytes_in": src.stat().st_size,
         "bytes_out": size,
     }
