@@ -23,7 +23,7 @@ from pipeline.errors import FormatError
 from pipeline.quant import Quantized, dequantize
 from pipeline.quant.bitpack import packed_block_bytes
 from pipeline.quant.hadamard import signs_from_hex
-from pipeline.shards import DTYPE_NAMES, DTYPES
+from pipeline.shards import DTYPE_NAMES, DTYPES, INDEX_NAME  # noqa: F401 - re-exported: the index file name is part of the format
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "hlwq"

@@ -35,7 +35,6 @@ ASSETS = Path(__file__).parent / "assets"
 TEST_IMAGE = ASSETS / "test_image.png"
 TEXT_PROMPT = "Describe the Eiffel Tower in one sentence."
 IMAGE_PROMPT = "Describe this image."
-INDEX = "model.safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ def build_skeleton(config: Any, dtype: torch.dtype = torch.bfloat16) -> nn.Modul
 
 
 def shard_files(folder: Path) -> list[Path]:
-    index = folder / INDEX
+    index = folder / fmt.INDEX_NAME
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
