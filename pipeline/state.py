@@ -25,17 +25,19 @@ from pipeline.shards import atomic_write_json
 STALE_AFTER_S = float(os.environ.get("HLWQ_LOCK_STALE_S", "600"))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host; an exited process not yet reaped (a zombie) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return True
+    return state not in ("Z", "X")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class RunState:
             age = time.time() - p.stat().st_mtime
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        dead = info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1)))
+        dead = info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1)))
         return None if dead or age > STALE_AFTER_S else dict(info)
 
     @contextmanager

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from pipeline.state import pid_alive  # also re-exported for the tests
+
 # Job states after which a job never runs again; anything else (PENDING, RUNNING, COMPLETING, ...) means "wait".
 TERMINAL_STATES = frozenset(
     {
@@ -59,15 +61,6 @@ def _free_port_pair() -> tuple[int, int]:
     finally:
         for s in socks:
             s.close()
-
-
-def pid_alive(pid: int) -> bool:
-    # A killed daemon whose parent (init here) does not reap it lingers as a zombie: count that as dead.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _tail(path: Path, lines: int = 25) -> str:
