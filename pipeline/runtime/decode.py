@@ -10,6 +10,7 @@ On a CPU (tests) the same step runs eagerly, so the code path that makes tokens 
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class StaticKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
+    @torch.compiler.disable  # one compiled layer body serves every layer; the cache write stays eager
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         n = k.shape[2]
         if layer_idx not in self.keys:
@@ -100,11 +102,22 @@ class DecodeResult:
 class LeanDecoder:
     """Greedy decoding of one sequence with a static cache; `graph=True` (CUDA only) replays one captured step."""
 
-    def __init__(self, model: nn.Module, max_len: int, graph: bool | None = None, prefill_chunk: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int, graph: bool | None = None, prefill_chunk: int | None = None,
+                 compile_layers: bool = False):  # fmt: skip
         self.model = model
         self.text, self.head, self.cfg = text_parts(model)
-        self.device = next(p for p in model.parameters() if p.device.type != "meta").device
-        self.dtype = self.text.embed_tokens.weight.dtype if hasattr(self.text.embed_tokens, "weight") else torch.float32
+        self.device = next(self.text.layers[0].parameters()).device
+        # An embedding kept in host RAM (to save VRAM) is read by a kernel from a pinned copy, inside the graph.
+        emb = self.text.embed_tokens
+        table = getattr(emb, "weight", None)
+        self.host_table: torch.Tensor | None = None
+        self.embed_scale: torch.Tensor | None = None
+        if table is not None and table.device.type == "cpu" and self.device.type == "cuda":
+            from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.gather_pinned)
+
+            self.host_table = table.detach() if table.is_pinned() else table.detach().pin_memory()
+            scale = getattr(emb, "embed_scale", getattr(getattr(emb, "inner", None), "embed_scale", None))
+            self.embed_scale = None if scale is None else scale.to(self.device, table.dtype)
         n_layers = self.cfg.num_hidden_layers
         self.layer_types = list(getattr(self.cfg, "layer_types", None) or ["full_attention"] * n_layers)
         self.window = getattr(self.cfg, "sliding_window", None) if "sliding_attention" in self.layer_types else None
@@ -116,6 +129,13 @@ class LeanDecoder:
         self.special = torch.tensor([t for t in special if t is not None] or [-1], device=self.device)
         self.pad_id = getattr(self.cfg, "pad_token_id", None) or 0
         self.graph_enabled = (self.device.type == "cuda") if graph is None else graph
+        self.gemma4_layers = "shared_kv_states" in inspect.signature(self.text.layers[0].forward).parameters
+        if compile_layers:
+            # Regional compilation: the layers share one compiled body (modules are graph inputs), which fuses the
+            # dozens of small elementwise kernels per layer (norms, rope, activation) that dominate a batch-1 step.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            for layer in self.text.layers:
+                layer.compile(dynamic=False)
         self.cache = StaticKV(self.layer_types, max_len, self.window)
         ring = self.window or 1
         self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)
@@ -148,7 +168,11 @@ class LeanDecoder:
                 self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
         masks = self._masks(q_pos, decode)
         ids = torch.where(torch.isin(ids, self.special), self.pad_id, ids)
-        h = text.embed_tokens(ids)
+        if self.host_table is not None:
+            h = torch.ops.hlwq.gather_pinned(self.host_table, ids)
+            h = h * self.embed_scale if self.embed_scale is not None else h
+        else:
+            h = text.embed_tokens(ids)
         position_ids = q_pos.view(1, -1)
         rope: dict[str, Any] = {}
         for lt in set(self.layer_types):
@@ -158,13 +182,13 @@ class LeanDecoder:
                 rope[lt] = text.rotary_emb(h, position_ids)
         per_layer = None
         if getattr(text, "hidden_size_per_layer_input", 0):
-            per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))
+            per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
         shared: dict[str, Any] = {}
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]
             kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
                                       "position_ids": position_ids, "past_key_values": self.cache}  # fmt: skip
-            if hasattr(text, "first_kv_shared_layer_idx"):  # Gemma 4: per-layer inputs and shared K/V states
+            if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
                 kwargs["shared_kv_states"] = shared
                 kwargs["per_layer_input"] = per_layer[:, :, i, :] if per_layer is not None else None
             out = layer(h, **kwargs)

@@ -30,6 +30,7 @@ _ARGTYPES = {
     "hlwq_rotate": [_C.c_void_p, _C.c_void_p, _C.c_void_p, _C.c_void_p, _C.c_int, _C.c_int, _C.c_int, _C.c_void_p],
     "hlwq_gemv": [_C.c_void_p] * 5 + [_C.c_int] * 7 + [_C.c_void_p],
     "hlwq_dequant": [_C.c_void_p] * 4 + [_C.c_int] * 3 + [_C.c_void_p],
+    "hlwq_gather_pinned": [_C.c_void_p] * 3 + [_C.c_int, _C.c_long, _C.c_void_p],
 }
 
 

@@ -233,6 +233,19 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ codes, const __half* 
   o[9] = make_uint4(hi_pk[4], hi_pk[5], hi_pk[6], hi_pk[7]);
 }
 
+// ---- embedding rows from pinned host memory: the table stays in host RAM, the lookup stays inside a CUDA graph ----
+__global__ void gather_rows_kernel(const uint8_t* __restrict__ table, const int64_t* __restrict__ ids,
+                                   uint8_t* __restrict__ out, long row_bytes) {
+  const uint8_t* src = table + ids[blockIdx.x] * row_bytes;
+  uint8_t* dst = out + (long)blockIdx.x * row_bytes;
+  if (row_bytes % 16 == 0) {
+    for (long i = threadIdx.x; i < row_bytes / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else {
+    for (long i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
 // ---- C ABI ----------------------------------------------------------------------------------------------------------
 // dtype codes: 0 = float32, 1 = bfloat16, 2 = float16. Every entry returns the launch's cudaError_t (0 = success).
 extern "C" {
@@ -318,6 +331,15 @@ int hlwq_gemv(const uint8_t* codes, const void* scales, const float* codebook, c
   else if (dtype == 1) rc = gemv_bits<__nv_bfloat16>(bits, rows_per_warp, n, codes, s, codebook, xr, y, R, K, warps_per_cta, stream);
   else rc = gemv_bits<__half>(bits, rows_per_warp, n, codes, s, codebook, xr, y, R, K, warps_per_cta, stream);
   if (rc) return rc;
+  return (int)cudaGetLastError();
+}
+
+// out[i] = table[ids[i]] for n rows of row_bytes; `table` is pinned host memory (mapped into the device's space).
+int hlwq_gather_pinned(const void* table, const int64_t* ids, void* out, int n, long row_bytes, cudaStream_t stream) {
+  void* dev = nullptr;
+  cudaError_t e = cudaHostGetDevicePointer(&dev, const_cast<void*>(table), 0);
+  if (e != cudaSuccess) return (int)e;
+  gather_rows_kernel<<<n, 256, 0, stream>>>((const uint8_t*)dev, ids, (uint8_t*)out, row_bytes);
   return (int)cudaGetLastError();
 }
 

@@ -4,6 +4,7 @@ captures: each op launches on the current stream through the ctypes library and 
     rotate(x, signs, inv_smooth)         x [..., K] -> float32 [..., K]: per 128-block H·D·(x / s)
     gemv(xr, codes, scales, codebook, …) float32 [n, K] (n <= 4) -> [n, R] in out_dtype, straight from packed codes
     dequant(codes, scales, codebook, …)  -> bfloat16 [R, K], the weight in the rotated basis (for prefill on cuBLAS)
+    gather_pinned(table, ids)            rows of an embedding table kept in pinned host memory, graph-capturable
 """
 
 from __future__ import annotations
@@ -80,3 +81,19 @@ def dequant(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, b
 def _(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
     r, n_blocks = scales.shape
     return torch.empty(r, n_blocks * BLOCK, dtype=torch.bfloat16, device=codes.device)
+
+
+@custom_op("hlwq::gather_pinned", mutates_args=())
+def gather_pinned(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a pinned host table [V, D] for device ids [n] -> device [n, D]: a kernel reads host memory directly."""
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty(flat.numel(), table.shape[1], dtype=table.dtype, device=ids.device)
+    row_bytes = table.shape[1] * table.element_size()
+    _check(library().hlwq_gather_pinned(table.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(), row_bytes,
+                                        _stream()), "gather_pinned")  # fmt: skip
+    return out.view(*ids.shape, table.shape[1])
+
+
+@gather_pinned.register_fake
+def _(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.empty(*ids.shape, table.shape[1], dtype=table.dtype, device=ids.device)
