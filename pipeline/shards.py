@@ -53,13 +53,13 @@ class TensorInfo:
 
 def check_shard_filename(name: str) -> str:
     if not _SHARD_RE.match(name) or ".." in name:
-        raise IntegrityError(f"unsafe shard file name {name!r} (expected a plain *.safetensors name, no path)")
+        raise IntegrityError(f"unsafe shard file name {name[:200]!r} (expected a plain *.safetensors name, no path)")
     return name
 
 
 def check_tensor_name(name: str) -> str:
     if not _TENSOR_RE.match(name) or ".." in name or name.endswith("."):
-        raise IntegrityError(f"unsafe tensor name {name!r} (letters, digits, '_', '.', '-' only, no '..')")
+        raise IntegrityError(f"unsafe tensor name {name[:200]!r} (letters, digits, '_', '.', '-' only, no '..')")
     return name
 
 

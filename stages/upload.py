@@ -48,7 +48,7 @@ def check_destination(manifest: Manifest) -> Path | None:
         raise StageError(f"destination.path {target} exists and was not made by hlwq (no {MARKER} file): refusing "
                          "to replace it; remove it yourself or choose another path")  # fmt: skip
     if made_by is not None and made_by != manifest.name:
-        raise StageError(f"destination.path {target} holds the artifact of manifest {made_by!r}, not "
+        raise StageError(f"destination.path {target} holds the artifact of manifest {made_by[:100]!r}, not "
                          f"{manifest.name!r}: refusing to replace it")  # fmt: skip
     return target
 

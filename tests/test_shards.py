@@ -134,3 +134,10 @@ def test_allowlist_and_containment(tmp_path: Path):
     assert contained_file(snap, "config.json") == (blobs / "1234").resolve()
     assert contained_file(snap, "LICENSE") is None and contained_file(snap, "NOTICE") is None
     assert contained_file(snap, "missing") is None
+
+
+def test_huge_names_are_cut_in_messages():
+    for check in (check_shard_filename, check_tensor_name):
+        with pytest.raises(IntegrityError) as e:
+            check("/" + "x" * 10_000_000)
+        assert len(str(e.value)) < 400
