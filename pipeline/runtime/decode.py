@@ -133,7 +133,10 @@ class LeanDecoder:
         if compile_layers:
             # Regional compilation: the layers share one compiled body (modules are graph inputs), which fuses the
             # dozens of small elementwise kernels per layer (norms, rope, activation) that dominate a batch-1 step.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # The cache write is a graph break and its layer index a guard: allow one entry per layer.
+            dyn = torch._dynamo.config
+            dyn.recompile_limit = max(dyn.recompile_limit, 4 * len(self.text.layers))
+            dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * len(self.text.layers))
             for layer in self.text.layers:
                 layer.compile(dynamic=False)
         self.cache = StaticKV(self.layer_types, max_len, self.window)
