@@ -41,3 +41,7 @@ class HubError(PipelineError):
 
 class SlurmError(PipelineError):
     """sbatch/squeue/scontrol failed or are missing."""
+
+
+class InputError(PipelineError, ValueError):
+    """A chat input the engine refuses: an unreadable or oversized image, an empty prompt, a bad setting."""
