@@ -1,9 +1,9 @@
 """`hlwq chat ARTIFACT_OR_REPO`: a terminal chat with an artifact, tokens printed as they are generated.
 
-On a terminal: a `you>` prompt, `/image PATH`, `/reset`, `/quit`, Ctrl-C stops an answer, and a status line after each
-answer (tokens, decode tok/s, time to first token, peak memory, KV cache). With stdin not a terminal: one prompt
-(or command) per line, each answer on stdout followed by a newline, status lines on stderr, exit at end of input
-(0, or 1 when an input line was refused).
+On a terminal: a `you>` prompt, `/image PATH`, `/reset`, `/max N`, `/quit`, Ctrl-C stops an answer, and a status
+line after each answer (tokens, decode tok/s, time to first token, peak memory, KV cache). With stdin not a
+terminal: one prompt (or command) per line, each answer on stdout followed by a newline, status lines on stderr,
+exit at end of input (0, or 1 when an input line was refused).
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import replace
 from typing import Any, TextIO
 
 from pipeline.errors import InputError, PipelineError
 
-HELP = "/image PATH attaches an image to your next message · /reset forgets the conversation · /quit"
+HELP = (
+    "/image PATH attaches an image to your next message · /reset forgets the conversation · /max N sets the "
+    "max new tokens per answer · /quit"
+)
 
 
 def register_cli(sub: Any) -> None:
@@ -103,6 +107,11 @@ def _handle(chat: Any, line: str, term: Terminal, prefix: str) -> bool:
                 raise InputError("/image needs a path: /image PATH")
             chat.attach(rest.strip())
             term.say(f"[image {rest.strip()} attached to your next message]")
+        elif cmd == "/max":
+            if not rest.strip().isdigit():
+                raise InputError("/max needs a whole number: /max N")
+            chat.settings = replace(chat.settings, max_new_tokens=int(rest))
+            term.say(f"[max new tokens: {chat.settings.max_new_tokens}]")
         elif cmd == "/reset":
             chat.reset()
             term.say("[conversation reset]")
