@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.runtime.engine import Chat, Engine, IncrementalDecoder, Settings, kv_support, open_image
+from pipeline.runtime.engine import Chat, Engine, IncrementalDecoder, Message, Settings, kv_support, open_image
 from tests.conftest import ROOT
 
 TEST_IMAGE = ROOT / "pipeline" / "assets" / "test_image.png"
@@ -99,11 +99,31 @@ def test_conversation_images_and_reset(engine: Engine) -> None:
     second = "".join(chat.send("hello there"))  # same words, now after a first exchange
     chat.attach(TEST_IMAGE)
     with_image = chat.send("hello there")
-    assert "".join(with_image) and with_image.stats.prompt_tokens > 70  # 70 image tokens in the prompt
+    assert "".join(with_image) and with_image.stats.prompt_tokens > 60  # the image's soft tokens are in the prompt
     chat.reset()
     assert chat.messages == [] and chat.pending == []
     assert "".join(chat.send("hello there")) == first  # greedy: after reset, the first answer again
     assert first != second or first != with_image.text
+
+
+def test_chat_template_and_image_block(engine: Engine) -> None:
+    """With a chat template, the prompt is the template's text; each image becomes begin-of-image, one token per
+    soft token, end-of-image, where the image stood."""
+    cfg = engine.model.config
+    template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    template += "{% if add_generation_prompt %}w9{% endif %}"
+    engine.tokenizer.chat_template = template
+    try:
+        msgs = [Message("user", "w5 w6", (open_image(TEST_IMAGE),))]
+        assert engine.render(msgs) == ("user \x00hlwq-image\x00w5 w6 w9", True)
+        inputs = engine.inputs(msgs)
+    finally:
+        engine.tokenizer.chat_template = None
+    ids = inputs["input_ids"][0].tolist()
+    n = int(inputs["mm_token_type_ids"].sum())  # soft tokens: 70 at most, fewer for a non-square image
+    assert 30 < n <= 70 and inputs["pixel_values"].shape[0] == 1
+    unk = engine.tokenizer.unk_token_id
+    assert ids == [unk, cfg.boi_token_id, *[cfg.image_token_id] * n, cfg.eoi_token_id, 5, 6, 9]
 
 
 def test_bad_inputs_are_one_line(engine: Engine, tmp_path: Path, huge_image: Path) -> None:
@@ -305,3 +325,10 @@ def test_chat_refuses_bad_arguments_in_one_line(tiny_artifact: Path, args: list[
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("hlwq:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_the_pipeline_does_not_import_gradio() -> None:
+    """gradio is an optional extra: the CLI (chat and demo subcommands registered) loads without it."""
+    code = "import sys, pipeline.cli as c; c.build_parser(); print('gradio' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -408,8 +408,14 @@ class Engine:
         """(prompt text with IMAGE_SLOT per image, whether it came from the tokenizer's chat template). Without
         a template: 'user: ...' / 'assistant: ...' lines and an open 'assistant:' line."""
         if getattr(self.tokenizer, "chat_template", None):
-            conv = [{"role": m.role, "content": IMAGE_SLOT * len(m.images) + m.text} for m in messages]
-            return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)), True
+            texts = [IMAGE_SLOT * len(m.images) + m.text for m in messages]
+            conv: list[dict[str, Any]] = [{"role": m.role, "content": t} for m, t in zip(messages, texts, strict=True)]
+            try:
+                return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)), True
+            except Exception:  # templates that only take content as a list of typed parts
+                for c, t in zip(conv, texts, strict=True):
+                    c["content"] = [{"type": "text", "text": t}]
+                return str(self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)), True
         lines = [f"{m.role}: {IMAGE_SLOT * len(m.images)}{m.text}\n" for m in messages]
         return "".join(lines) + "assistant:", False
 
