@@ -106,6 +106,20 @@ def test_conversation_images_and_reset(engine: Engine) -> None:
     assert first != second or first != with_image.text
 
 
+def test_the_pixels_reach_the_vision_tower(engine: Engine) -> None:
+    """Same prompt, same image size, other pixels: another answer (the image is seen, not just its token count)."""
+    from PIL import ImageOps
+
+    def answer(image: object) -> str:
+        chat = Chat(engine, Settings(max_new_tokens=8))
+        chat.pending.append(image)
+        return "".join(chat.send("w5 w6"))
+
+    picture = open_image(TEST_IMAGE)
+    assert answer(picture) == answer(picture.copy())  # deterministic
+    assert answer(picture) != answer(ImageOps.invert(picture))
+
+
 def test_chat_template_and_image_block(engine: Engine) -> None:
     """With a chat template, the prompt is the template's text; each image becomes begin-of-image, one token per
     soft token, end-of-image, where the image stood."""
