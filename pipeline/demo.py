@@ -134,9 +134,9 @@ def build_app(engine: Engine | None, error: str | None, source: str) -> Any:
                                 kv_bits=int(kv_bits) or None)  # fmt: skip
             gen = engine.generate([*to_messages(history), Message("user", text, images)], settings)
             answer = ""
-            for n, piece in enumerate(gen, 1):
+            for piece in gen:
                 answer += piece
-                yield answer, f"streaming… {n} pieces"
+                yield answer, f"**Streaming:** {gen.tokens} tokens · {gen.live_tok_s():.1f} tok/s"
             yield answer, f"**Last answer:** {gen.stats.line() if gen.stats else ''}"
         except PipelineError as e:
             yield f"{ERROR}{e}", f"{ERROR}{e}"

@@ -73,7 +73,11 @@ def test_incremental_decoder_never_splits_a_character() -> None:
 def test_answers_stream_and_report_figures(engine: Engine) -> None:
     chat = Chat(engine, Settings(max_new_tokens=10))
     gen = chat.send("hello there")
-    pieces = list(gen)
+    pieces, counts = [], []
+    for piece in gen:
+        pieces.append(piece)
+        counts.append(gen.tokens)
+    assert counts == list(range(1, 11)) and gen.live_tok_s() > 0  # live figures while it streams
     assert len(pieces) == gen.stats.new_tokens == 10  # the word-level tokenizer: one piece per token
     assert "".join(pieces) == gen.text and re.fullmatch(r"w\d+( w\d+){9}", gen.text)
     s = gen.stats

@@ -200,8 +200,10 @@ def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: 
         earlier = len(browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]"))
         _send(browser, "hello there", TEST_IMAGE)
         seen: list[str] = []
+        live: set[str] = set()
         deadline = time.monotonic() + 180
-        while "Last answer" not in _text(browser, "#stats"):
+        while "Last answer" not in (panel := _text(browser, "#stats")):
+            live.add(panel)
             assert time.monotonic() < deadline, f"no answer; page: {_text(browser, 'body')[-2000:]}"
             bots = browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
             if len(bots) > earlier and (t := bots[earlier].text) and (not seen or t != seen[-1]):
@@ -215,6 +217,7 @@ def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: 
         assert re.fullmatch(r"w\d+( w\d+)*", final) and 80 <= len(final.split()) <= 96, final
         partial = [t for t in seen if t != final]
         assert partial and all(final.startswith(t) for t in partial), seen  # streamed: prefixes came first
+        assert any(re.search(r"Streaming: \d+ tokens · [\d.]+ tok/s", t) for t in live), live
         assert browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user] img")  # the image is shown
         shot = tmp_path / "demo.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

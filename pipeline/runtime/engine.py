@@ -240,7 +240,15 @@ class Generation:
         self.on_done = on_done
         self.text = ""
         self.stats: Stats | None = None
+        self.tokens = 0  # so far, for a live figure while it streams
+        self.t_first: float | None = None
         self._stop = threading.Event()
+
+    def live_tok_s(self) -> float:
+        """Decode rate so far (tokens after the first over the time since the first)."""
+        if self.t_first is None or self.tokens < 2:
+            return 0.0
+        return (self.tokens - 1) / max(time.perf_counter() - self.t_first, 1e-9)
 
     def stop(self) -> None:
         self._stop.set()
@@ -280,8 +288,9 @@ class Generation:
                 while (item := streamer.q.get()) is not None:
                     t_last = time.perf_counter()
                     if not ids:
-                        t_first = t_last
+                        t_first = self.t_first = t_last
                     ids.extend(item)
+                    self.tokens = len(ids)
                     piece = decoder.step(ids)
                     if piece:
                         self.text += piece
