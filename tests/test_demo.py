@@ -187,7 +187,7 @@ def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: 
         summary = json.loads((tiny_artifact / "hlwq_report.json").read_text())["summary"]
         card = _text(browser, "#card")
         assert "bits per quantized weight" in card and f"{summary['bits_per_weight_quantized']:.3f}" in card
-        assert f"{summary['median_cos_sim']:.6f}" in card and "reference (dequantized) on cpu" in card
+        assert f"{summary['median_cos_sim']:.6f}" in card and "reference (dequantized at load) on cpu" in card
 
         # An empty prompt: a line in the page, nothing sent to the model.
         _send(browser, "   ")

@@ -8,6 +8,7 @@ in a `Chat`, the browser demo rebuilds it from the page's history (one engine, m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import queue
@@ -131,18 +132,25 @@ def kv_support(bits: int | None) -> str | None:
 # Loading
 
 
-def load_model(path_or_repo: str | Path, device: torch.device) -> tuple[nn.Module, Path, str]:
-    """The one call into the loader: (model, artifact folder, runtime). The runtime package's `load` when it is
-    there (native kernels on CUDA, the reference path on the CPU); else the reference-dequantized loader."""
-    from pipeline.loader import load_dequantized, resolve
+DEQUANTIZED = "reference (dequantized at load)"
 
-    folder = resolve(path_or_repo)
+
+def load_model(path_or_repo: str | Path, device: torch.device) -> tuple[nn.Module, Path, str]:
+    """The one call into the loader: (model, artifact folder, runtime). The native kernels on CUDA when they are
+    installed; else the weights dequantized once at load by the reference codec (same numbers as the reference
+    runtime, without dequantizing at every forward)."""
     try:
-        from pipeline.runtime.loading import load  # type: ignore[import-not-found]
-    except ImportError:
-        return load_dequantized(folder, device), folder, "reference (dequantized)"
-    runtime = "native" if device.type == "cuda" else "reference"
-    return load(folder, runtime=runtime, device=device), folder, runtime
+        from pipeline.runtime import load, resolve  # type: ignore[attr-defined]
+    except ImportError:  # the layout before the runtime package: pipeline.loader, dequantization only
+        from pipeline.loader import load_dequantized
+        from pipeline.loader import resolve as resolve_folder
+
+        folder = resolve_folder(path_or_repo)
+        return load_dequantized(folder, device), folder, DEQUANTIZED
+    folder = resolve(path_or_repo)
+    if device.type == "cuda" and importlib.util.find_spec("pipeline.runtime.kernels") is not None:
+        return load(folder, runtime="native", device=device), folder, "native"
+    return load(folder, runtime="dequantize", device=device), folder, DEQUANTIZED
 
 
 def _processor(folder: Path) -> Any | None:
