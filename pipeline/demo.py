@@ -54,11 +54,16 @@ def run(args: argparse.Namespace) -> int:
         error = str(e)
         log.error("%s", error)
     app = build_app(engine, error, args.artifact)
-    print(f"hlwq demo: http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
-    app.queue(default_concurrency_limit=1).launch(
-        server_name="127.0.0.1", server_port=args.port, share=args.share, ssr_mode=False, mcp_server=False,
-        max_file_size=MAX_IMAGE_BYTES, show_error=False, quiet=True, footer_links=[],
-    )  # fmt: skip
+    try:
+        app.queue(default_concurrency_limit=1).launch(
+            server_name="127.0.0.1", server_port=args.port, share=args.share, ssr_mode=False, mcp_server=False,
+            max_file_size=MAX_IMAGE_BYTES, show_error=False, quiet=True, footer_links=[], prevent_thread_lock=True,
+        )  # fmt: skip
+    except OSError as e:  # the port is taken (Gradio says so in its own words)
+        raise PipelineError(f"cannot serve on 127.0.0.1:{args.port}: {e}") from None
+    print(f"hlwq demo: http://127.0.0.1:{args.port}/" + (f" and {app.share_url}" if app.share_url else "")
+          + " (Ctrl-C stops it)", flush=True)  # fmt: skip
+    app.block_thread()  # until Ctrl-C or SIGTERM
     return 0
 
 
