@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     figures = dict(engine.card())
     term.say(f"hlwq chat: {args.artifact} · {figures['runtime']} · {figures['size on disk']}"
              + (f" · {figures['weight bits']}-bit weights" if "weight bits" in figures else ""))  # fmt: skip
-    note = kv_support(args.kv_bits)
+    note = kv_support(args.kv_bits, f"--kv-bits {args.kv_bits}")
     if note:
         term.say(note)
     if tty:

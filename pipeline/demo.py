@@ -177,7 +177,7 @@ def build_app(engine: Engine | None, error: str | None, source: str) -> Any:
             with gr.Column(scale=2):
                 gr.Markdown(card_markdown(engine, error, source), elem_id="card")
                 stats.render()
-                note = kv_support(4) if engine is not None else None
+                note = kv_support(4, "the KV-cache slider") if engine is not None else None
                 if note:
-                    gr.Markdown(f"*{note.replace('--kv-bits 4', 'the KV-cache slider')}.*", elem_id="kv_note")
+                    gr.Markdown(f"*{note}.*", elem_id="kv_note")
     return app

@@ -5,6 +5,7 @@ line in the page, and the page only ever talks to 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -188,6 +189,11 @@ def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: 
         card = _text(browser, "#card")
         assert "bits per quantized weight" in card and f"{summary['bits_per_weight_quantized']:.3f}" in card
         assert f"{summary['median_cos_sim']:.6f}" in card and "reference (dequantized at load) on cpu" in card
+        kv_note = _text(browser, "#kv_note")
+        if importlib.util.find_spec("pipeline.runtime.kv_cache") is None:  # the page says the slider does nothing
+            assert "KV cache stays BF16: the KV-cache slider needs pipeline.runtime.kv_cache" in kv_note
+        else:
+            assert kv_note == ""
 
         # An empty prompt: a line in the page, nothing sent to the model.
         _send(browser, "   ")

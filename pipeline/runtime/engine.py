@@ -117,14 +117,14 @@ def open_image(source: str | Path) -> Any:
         raise InputError(f"image {p.name}: not a readable image ({type(e).__name__})") from None
 
 
-def kv_support(bits: int | None) -> str | None:
+def kv_support(bits: int | None, setting: str = "--kv-bits") -> str | None:
     """None when a `bits` KV-cache setting will be applied (or none was asked); else the line saying why not."""
     if bits is None:
         return None
     try:
         import pipeline.runtime.kv_cache  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        return f"KV cache stays BF16: --kv-bits {bits} needs pipeline.runtime.kv_cache, which this build lacks"
+        return f"KV cache stays BF16: {setting} needs pipeline.runtime.kv_cache, which this build lacks"
     return None
 
 
