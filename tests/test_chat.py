@@ -350,3 +350,24 @@ def test_the_pipeline_does_not_import_gradio() -> None:
     code = "import sys, pipeline.cli as c; c.build_parser(); print('gradio' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_demo_history_becomes_engine_messages() -> None:
+    """The page's history as Gradio 6 hands it to the chat function (shape recorded from a live run): an image and
+    its text make one user message; an exchange the demo answered with an error is left out."""
+    from pipeline.demo import ERROR, to_messages
+
+    file = {"path": str(TEST_IMAGE), "url": "/gradio_api/file=x", "mime_type": "image/png",
+            "meta": {"_type": "gradio.FileData"}}  # fmt: skip
+    history = [
+        {"role": "user", "content": [{"file": file, "type": "file"}, {"text": "hello there", "type": "text"}]},
+        {"role": "assistant", "metadata": None, "content": [{"text": "w206 w69", "type": "text"}]},
+        {"role": "user", "content": [{"text": "   ", "type": "text"}]},
+        {"role": "assistant", "content": [{"text": f"{ERROR}empty prompt: type a message", "type": "text"}]},
+        {"role": "user", "content": "w5"},
+        {"role": "assistant", "content": "w7"},
+    ]
+    msgs = to_messages(history)
+    want = [("user", "hello there", 1), ("assistant", "w206 w69", 0), ("user", "w5", 0), ("assistant", "w7", 0)]
+    assert [(m.role, m.text, len(m.images)) for m in msgs] == want
+    assert msgs[0].images[0].size == open_image(TEST_IMAGE).size

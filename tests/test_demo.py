@@ -228,6 +228,13 @@ def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: 
         shot = tmp_path / "demo.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
+        # A follow-up: the history (with its image) goes back to the model and a new answer comes.
+        _send(browser, "w5 w6")
+        _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")) == earlier + 2,
+              60, "the follow-up answer")  # fmt: skip
+        follow_up = _settled(browser, "#chatbot [data-testid=bot]")
+        assert re.fullmatch(r"w\d+( w\d+)*", follow_up) and follow_up != final, follow_up
+
         # A 56-megapixel image: refused in one readable line.
         _send(browser, "and this?", huge_image)
         _wait(browser, lambda b: "megapixel limit" in _text(b, "#chatbot"), 60, "the huge-image message")
