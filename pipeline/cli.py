@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins():  # type: ignore[no-untyped-def]
     """Subcommands that live beside their stages (slurm, bench, ...), registered if present."""
     out = []
-    for mod in ("stages.slurm", "bench.quality"):
+    for mod in ("stages.slurm", "bench.quality", "pipeline.chat", "pipeline.demo"):
         try:
             module = __import__(mod, fromlist=["register_cli"])
         except ModuleNotFoundError:

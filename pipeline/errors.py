@@ -45,3 +45,7 @@ class SlurmError(PipelineError):
 
 class RuntimeBackendError(PipelineError):
     """A runtime backend cannot run here: no GPU, no nvcc to build the kernels, or an unsupported layout."""
+
+
+class InputError(PipelineError, ValueError):
+    """A chat input the engine refuses: an unreadable or oversized image, an empty prompt, a bad setting."""
