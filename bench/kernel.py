@@ -10,6 +10,7 @@ Effective bandwidth counts the bytes a kernel must read for its weights (codes +
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -67,6 +68,16 @@ def quantized(rows: int, cols: int, bits: int, device: torch.device, seed: int) 
     return {"w": w, "q": q, "signs": signs, "sign_bits": params.sign_bits()}
 
 
+def _split4(xr: torch.Tensor, c: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, bits: int, rpw: int,
+            wpc: int) -> None:  # fmt: skip
+    for i in range(0, xr.shape[0], 4):
+        torch.ops.hlwq.gemv(xr[i : i + 4], c, s, codebook, bits, torch.bfloat16, rpw, wpc)
+
+
+def _dequant_mm(xb: torch.Tensor, c: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    return xb @ torch.ops.hlwq.dequant(c, s, codebook, bits).t()
+
+
 def check(device: torch.device) -> list[dict[str, Any]]:
     """Relative error of the native linear vs float64 math on the reference dequantization (fresh random inputs)."""
     rows_out = []
@@ -102,7 +113,11 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
         variants = {}
         for rpw, wpc in VARIANTS if not quick else [kernels.launch_shape(bits, n)]:
             calls = [
-                (lambda c=c, s=s, rpw=rpw, wpc=wpc, xr=xr: torch.ops.hlwq.gemv(xr, c, s, codebook, bits, torch.bfloat16, rpw, wpc))
+                (
+                    lambda c=c, s=s, rpw=rpw, wpc=wpc, xr=xr: torch.ops.hlwq.gemv(
+                        xr, c, s, codebook, bits, torch.bfloat16, rpw, wpc
+                    )
+                )
                 for c, s in zip(codes, scales, strict=True)
             ]
             us = graph_time_us(calls)
@@ -120,25 +135,22 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
         rpw, wpc = best[min(n, 4) if n != 3 else 4]
         if n <= 4:
             calls = [
-                (lambda c=c, s=s: torch.ops.hlwq.gemv(xr, c, s, codebook, bits, torch.bfloat16, rpw, wpc))
+                functools.partial(torch.ops.hlwq.gemv, xr, c, s, codebook, bits, torch.bfloat16, rpw, wpc)
                 for c, s in zip(codes, scales, strict=True)
             ]
             row["gemv_us"] = round(graph_time_us(calls), 2)
         else:
-            def split(c: torch.Tensor, s: torch.Tensor) -> None:
-                for i in range(0, n, 4):
-                    torch.ops.hlwq.gemv(xr[i : i + 4], c, s, codebook, bits, torch.bfloat16, rpw, wpc)
-
-            row["gemv_split4_us"] = round(graph_time_us([lambda c=c, s=s: split(c, s) for c, s in zip(codes, scales, strict=True)]), 2)
+            calls = [
+                functools.partial(_split4, xr, c, s, codebook, bits, rpw, wpc)
+                for c, s in zip(codes, scales, strict=True)
+            ]
+            row["gemv_split4_us"] = round(graph_time_us(calls), 2)
         xb = xr.to(torch.bfloat16)
-        calls = [
-            (lambda c=c, s=s: xb @ torch.ops.hlwq.dequant(c, s, codebook, bits).t())
-            for c, s in zip(codes, scales, strict=True)
-        ]
+        calls = [functools.partial(_dequant_mm, xb, c, s, codebook, bits) for c, s in zip(codes, scales, strict=True)]
         row["dequant_cublas_us"] = round(graph_time_us(calls, reps=5), 2)
         batches[str(n)] = row
     out["batches"] = batches
-    out["rotate_us"] = round(graph_time_us([lambda: torch.ops.hlwq.rotate(x[:1], d["signs"], None)]), 2)
+    out["rotate_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate, x[:1], d["signs"], None)]), 2)
 
     # Peers on the same shape and the same cycling: cuBLAS BF16 and torchao INT4 (tile_packed_to_4d).
     wb = d["w"]
@@ -147,7 +159,7 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
     peers: dict[str, Any] = {}
     for n in (1, 2, 4, 8, 16):
         x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
-        us = graph_time_us([lambda w=w: x @ w.t() for w in ws])
+        us = graph_time_us([functools.partial(torch.nn.functional.linear, x, w) for w in ws])
         peers.setdefault("bf16", {})[str(n)] = {"us": round(us, 2), "tb_s": round(wb.numel() * 2 / us / 1e6, 3)}
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
@@ -161,7 +173,7 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
             mods.append(lin)
         for n in (1, 2, 4, 8, 16):
             x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
-            us = graph_time_us([lambda m=m: m(x) for m in mods])
+            us = graph_time_us([functools.partial(m, x) for m in mods])
             peers.setdefault("torchao_int4", {})[str(n)] = {"us": round(us, 2), "tb_s": round(ibytes / us / 1e6, 3)}
     except Exception as exc:  # torchao missing or unable on this GPU: recorded, not fatal
         peers["torchao_int4"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
@@ -203,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             result["shapes"][f"{name}_q{bits}"] = r
             b1 = r["batch1"]
             print(f"{name:10s} q{bits} {rows}x{cols}: hlwq {b1['hlwq_us']:7.2f} us {b1['hlwq_tb_s']:.2f} TB/s "
-                  f"{r['best_variant']} | bf16 {b1['bf16_us']:7.2f} us {b1['bf16_tb_s']:.2f} TB/s | int4 "
-                  f"{r['peers'].get('torchao_int4', {}).get('1', {})} | batches {r['batches']}", flush=True)  # fmt: skip
+                  f"{r['best_variant']}"
+                  f" | bf16 {b1['bf16_us']:7.2f} us {b1['bf16_tb_s']:.2f} TB/s | int4 "
+                  f"{r['peers'].get('torchao_int4', {}).get('1', {})} | batches {r['batches']}",
+                  flush=True)  # fmt: skip
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)

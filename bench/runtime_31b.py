@@ -145,7 +145,9 @@ def profile_step(model: nn.Module, device: torch.device) -> dict[str, Any]:
     return {"profile_top": rows}
 
 
-def run_variant(variant: str, bits: int, tiny: bool, prof: bool = False, compile_layers: bool = False) -> dict[str, Any]:
+def run_variant(
+    variant: str, bits: int, tiny: bool, prof: bool = False, compile_layers: bool = False
+) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     t0 = time.perf_counter()
     model = build_bf16(config_31b(tiny), device)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"model": "Gemma-4-31B shapes (random BF16 weights, seed 0), real text and vision configs",
                               "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                              "decode_loop": "pipeline.runtime.decode.LeanDecoder (static cache, CUDA graph per step)"}  # fmt: skip
+                              "decode_loop": "runtime.decode.LeanDecoder: static cache, CUDA graph/step"}  # fmt: skip
     for name in args.only.split(","):
         cmd = [sys.executable, "-m", "bench.runtime_31b", "--variant", name.split("_")[0], *VARIANTS[name]]
         cmd += ["--tiny"] if args.tiny else []

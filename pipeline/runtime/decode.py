@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 
-def text_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
+def text_parts(model: Any) -> tuple[Any, Any, Any]:
     """(decoder stack with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a causal or multimodal LM."""
-    inner = getattr(model, "model", model)
+    inner: Any = getattr(model, "model", model)
     text = getattr(inner, "language_model", inner)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head = getattr(model, "lm_head", head)
@@ -44,8 +44,9 @@ class StaticKV:
         self.window = window
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.full_idx: torch.Tensor | None = None
-        self.ring_idx: torch.Tensor | None = None
+        # Set by the decoder before every forward (positions being written, and their ring slots).
+        self.full_idx = torch.zeros(0, dtype=torch.long)
+        self.ring_idx = torch.zeros(0, dtype=torch.long)
 
     def sliding(self, layer_idx: int) -> bool:
         return self.window is not None and self.layer_types[layer_idx] == "sliding_attention"
@@ -54,10 +55,12 @@ class StaticKV:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
     @torch.compiler.disable  # one compiled layer body serves every layer; the cache write stays eager
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[2]
         if layer_idx not in self.keys:
-            length = self.window if self.sliding(layer_idx) else self.max_len
+            length = self.window if self.window is not None and self.sliding(layer_idx) else self.max_len
             shape = (k.shape[0], k.shape[1], length, k.shape[3])
             self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.values[layer_idx] = torch.zeros((*shape[:3], v.shape[3]), dtype=v.dtype, device=v.device)
@@ -149,7 +152,7 @@ class LeanDecoder:
         self.out = torch.zeros(max_len, dtype=torch.long, device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    # -- one forward over `n` tokens at positions pos..pos+n-1 ----------------------------------------------------------
+    # -- one forward over `n` tokens at positions pos..pos+n-1 --------------------------------------------------------
     def _masks(self, q_pos: torch.Tensor, decode: bool) -> dict[str, torch.Tensor]:
         qp = q_pos.view(-1, 1)
         masks = {"full_attention": (self.key_pos.view(1, -1) <= qp).view(1, 1, qp.shape[0], -1)}

@@ -35,7 +35,9 @@ _ARGTYPES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HLWQ_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hlwq"
+    root = (
+        os.environ.get("HLWQ_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hlwq"
+    )
     return Path(root)
 
 
