@@ -12,16 +12,20 @@ figures), loading (load and its two historical shorthands). The GPU kernels live
 from pipeline.runtime.backends import int4_config, int4_eligible, to_int4
 from pipeline.runtime.check import load_and_measure, load_check
 from pipeline.runtime.embedding import HostEmbedding, Int8Head, host_embedding
+from pipeline.runtime.hf_quantizer import HlwqConfig, register
 from pipeline.runtime.linear import HLWQLinear
 from pipeline.runtime.loading import RUNTIMES, load, load_dequantized, load_int4
 from pipeline.runtime.measure import Memory, compiled_decode, decode_speed, fill_context, measure, versions
 from pipeline.runtime.probes import TEST_IMAGE, image_answer, synthetic_ids, text_answer
 from pipeline.runtime.skeleton import build_skeleton, model_class, read_config, resolve
 
+register()  # whoever uses our runtime can also from_pretrained an artifact (quant_method "hlwq")
+
 __all__ = [
     "RUNTIMES",
     "TEST_IMAGE",
     "HLWQLinear",
+    "HlwqConfig",
     "HostEmbedding",
     "Int8Head",
     "Memory",
@@ -41,6 +45,7 @@ __all__ = [
     "measure",
     "model_class",
     "read_config",
+    "register",
     "resolve",
     "synthetic_ids",
     "text_answer",
