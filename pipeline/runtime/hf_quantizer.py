@@ -17,6 +17,7 @@ After loading, a weight the checkpoint did not provide (transformers would initi
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import warnings
@@ -153,7 +154,10 @@ class HlwqHfQuantizer(HfQuantizer):
         self.module_runtime = module_runtime(runtime, self.device) if hlwq_modules else runtime
         if runtime == "int4":
             self.ao_config = int4_config(self.device)
+        kept = self.quantization_config.modules_not_quantized
         for name, rec in self.records.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in kept):
+                raise FormatError(f"{name} is quantized but config.json's modules_not_quantized keeps it")
             module = _module_of(model, name)
             if type(module) is not nn.Linear:
                 if hlwq_modules:

@@ -5,6 +5,7 @@ bit, for every runtime; generate on text and image+text; one FormatError for a c
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,14 @@ def test_host_embedding_through_from_pretrained(tiny: tuple[Path, Path]) -> None
     assert torch.equal(_logits(model), _logits(ours))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for hosts without CUDA")
+def test_native_without_cuda_falls_back_to_reference(tiny: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+        model = _from_pretrained(tiny[1], device_map="cpu", quantization_config=hlwq.HlwqConfig(runtime="native"))
+    assert {m.runtime for m in model.modules() if isinstance(m, runtime.HLWQLinear)} == {"reference"}
+    assert caplog.text.count("runtime 'native' needs a CUDA device") == 1
+
+
 def test_quantizing_a_float_model_is_refused(tiny: tuple[Path, Path]) -> None:
     with pytest.raises(ValueError, match="pre-quantized"):
         _from_pretrained(tiny[0], quantization_config=hlwq.HlwqConfig())
@@ -122,6 +131,12 @@ def _wider_mlp(art: Path) -> None:
     (art / "config.json").write_text(json.dumps(cfg))
 
 
+def _keep_mlp(art: Path) -> None:
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["quantization_config"]["modules_not_quantized"].append("*mlp*")
+    (art / "config.json").write_text(json.dumps(cfg))
+
+
 def _shard(art: Path) -> Path:
     return sorted(art.glob("*.safetensors"))[0]
 
@@ -135,6 +150,7 @@ CORRUPTIONS = {
                        "lacks .*hlwq_scales"),
     "codes of other bits": (lambda a: _rewrite_shard(_shard(a), lambda t, b: b["tensors"][_first_quantized(b)]
                                                      .update(bits=4)), "hlwq_codes: shape"),
+    "config keeps a quantized tensor": (_keep_mlp, "quantized but config.json's modules_not_quantized keeps it"),
     "config unlike the shards": (_wider_mlp, r"mlp\.\w+_proj\.weight: artifact shape .* != model shape"),
 }  # fmt: skip
 
