@@ -181,3 +181,15 @@ def test_without_the_import_transformers_only_warns(tiny: tuple[Path, Path]) -> 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "HLWQ_REGISTERED False" in proc.stdout
     assert "Unknown quantization type, got hlwq" in proc.stderr and "MISSING" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rt", ["dequantize", "int4", "reference"])
+def test_from_pretrained_on_gpu_matches_our_loader(tiny: tuple[Path, Path], rt: str) -> None:
+    """device_map="cuda": the quantized entries are dequantized (or kept as codes) on the GPU, as our loader does."""
+    model = _from_pretrained(tiny[1], device_map="cuda", quantization_config=hlwq.HlwqConfig(runtime=rt))
+    ours = runtime.load(tiny[1], rt, "cuda")
+    with torch.inference_mode():
+        ids = PROMPT.to("cuda")
+        assert torch.equal(model(input_ids=ids).logits, ours(input_ids=ids).logits)
