@@ -40,8 +40,8 @@ def _card_snippet(artifact: Path) -> str:
 
 
 @pytest.mark.parametrize("source", [_readme_snippet, _card_snippet], ids=["readme", "card"])
-def test_use_snippet_loads_the_model(tiny: tuple[Path, Path], source: object) -> None:
-    artifact = tiny[1]
+def test_use_snippet_loads_the_model(tiny_artifact: tuple[Path, Path], source: object) -> None:
+    artifact = tiny_artifact[1]
     code = source(artifact)  # type: ignore[operator]
     assert code.startswith("import hlwq")
     proc = subprocess.run([sys.executable, "-c", code + CHECK.format(path=str(artifact))], capture_output=True,
