@@ -85,7 +85,6 @@ def test_reference_runtime_keeps_codes_and_matches_dequantized(tiny_artifact: tu
     assert all(m.runtime == "reference" and m.codes.dtype == torch.uint8 for m in hl)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=PROMPT).logits, deq(input_ids=PROMPT).logits)
-    assert torch.equal(_greedy(model), _greedy(deq))
 
 
 def test_host_embedding_unties_to_host_and_int8_head(tiny_artifact: tuple[Path, Path]) -> None:
