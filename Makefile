@@ -33,8 +33,8 @@ test: setup
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup
-	.venv/bin/ruff check pipeline stages tests bench
-	.venv/bin/ruff format --check pipeline stages tests bench
+	.venv/bin/ruff check pipeline stages tests bench hlwq
+	.venv/bin/ruff format --check pipeline stages tests bench hlwq
 	.venv/bin/mypy
 
 bench-quant: setup

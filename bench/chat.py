@@ -23,10 +23,7 @@ IMAGE_PROMPT = "Describe this image in detail."
 def run(artifact: str, tokens: int, kv_bits: int | None, device: str | None) -> dict[str, Any]:
     import torch
 
-    try:
-        from pipeline.runtime import versions
-    except ImportError:  # before the runtime package
-        from pipeline.loader import versions
+    from pipeline.runtime import versions
     from pipeline.runtime.engine import Chat, Engine, Settings, kv_support, open_image
 
     engine = Engine.open(artifact, device)

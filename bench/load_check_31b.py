@@ -1,6 +1,6 @@
 """The 31B proof, for one GPU: a Gemma-4-31B-shaped model (real text and vision configs) with random BF16 weights
 is built on the GPU, converted by our quantize code on the GPU shard by shard into an HLWQ artifact on local disk
-(no BF16 checkpoint is ever written), loaded back by pipeline.loader as torchao INT4 and measured (load_check);
+(no BF16 checkpoint is ever written), loaded back by pipeline.runtime as torchao INT4 and measured (load_check);
 torchao INT4 straight from the same BF16 weights is measured in the same run, the same way.
 
     python -m bench.load_check_31b --out results.json [--workdir /tmp/hlwq31b] [--budget-s 560]
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pipeline import format as fmt
-from pipeline import loader
+from pipeline import runtime
 from pipeline.manifest import parse_manifest
 from pipeline.shards import DTYPE_NAMES, INDEX_NAME, TensorInfo, atomic_write_json, atomic_write_text, read_header
 from stages.quantize import layout, write_shard
@@ -123,10 +123,10 @@ def baseline_int4(model: torch.nn.Module, device: torch.device) -> float:
     stays tied to the BF16 embedding, as in ours). Returns seconds."""
     from torchao.quantization import quantize_
 
-    cfg = loader.int4_config(device)
+    cfg = runtime.int4_config(device)
 
     def pick(module: torch.nn.Module, fqn: str) -> bool:
-        return "language_model" in fqn and loader.int4_eligible(module, "weight")
+        return "language_model" in fqn and runtime.int4_eligible(module, "weight")
 
     t0 = time.perf_counter()
     quantize_(model, cfg, filter_fn=pick)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     chunk = args.chunk or None
     res: dict[str, Any] = {"model": "Gemma-4-31B shapes (random BF16 weights), real text and vision configs",
-                           "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": loader.versions(),
+                           "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": runtime.versions(),
                            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                            "context_tokens": args.context, "prefill_chunk": chunk}  # fmt: skip
 
@@ -201,18 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     # afterwards and every figure of ours is taken relative to what was allocated before our load began.
     base: dict[str, Any] = {"quantize_s": baseline_int4(model, dev)}
     res["baseline_torchao_int4_from_bf16"] = base
-    mem = loader._Memory(dev)
+    mem = runtime.Memory(dev)
     mem.base = 0
-    base.update(loader.measure(model, art, mem, args.context, compiled=False, chunk=chunk))
+    base.update(runtime.measure(model, art, mem, args.context, compiled=False, chunk=chunk))
     if mem.cuda:
         base["peak_vram_gb"] = max(base["peak_vram_no_cache_gb"], base["peak_vram_context_gb"])
         mem.reset_peak()
-        base["unchunked"] = loader.fill_context(model, args.context, chunk=None)
+        base["unchunked"] = runtime.fill_context(model, args.context, chunk=None)
         base["peak_vram_context_unchunked_gb"] = mem.peak()
         res["kernel_microbench"] = kernel_microbench(model, dev)
     save("baseline measured (eager)")
 
-    ours_model, ours = loader.load_and_measure(art, "int4", args.context, device=dev, compiled=False, chunk=chunk,
+    ours_model, ours = runtime.load_and_measure(art, "int4", args.context, device=dev, compiled=False, chunk=chunk,
                                                host_embed=args.host_embed)  # fmt: skip
     res["ours"] = ours
     keys = ("peak_vram_gb", "peak_vram_no_cache_gb", "resident_gb", "decode_tok_s", "decode_tok_s_eager", "load_s")
@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     save("ours measured (eager)")
     if not args.no_compile:
         with alarm(deadline - time.monotonic()):
-            loader.compiled_decode(ours_model, ours, deadline - 200)
+            runtime.compiled_decode(ours_model, ours, deadline - 200)
         res["decode_tok_s"] = ours["decode_tok_s"]
         save("ours compiled decode")
         with alarm(deadline - time.monotonic()):
-            loader.compiled_decode(model, base, deadline - 90)
+            runtime.compiled_decode(model, base, deadline - 90)
     save("done")
     print(json.dumps(res, indent=2))
     return 0

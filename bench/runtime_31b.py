@@ -29,42 +29,27 @@ NEW_TOKENS = 128
 VARIANTS = {"bf16": [], "int4": [], "native": ["--bits", "5"], "native_q4": ["--bits", "4"]}
 
 
-class NativeLinear(nn.Module):
-    """Bench-local holder of one quantized weight, run by the native kernels (the runtime's HLWQLinear contract)."""
-
-    def __init__(self, q: Any, signs: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.codes, self.scales, self.codebook, self.signs = q.codes, q.scales, q.codebook.float(), signs
-        self.bits, self.block_size = q.bits, q.block_size
-        self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self.bias = bias
-        self.smooth = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from pipeline.runtime.kernels import native_linear
-
-        return native_linear(x, self)
-
-
 def to_native(model: nn.Module, bits: int) -> dict[str, Any]:
     """Quantize every text Linear and the tied output layer in place (GPU); the embedding moves to host RAM."""
     from pipeline.quant.codec import QuantParams, quantize
+    from pipeline.runtime.linear import HLWQLinear
 
     params = QuantParams(bits=bits)
-    device = next(model.parameters()).device
-    signs = 1.0 - 2.0 * torch.tensor(params.sign_bits(), dtype=torch.float32, device=device)
+
+    def native(weight: torch.Tensor, bias: Any) -> HLWQLinear:
+        return HLWQLinear.from_quantized(quantize(weight, params), params.sign_bits(), bias, runtime="native")
+
     t0 = time.perf_counter()
     n = 0
     text = model.model.language_model
     for _, parent in list(text.named_modules()):
         for cname, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                q = quantize(child.weight.data, params)
-                setattr(parent, cname, NativeLinear(q, signs, child.bias))
+                setattr(parent, cname, native(child.weight.data, child.bias))
                 n += 1
                 del child
     emb = text.embed_tokens
-    model.lm_head = NativeLinear(quantize(emb.weight.data, params), signs, None)
+    model.lm_head = native(emb.weight.data, None)
     emb.to("cpu")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -76,7 +61,7 @@ def to_int4(model: nn.Module) -> dict[str, Any]:
     configuration of the 21.61 GB load check)."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-    from pipeline.loader import Int8Head
+    from pipeline.runtime.embedding import Int8Head
 
     t0 = time.perf_counter()
     cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")

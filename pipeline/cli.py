@@ -152,6 +152,11 @@ def _plugins():  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not {"-v", "--verbose"} & set(argv):  # before any command imports torchao (via transformers)
+        from pipeline.quiet import quiet_libraries
+
+        quiet_libraries()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

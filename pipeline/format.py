@@ -30,6 +30,10 @@ QUANT_METHOD = "hlwq"
 CODES, SCALES, CODEBOOK = ".hlwq_codes", ".hlwq_scales", ".hlwq_codebook"
 SUFFIXES = (CODES, SCALES, CODEBOOK)
 METADATA_KEY = "hlwq"
+# For a person reading config.json: transformers skips an unknown quant_method with only a warning (no config field
+# makes it raise), so the block says itself what loading it takes.
+REQUIRES = ("the hlwq package: `import hlwq` before from_pretrained; without it transformers ignores this "
+            "quantization_config and the quantized Linears load as random weights")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ def quantization_config(layout: Layout, bits: int, sign_seed: int | None, overri
         "codebook": layout.codebook,
         "bits_overrides": overrides,
         "modules_not_quantized": kept,
+        "requires": REQUIRES,
     }
 
 

@@ -144,6 +144,35 @@ def quality_section(q: dict[str, Any], chart: bool) -> list[str]:
     return [*lines, ""]
 
 
+AUTO_CLASS = {"image-text-to-text": "AutoModelForImageTextToText", "text-generation": "AutoModelForCausalLM"}
+
+
+def use_section(target: str, pipeline_tag: str) -> list[str]:
+    """How to load it: transformers' from_pretrained after `import hlwq`, which registers quant_method "hlwq" (without
+    it transformers only warns and the quantized layers stay random, hence the import comes first)."""
+    auto = AUTO_CLASS.get(pipeline_tag, "AutoModelForImageTextToText")
+    return [
+        "## Use",
+        "",
+        "With the `hlwq` package installed (the HLWQ repository: `pip install -e .`):",
+        "",
+        "```python",
+        'import hlwq  # first: registers the "hlwq" quantization with transformers (else the layers load random)',
+        f"from transformers import {auto}",
+        "",
+        f'model = {auto}.from_pretrained("{target}", device_map="auto")',
+        "```",
+        "",
+        "The quantized layers keep their codes and compute with HLWQ's GPU kernels where they are installed, "
+        "else with the exact reference dequantization. Other runtimes: "
+        '`from_pretrained(..., quantization_config=hlwq.HlwqConfig(runtime="int4"))` (torchao INT4) or '
+        '`runtime="dequantize"` (plain BF16 Linears). Tokenizer, processor and chat template load as usual. Every '
+        "tensor's layout is documented in FORMAT.md of the HLWQ repository; `hlwq_report.json` has the per-tensor "
+        "figures and `config.json` the `quantization_config`.",
+        "",
+    ]
+
+
 def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
            quality: dict[str, Any] | None = None) -> str:  # fmt: skip
     s = report["summary"]
@@ -161,6 +190,7 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
         "Lloyd-Max codebook and a 16-bit block scale. Norms, embeddings, the vision tower and the other tensors "
         f"listed below are kept as they are. Artifact format version {report['format_version']}.",
         "",
+        *use_section(target, meta["pipeline_tag"]),
         "## Size",
         "",
         "| | value |",
@@ -209,21 +239,6 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
     else:
         lines.append(f"Not run: {(load or {}).get('reason', 'no GPU was present when this artifact was built')}.")
     lines += [
-        "",
-        "## Use",
-        "",
-        "With the HLWQ repository installed (it provides `pipeline.loader`):",
-        "",
-        "```python",
-        "import torch",
-        "from pipeline.loader import load_dequantized",
-        "",
-        'device = "cuda" if torch.cuda.is_available() else "cpu"',
-        f'model = load_dequantized("{target}", device=device)  # a Hub repo id or a local folder',
-        "```",
-        "",
-        "Every tensor's layout is documented in FORMAT.md of the HLWQ repository; `hlwq_report.json` has the "
-        "per-tensor figures and `config.json` the `quantization_config`.",
         "",
         "## How it was made",
         "",

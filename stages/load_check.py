@@ -22,7 +22,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if not torch.cuda.is_available():
         log.info("load_check skipped: no CUDA GPU on this host")
         return {"info": {"status": "skipped", "reason": "no CUDA GPU on the host that built this artifact"}}
-    from pipeline.loader import load_check
+    from pipeline.runtime import load_check
 
     figures = load_check(ctx.staging, runtime=cfg.runtime, context_tokens=cfg.context_tokens,
                          host_embed=cfg.host_embedding)  # fmt: skip

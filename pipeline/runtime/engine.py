@@ -139,14 +139,8 @@ def load_model(path_or_repo: str | Path, device: torch.device) -> tuple[nn.Modul
     """The one call into the loader: (model, artifact folder, runtime). The native kernels on CUDA when they are
     installed; else the weights dequantized once at load by the reference codec (same numbers as the reference
     runtime, without dequantizing at every forward)."""
-    try:
-        from pipeline.runtime import load, resolve  # type: ignore[attr-defined]
-    except ImportError:  # the layout before the runtime package: pipeline.loader, dequantization only
-        from pipeline.loader import load_dequantized
-        from pipeline.loader import resolve as resolve_folder
+    from pipeline.runtime import load, resolve
 
-        folder = resolve_folder(path_or_repo)
-        return load_dequantized(folder, device), folder, DEQUANTIZED
     folder = resolve(path_or_repo)
     if device.type == "cuda" and importlib.util.find_spec("pipeline.runtime.kernels") is not None:
         return load(folder, runtime="native", device=device), folder, "native"

@@ -60,6 +60,7 @@ def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, code
 
 def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
     """HLWQLinear.forward for runtime "native" (buffers per the module contract; 1/smooth cached on the module)."""
+    check_supported(module.bits, module.block_size)
     inv = getattr(module, "_hlwq_inv_smooth", None)
     smooth = getattr(module, "smooth", None)
     if smooth is not None and (inv is None or inv.device != smooth.device):

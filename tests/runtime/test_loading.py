@@ -1,40 +1,22 @@
-"""The companion loader on the CPU: the tiny artifact loads (dequantized BF16, and torchao int4 through the same
-streaming code) and generates exactly what a reference built independently from the dequantized weights does."""
+"""Our own loader on the CPU: the tiny artifact loads (dequantized BF16, torchao int4 and HLWQLinear modules through
+the same streaming code) and generates exactly what a reference built independently from the dequantized weights
+does."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import loader
+from pipeline import runtime
 from pipeline.errors import FormatError
 from pipeline.format import ShardReader
 
 NEW_TOKENS = 12
 PROMPT = torch.tensor([[2, 10, 11, 12, 13, 40, 41]])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(source BF16 checkpoint, converted artifact), converted once through the pipeline."""
-    from pipeline.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("loader")
-    src = write_tiny_checkpoint(root / "src")
-    manifest = root / "m.yaml"
-    manifest.write_text(
-        f"name: tiny-loader\nsource: {{path: {src}}}\ndestination: {{path: {root / 'pub'}}}\n"
-        "quantize: {bits: 5, block_size: 128}\nload_check: {enabled: false}\n"
-    )
-    cli = [sys.executable, "-m", "pipeline.cli", "convert", str(manifest), "--workdir", str(root / "work")]
-    subprocess.run(cli, check=True, capture_output=True, cwd=Path(__file__).parents[1])
-    return src, root / "work" / "artifact"
 
 
 def _reference(src: Path, artifact: Path) -> torch.nn.Module:
@@ -56,9 +38,9 @@ def _greedy(model: torch.nn.Module) -> torch.Tensor:
         return model.generate(input_ids=PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def test_dequantized_matches_reference(tiny: tuple[Path, Path]) -> None:
-    src, artifact = tiny
-    model = loader.load_dequantized(artifact)
+def test_dequantized_matches_reference(tiny_artifact: tuple[Path, Path]) -> None:
+    src, artifact = tiny_artifact
+    model = runtime.load_dequantized(artifact)
     ref = _reference(src, artifact)
     # Same weights bit for bit, tied head included, then the same greedy tokens and logits.
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
@@ -77,28 +59,41 @@ def test_dequantized_matches_reference(tiny: tuple[Path, Path]) -> None:
         assert not torch.equal(model(input_ids=PROMPT).logits, orig(input_ids=PROMPT).logits)
 
 
-def test_int4_streams_like_quantizing_the_dequantized_model(tiny: tuple[Path, Path]) -> None:
+def test_int4_streams_like_quantizing_the_dequantized_model(tiny_artifact: tuple[Path, Path]) -> None:
     """load_int4 (CPU: IntxWeightOnlyConfig int4, group 128) equals quantize_ applied to the reference model."""
     from torchao.quantization import quantize_
 
-    src, artifact = tiny
-    model = loader.load_int4(artifact, "cpu")
+    src, artifact = tiny_artifact
+    model = runtime.load_int4(artifact, "cpu")
     counts = model._hlwq_counts
     assert counts["int4"] > 0 and counts["quantized"] > counts["int4"]  # 320-wide inputs stay BF16
     ref = _reference(src, artifact)
-    quantize_(ref, loader.int4_config(torch.device("cpu")),
-              filter_fn=lambda m, fqn: "language_model" in fqn and loader.int4_eligible(m, "weight"))  # fmt: skip
+    quantize_(ref, runtime.int4_config(torch.device("cpu")),
+              filter_fn=lambda m, fqn: "language_model" in fqn and runtime.int4_eligible(m, "weight"))  # fmt: skip
     with torch.inference_mode():
         assert torch.equal(model(input_ids=PROMPT).logits, ref(input_ids=PROMPT).logits)
 
 
-def test_host_embedding_unties_to_host_and_int8_head(tiny: tuple[Path, Path]) -> None:
+def test_reference_runtime_keeps_codes_and_matches_dequantized(tiny_artifact: tuple[Path, Path]) -> None:
+    """runtime "reference": every quantized Linear is an HLWQLinear holding the stored bytes; since its forward
+    dequantizes with the same codec function into the same dtype, logits equal the dequantized model's bit for bit."""
+    _, artifact = tiny_artifact
+    model = runtime.load(artifact, "reference")
+    deq = runtime.load_dequantized(artifact)
+    hl = [m for m in model.modules() if isinstance(m, runtime.HLWQLinear)]
+    assert len(hl) == model._hlwq_counts["hlwq"] == model._hlwq_counts["quantized"] > 0
+    assert all(m.runtime == "reference" and m.codes.dtype == torch.uint8 for m in hl)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=PROMPT).logits, deq(input_ids=PROMPT).logits)
+
+
+def test_host_embedding_unties_to_host_and_int8_head(tiny_artifact: tuple[Path, Path]) -> None:
     """host_embed moves the embedding to host RAM and makes the output layer int8; logits barely move."""
-    _, artifact = tiny
-    base = loader.load_int4(artifact, "cpu")
-    model = loader.load_int4(artifact, "cpu", host_embed=True)
-    assert isinstance(model.get_input_embeddings(), loader.HostEmbedding)
-    assert isinstance(model.lm_head, loader.Int8Head) and model.lm_head.q.dtype == torch.int8
+    _, artifact = tiny_artifact
+    base = runtime.load_int4(artifact, "cpu")
+    model = runtime.load_int4(artifact, "cpu", host_embed=True)
+    assert isinstance(model.get_input_embeddings(), runtime.HostEmbedding)
+    assert isinstance(model.lm_head, runtime.Int8Head) and model.lm_head.q.dtype == torch.int8
     assert not model.config.get_text_config().tie_word_embeddings
     with torch.inference_mode():
         a, b = base(input_ids=PROMPT).logits.float(), model(input_ids=PROMPT).logits.float()
@@ -107,13 +102,13 @@ def test_host_embedding_unties_to_host_and_int8_head(tiny: tuple[Path, Path]) ->
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_context_fill_and_image_prompt(tiny: tuple[Path, Path]) -> None:
-    _, artifact = tiny
-    model = loader.load_dequantized(artifact)
-    ctx = loader.fill_context(model, 160, new_tokens=8, chunk=64)
+def test_context_fill_and_image_prompt(tiny_artifact: tuple[Path, Path]) -> None:
+    _, artifact = tiny_artifact
+    model = runtime.load_dequantized(artifact)
+    ctx = runtime.fill_context(model, 160, new_tokens=8, chunk=64)
     assert ctx["context_tokens"] == 160
     # Chunked prefill gives the same continuation as one forward.
-    ids = loader.synthetic_ids(model, 152, seed=3)
+    ids = runtime.synthetic_ids(model, 152, seed=3)
     with torch.inference_mode():
         plain = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     from transformers import DynamicCache
@@ -125,20 +120,20 @@ def test_context_fill_and_image_prompt(tiny: tuple[Path, Path]) -> None:
         chunked = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
                                  do_sample=False)  # fmt: skip
     assert torch.equal(plain, chunked)
-    answer = loader.image_answer(model, artifact, new_tokens=4)
+    answer = runtime.image_answer(model, artifact, new_tokens=4)
     assert len(answer["ids"]) == 4 and answer["prompt_tokens"] > 70  # 70 soft image tokens in the prompt
-    assert loader.TEST_IMAGE.stat().st_size < 20_000
+    assert runtime.TEST_IMAGE.stat().st_size < 20_000
 
 
-def test_unknown_quant_method_and_missing_weights(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    _, artifact = tiny
+def test_unknown_quant_method_and_missing_weights(tiny_artifact: tuple[Path, Path], tmp_path: Path) -> None:
+    _, artifact = tiny_artifact
     bad = tmp_path / "bad"
     shutil.copytree(artifact, bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["quant_method"] = "gptq"
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="quant_method"):
-        loader.load_dequantized(bad)
+        runtime.load_dequantized(bad)
     cfg["quantization_config"]["quant_method"] = "hlwq"
     (bad / "config.json").write_text(json.dumps(cfg))
     index = json.loads((bad / "model.safetensors.index.json").read_text())
@@ -146,12 +141,12 @@ def test_unknown_quant_method_and_missing_weights(tiny: tuple[Path, Path], tmp_p
     index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != first}
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FormatError, match="lacks"):
-        loader.load_dequantized(bad)
+        runtime.load_dequantized(bad)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_load_check_on_gpu(tiny: tuple[Path, Path]) -> None:
-    _, artifact = tiny
-    fig = loader.load_check(artifact, "int4", context_tokens=256, compiled=False)
+def test_load_check_on_gpu(tiny_artifact: tuple[Path, Path]) -> None:
+    _, artifact = tiny_artifact
+    fig = runtime.load_check(artifact, "int4", context_tokens=256, compiled=False)
     assert fig["peak_vram_gb"] >= fig["resident_gb"] > 0 and fig["decode_tok_s_eager"] > 0
