@@ -25,9 +25,11 @@ else
 	$(HLWQ) convert manifests/$(MODEL).yaml $(ARGS)
 endif
 
-# The Slurm tests need Debian's slurm-wlm; the installer is a no-op when it is there (and skipped when not root).
+# The Slurm tests need Debian's slurm-wlm, the demo's browser test Debian's chromium + chromium-driver; the
+# installers are no-ops when they are there (and skipped when not root).
 test: setup
 	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-slurm.sh || [ -z "$$CI" ]; fi
+	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-chromium.sh || [ -z "$$CI" ]; fi
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup

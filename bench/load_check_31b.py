@@ -48,7 +48,7 @@ VISION_31B = dict(
     head_dim=72, patch_size=16, pooling_kernel_size=3, position_embedding_size=10240, standardize=True,
 )  # fmt: skip
 # The default manifest: 5 bits, block 128, least-squares scale, sign seed 0, the default kept tensors.
-MANIFEST = parse_manifest({"name": "gemma-4-31b-shapes", "source": {"path": "."}, "destination": {"path": "."}})
+MANIFEST = parse_manifest({"name": "gemma-4-31b-shapes", "source": {"path": "src"}, "destination": {"path": "out"}})
 SHARD_BYTES = 4 << 30  # BF16 bytes per artifact shard (~1.4 GB once quantized)
 
 

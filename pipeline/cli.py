@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("hlwq")
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 
 
 def _workdir(args: argparse.Namespace, name: str) -> Path:
@@ -77,9 +79,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         rec = ctx.state.read(stage, unit) or {}
         holder = ctx.state.holder(stage, unit)
         status = "running" if holder else rec.get("status", "pending")
+        gone = ctx.state.missing_output(rec) if status == "done" else None
+        if gone:  # done once, but what it made is gone (a deleted destination): the next convert redoes it
+            status, rec = "pending", {**rec, "error": f"output gone: {gone}"}
         counts[status] = counts.get(status, 0) + 1
         size = rec.get("bytes_out") or rec.get("bytes_in") or ""
-        note = rec.get("error", "") if status == "failed" else (f"{holder['host']}:{holder['pid']}" if holder else "")
+        note = (
+            rec.get("error", "")
+            if status in ("failed", "pending")
+            else (f"{holder['host']}:{holder['pid']}" if holder else "")
+        )
         print(f"{stage:<11} {unit:<28} {status:<8} {size!s:>12} {rec.get('seconds', '')!s:>8}  {note}")
     print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") else 0
@@ -133,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins():  # type: ignore[no-untyped-def]
     """Subcommands that live beside their stages (slurm, bench, ...), registered if present."""
     out = []
-    for mod in ("stages.slurm", "bench.quality"):
+    for mod in ("stages.slurm", "bench.quality", "pipeline.chat", "pipeline.demo"):
         try:
             module = __import__(mod, fromlist=["register_cli"])
         except ModuleNotFoundError:
@@ -156,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"hlwq: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # The host, not a bug: a full disk, a read-only or unwritable folder, a path too long for the file system.
+        where = f": {str(e.filename)[:200]}" if e.filename else ""
+        print(f"hlwq: error: {e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)}){where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hlwq: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

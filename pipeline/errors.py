@@ -41,3 +41,11 @@ class HubError(PipelineError):
 
 class SlurmError(PipelineError):
     """sbatch/squeue/scontrol failed or are missing."""
+
+
+class RuntimeBackendError(PipelineError):
+    """A runtime backend cannot run here: no GPU, no nvcc to build the kernels, or an unsupported layout."""
+
+
+class InputError(PipelineError, ValueError):
+    """A chat input the engine refuses: an unreadable or oversized image, an empty prompt, a bad setting."""

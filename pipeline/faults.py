@@ -5,6 +5,7 @@ Production never sets these variables; the points cost one dict lookup each.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -21,3 +22,9 @@ def maybe_fail(point: str) -> None:
     """Raise a StageError when HLWQ_FAIL_AT names `point`."""
     if os.environ.get("HLWQ_FAIL_AT") == point:
         raise StageError(f"injected failure at {point} (HLWQ_FAIL_AT)")
+
+
+def maybe_enospc(point: str) -> None:
+    """Raise the OSError of a full disk when HLWQ_ENOSPC_AT names `point`."""
+    if os.environ.get("HLWQ_ENOSPC_AT") == point:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)

@@ -28,8 +28,10 @@ DEFAULT_KEEP = (
     "*router*",
     "lm_head*",
 )
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# At most 96 characters, as the Hub's repo names: the name becomes a folder name (work/<name>), and file names
+# longer than 255 bytes fail on every common file system.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Source:
     def __post_init__(self) -> None:
         _one_of(self.repo, self.path, "source")
         if self.repo is not None and not _REPO_RE.match(self.repo):
-            raise ManifestError(f"source.repo: {self.repo!r} is not of the form owner/name")
+            raise ManifestError(f"source.repo: {_quote(self.repo)} is not of the form owner/name (each part at most 96 "
+                                "characters)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class Destination:
     def __post_init__(self) -> None:
         _one_of(self.repo, self.path, "destination")
         if self.repo is not None and not _REPO_RE.match(self.repo):
-            raise ManifestError(f"destination.repo: {self.repo!r} is not of the form owner/name")
+            raise ManifestError(f"destination.repo: {_quote(self.repo)} is not of the form owner/name (each part at "
+                                "most 96 characters)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Quantize:
     def __post_init__(self) -> None:
         _check_bits(self.bits, "quantize.bits")
         for pattern, bits in self.overrides.items():
-            _check_bits(bits, f"quantize.overrides[{pattern!r}]")
+            _check_bits(bits, f"quantize.overrides[{_quote(pattern)}]")
         if self.block_size < 8 or self.block_size > 4096 or self.block_size & (self.block_size - 1):
             raise ManifestError(f"quantize.block_size: must be a power of two in 8..4096, got {self.block_size}")
         if self.min_elements < 0:
@@ -122,7 +126,7 @@ class Slurm:
             raise ManifestError("slurm: cpus and parallel must be >= 1, gpus >= 0")
         for line in self.extra:
             if "\n" in line or not line.startswith("--"):
-                raise ManifestError(f"slurm.extra: {line!r} must be one sbatch option starting with '--'")
+                raise ManifestError(f"slurm.extra: {_quote(line)} must be one sbatch option starting with '--'")
 
 
 @dataclass(frozen=True)
@@ -138,14 +142,30 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            raise ManifestError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-'")
+            raise ManifestError(f"name: {_quote(self.name)} must be 1 to 96 letters, digits, '.', '_' or '-'")
         if self.version != MANIFEST_VERSION:
             raise ManifestError(f"version: manifest version {self.version} is not supported (this hlwq reads 1)")
+        if self.source.path is not None and self.destination.path is not None:
+            overlap("destination.path", self.destination.path, "source.path", self.source.path)
 
     def bits_for(self, tensor: str) -> int:
         from fnmatch import fnmatchcase
 
         return next((b for p, b in self.quantize.overrides.items() if fnmatchcase(tensor, p)), self.quantize.bits)
+
+
+def overlap(what: str, path: str | Path, other_what: str, other: str | Path) -> None:
+    """Refuse two folders that are the same or nested: publishing into one would replace the other."""
+    a, b = Path(path).resolve(), Path(other).resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise ManifestError(f"{what} {path} and {other_what} {other} are the same folder or one is inside the other: "
+                            f"publishing there would destroy {other_what}")  # fmt: skip
+
+
+def _quote(value: Any, limit: int = 200) -> str:
+    """repr(value) for an error line, cut to `limit` characters: a value can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _one_of(repo: str | None, path: str | None, where: str) -> None:
@@ -176,7 +196,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return _convert(value, next(a for a in args if a is not type(None)), key)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ManifestError(f"{key}: must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+            raise ManifestError(
+                f"{key}: must be one of {', '.join(map(str, typing.get_args(hint)))}, got {_quote(value)}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, list):
@@ -186,11 +208,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ManifestError(f"{key}: expected a mapping, got {type(value).__name__}")
         kt, vt = typing.get_args(hint)
-        return {_convert(k, kt, key): _convert(v, vt, f"{key}[{k!r}]") for k, v in value.items()}
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}[{_quote(k)}]") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ManifestError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ManifestError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {_quote(value)}")
     return value
 
 
@@ -202,7 +224,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in fields:
-            raise ManifestError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+            raise ManifestError(f"{prefix}{str(key)[:200]}: unknown key (known: {', '.join(fields)})")
     for name, f in fields.items():
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ManifestError(f"{prefix}{name}: required key is missing")
@@ -214,16 +236,46 @@ def parse_manifest(data: Any) -> Manifest:
     return typing.cast(Manifest, _build(Manifest, data, ""))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (a few hundred bytes of nested aliases expand to gigabytes) and without
+    duplicate keys (the later one would silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_quote(key)}",
+                                                        key_node.start_mark)  # fmt: skip
+            seen.add(key)
+        return dict(super().construct_mapping(node, deep=deep))
+
+
+def strict_yaml(text: str) -> Any:
+    """Parse YAML that may come from anyone (manifests, a source's README front matter): no aliases, no duplicate
+    keys. Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def load_manifest(path: str | Path) -> Manifest:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ManifestError(f"{p}: cannot read manifest ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{p}: not a text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ManifestError(f"{p}: invalid YAML{where}") from None
+        problem = getattr(e, "problem", None)
+        raise ManifestError(f"{p}: invalid YAML{where}" + (f": {str(problem)[:200]}" if problem else "")) from None
     return parse_manifest(data)

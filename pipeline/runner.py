@@ -10,9 +10,12 @@ another live process is left to it, and the artifact is built once every shard i
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -21,9 +24,9 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.context import Context, pick_device
-from pipeline.errors import LockedError, PipelineError, StageError
+from pipeline.errors import LockedError, ManifestError, PipelineError, StageError
 from pipeline.faults import maybe_die, maybe_fail
-from pipeline.manifest import Manifest, params_hash
+from pipeline.manifest import Manifest, overlap, params_hash
 from pipeline.state import RunState
 from stages import card, download, finalize, load_check, publish, quantize, upload, verify
 
@@ -38,6 +41,14 @@ def open_run(manifest: Manifest, workdir: Any) -> Context:
     state = RunState(workdir)
     source = download.resolve(manifest, state)
     return Context(manifest, workdir, state, source, pick_device(manifest.quantize.device))
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an unexpected exception; an OSError names its cause (ENOSPC...) and the path it hit."""
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}){where}"[:400]
+    return f"{type(e).__name__}: {e}"[:400]
 
 
 def run_unit(
@@ -57,9 +68,12 @@ def run_unit(
                 result = work()
                 maybe_die(f"{stage}:{unit}:end")
             except Exception as e:
-                msg = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
-                ctx.state.write(stage, unit, {"status": "failed", "fingerprint": fingerprint, "error": msg,
-                                              "seconds": round(time.monotonic() - t0, 3)})  # fmt: skip
+                msg = str(e) if isinstance(e, PipelineError) else describe_error(e)
+                try:
+                    ctx.state.write(stage, unit, {"status": "failed", "fingerprint": fingerprint, "error": msg,
+                                                  "seconds": round(time.monotonic() - t0, 3)})  # fmt: skip
+                except OSError as record_error:  # e.g. the disk is still full: the real cause must not be lost
+                    log.warning("could not record the failure of %s %s: %s", stage, unit, describe_error(record_error))
                 if isinstance(e, PipelineError):
                     raise
                 raise StageError(f"{stage} {unit} failed: {msg}") from e
@@ -129,8 +143,42 @@ def wait_for_shards(ctx: Context, units: list[str], poll_s: float = 1.0) -> None
         units = still
 
 
+def run_identity(m: Manifest) -> dict[str, str]:
+    """What one workdir may hold only one of at a time: the manifest name, its source and its quantize parameters."""
+    q = {k: v for k, v in vars(m.quantize).items() if k != "device"}  # the device never changes bytes
+    return {"name": m.name, "source": params_hash(m.source), "quantize": params_hash(q)}
+
+
+def preflight(ctx: Context) -> None:
+    """Refusals that need no work done: an unwritable workdir, a destination hlwq may not replace, overrides that
+    match no tensor of the source."""
+    try:
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        probe = ctx.workdir / f".hlwq-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"workdir {ctx.workdir} is not writable ({e.strerror})") from None
+    dest = ctx.manifest.destination.path
+    if dest is not None:
+        overlap("destination.path", dest, "the workdir", ctx.workdir)
+    upload.check_destination(ctx.manifest)
+    names = [n for tensors in ctx.source.shards.values() for n in tensors]
+    for pattern in ctx.manifest.quantize.overrides:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            raise ManifestError(f"quantize.overrides[{pattern[:200]!r}]: matches no tensor of the source (a typo?)")
+
+
 def convert(ctx: Context, units: list[str] | None = None, build: bool = True) -> None:
-    """Run the shard stages (for `units`, default all), then, if `build`, the artifact and upload stages."""
+    """Run the shard stages (for `units`, default all), then, if `build`, the artifact and upload stages, while
+    holding the workdir for this manifest."""
+    preflight(ctx)
+    describe = f"manifest {ctx.manifest.name!r}"
+    with ctx.state.claim(run_identity(ctx.manifest), describe):
+        _convert(ctx, units, build)
+
+
+def _convert(ctx: Context, units: list[str] | None, build: bool) -> None:
     todo = units if units is not None else ctx.units
     log.info("convert %s: %d shard(s), source %s@%s, device %s", ctx.manifest.name, len(todo), ctx.source.name,
              ctx.source.revision, ctx.device)  # fmt: skip

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -24,11 +25,19 @@ SINGLE_NAME = "model.safetensors"
 _SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
 _TENSOR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MAX_HEADER = 100 * 1024 * 1024
+# The model files besides the weights that an artifact carries, for local and Hub sources alike (top level only).
+# An allowlist: whatever else sits in a model folder (secrets.env, optimizer state, notes) never leaves it.
+CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "*processor*.json", "chat_template*",
+                 "LICENSE*", "NOTICE*", "USE_POLICY*")  # fmt: skip
+# Never carried even when a name matches: pickles run code when loaded, and code is never trusted.
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".py", ".pyc")
+_CARRIED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -44,18 +53,76 @@ class TensorInfo:
 
 def check_shard_filename(name: str) -> str:
     if not _SHARD_RE.match(name) or ".." in name:
-        raise IntegrityError(f"unsafe shard file name {name!r} (expected a plain *.safetensors name, no path)")
+        raise IntegrityError(f"unsafe shard file name {name[:200]!r} (expected a plain *.safetensors name, no path)")
     return name
 
 
 def check_tensor_name(name: str) -> str:
     if not _TENSOR_RE.match(name) or ".." in name or name.endswith("."):
-        raise IntegrityError(f"unsafe tensor name {name!r} (letters, digits, '_', '.', '-' only, no '..')")
+        raise IntegrityError(f"unsafe tensor name {name[:200]!r} (letters, digits, '_', '.', '-' only, no '..')")
     return name
+
+
+def is_carried(name: str) -> bool:
+    """Whether a top-level source file name is one the artifact carries (see CARRIED_FILES)."""
+    from fnmatch import fnmatchcase
+
+    return (
+        bool(_CARRIED_NAME.match(name))
+        and not name.lower().endswith(REFUSED_SUFFIXES)
+        and any(fnmatchcase(name, g) for g in CARRIED_FILES)
+    )
+
+
+def contained_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` resolved, when it is a regular file inside `folder` (symlinks followed only while they stay
+    inside; a Hugging Face cache snapshot's links into its own `../../blobs/` count as inside); else None."""
+    root = folder.resolve()
+    try:
+        target = (folder / name).resolve(strict=True)
+        regular = stat.S_ISREG(target.stat().st_mode)
+    except (OSError, RuntimeError):  # missing, a dangling or looping link
+        return None
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    inside = target.is_relative_to(root) or (blobs is not None and target.parent == blobs)
+    return target if inside and regular else None
+
+
+def check_regular(path: Path) -> None:
+    """Refuse a FIFO, device or folder where a file is expected: opening a FIFO would block forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise IntegrityError(f"{path.name}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise IntegrityError(f"{path.name}: not a regular file")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _header_entry(file: str, name: str, h: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data offsets) of one header entry, each checked for its JSON type: a wrong type is a corrupt
+    file, named as such, never a Python error."""
+    bad = f"{file}: corrupt header entry for {name}"
+    if not isinstance(h, dict):
+        raise IntegrityError(f"{bad}: not an object")
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise IntegrityError(f"{bad}: dtype must be a string")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise IntegrityError(f"{bad}: shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise IntegrityError(f"{bad}: data_offsets must be two non-negative integers")
+    if offsets[1] < offsets[0]:
+        raise IntegrityError(f"{bad}: data_offsets end before they start")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check a safetensors header against the file size; returns (tensors, metadata)."""
+    check_regular(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -73,16 +140,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise IntegrityError(f"{path.name}: corrupt safetensors header")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise IntegrityError(f"{path.name}: corrupt safetensors header (__metadata__ must map strings to strings)")
     tensors: dict[str, TensorInfo] = {}
     end = 0
     for name, h in header.items():
         check_tensor_name(name)
-        try:
-            dtype, shape, (lo, hi) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{path.name}: corrupt header entry for {name}") from None
+        dtype, shape, (lo, hi) = _header_entry(path.name, name, h)
         if dtype not in DTYPES:
-            raise IntegrityError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+            raise IntegrityError(f"{path.name}: tensor {name} has unsupported dtype {dtype[:40]}")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if hi - lo != nbytes:
             raise IntegrityError(f"{path.name}: tensor {name} size does not match its shape")

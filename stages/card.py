@@ -4,6 +4,7 @@ staging/ from measured results only: the verify report and, when it ran, the loa
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import statistics
@@ -14,13 +15,16 @@ from typing import Any
 import yaml
 
 from pipeline.context import Context
-from pipeline.shards import atomic_open, atomic_write_text
+from pipeline.manifest import strict_yaml
+from pipeline.shards import atomic_open, atomic_write_text, contained_file
 from stages.finalize import REPORT
 
 NAME = "card"
 CHART = "hlwq_cos_sim.png"
 QUALITY_CHART = "hlwq_quality.png"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+MAX_FRONT_MATTER = 64 * 1024  # bytes of the source README read for its front matter
+log = logging.getLogger(__name__)
 
 
 def per_layer_cos(tensors: dict[str, Any]) -> dict[int, tuple[float, float]]:
@@ -56,15 +60,18 @@ def write_chart(path: Path, layers: dict[int, tuple[float, float]], threshold: f
 
 def source_front_matter(ctx: Context) -> dict[str, Any]:
     """The YAML front matter of the source's README.md ({} when there is none or it does not parse)."""
-    readme = ctx.source.folder / "README.md"
-    if not readme.exists():
+    readme = contained_file(ctx.source.folder, "README.md")
+    if readme is None:
         return {}
-    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", readme.read_text(errors="replace"), re.S)
+    with open(readme, "rb") as f:
+        head = f.read(MAX_FRONT_MATTER).decode(errors="replace")
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", head, re.S)
     if not m:
         return {}
     try:
-        data = yaml.safe_load(m.group(1))
+        data = strict_yaml(m.group(1))  # third-party text: no aliases (an alias bomb would become the card)
     except yaml.YAMLError:
+        log.warning("the source README's front matter is not plain YAML (aliases, duplicate keys?): not used")
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -75,16 +82,20 @@ def front_matter(ctx: Context) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if ctx.source.kind == "hub":  # a local folder has no Hub id; a made-up base_model would link nowhere
         meta |= {"base_model": ctx.source.name, "base_model_relation": "quantized"}
-    meta["license"] = str(src.get("license") or "other")
+    meta["license"] = str(src.get("license") or "other")[:200]
     for key in ("license_name", "license_link"):
         if src.get(key):
-            meta[key] = str(src[key])
+            meta[key] = str(src[key])[:200]
     if meta["license"] == "other" and "license_name" not in meta:
         meta["license_name"] = "same-as-source" if src else "unknown"
     meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = str(src.get("pipeline_tag") or "image-text-to-text")
+    meta["pipeline_tag"] = str(src.get("pipeline_tag") or "image-text-to-text")[:200]
     meta["tags"] = ["hlwq", "quantized", f"{ctx.manifest.quantize.bits}-bit"]
     return meta
+
+
+def _fig(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _size(n: float) -> str:
@@ -186,8 +197,8 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
         "|---|---|",
         f"| source tensors | {_size(s['bytes_in'])} |",
         f"| artifact tensors | {_size(s['bytes_out'])} ({s['bytes_out'] / max(s['bytes_in'], 1):.1%} of the source) |",
-        f"| bits per quantized weight (codes + scales + codebooks) | {s['bits_per_weight_quantized']:.3f} |",
-        f"| bits per weight, all tensors (kept ones included) | {s['bits_per_weight_all']:.3f} |",
+        f"| bits per quantized weight (codes + scales + codebooks) | {_fig(s['bits_per_weight_quantized'], '.3f')} |",
+        f"| bits per weight, all tensors (kept ones included) | {_fig(s['bits_per_weight_all'], '.3f')} |",
         f"| quantized / kept tensors | {s['quantized_tensors']} / {s['kept_tensors']} |",
         "",
         "## Weight fidelity (measured by the verify stage)",
@@ -195,19 +206,27 @@ def render(ctx: Context, report: dict[str, Any], load: dict[str, Any] | None,
         "Every quantized tensor was decoded from the files in this repository and compared with its source tensor; "
         f"the build fails when one is under cos-sim {m.verify.min_cos_sim}.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| median cos-sim | {s['median_cos_sim']:.6f} |",
-        f"| min cos-sim | {s['min_cos_sim']:.6f} (`{s['min_cos_sim_tensor']}`) |",
-        f"| median relative MSE | {s['median_rel_mse']:.3e} |",
-        "",
-        "| weight kind | tensors | bits | median cos-sim | min cos-sim |",
-        "|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {n} | {b} | {med:.6f} | {lo:.6f} |" for k, n, b, med, lo in per_kind(report["tensors"])]
+    if s["quantized_tensors"]:
+        lines += [
+            "| metric | value |",
+            "|---|---|",
+            f"| median cos-sim | {s['median_cos_sim']:.6f} |",
+            f"| min cos-sim | {s['min_cos_sim']:.6f} (`{s['min_cos_sim_tensor']}`) |",
+            f"| median relative MSE | {s['median_rel_mse']:.3e} |",
+            "",
+            "| weight kind | tensors | bits | median cos-sim | min cos-sim |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {k} | {n} | {b} | {med:.6f} | {lo:.6f} |" for k, n, b, med, lo in per_kind(report["tensors"])]
+    else:
+        lines.append("No tensor was quantized: every tensor matched `keep_bf16` or was too small.")
+    if (ctx.staging / CHART).exists():
+        lines += [
+            "",
+            f"![per-layer weight cos-sim: median and min over each decoder layer's quantized tensors]({CHART})",
+        ]
     lines += [
-        "",
-        f"![per-layer weight cos-sim: median and min over each decoder layer's quantized tensors]({CHART})",
         "",
         "Weight cos-sim is a check, not the goal: what matters is the output distribution (see `hlwq bench`).",
         "",

@@ -7,17 +7,27 @@ A local folder is read in place (checked against its index, hashed); a Hub repo 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from pipeline.context import Context, SourceInfo
 from pipeline.errors import IntegrityError
 from pipeline.manifest import Manifest
-from pipeline.shards import INDEX_NAME, SINGLE_NAME, check_shard_matches_index, load_index, sha256_file
+from pipeline.shards import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    check_regular,
+    check_shard_matches_index,
+    contained_file,
+    is_carried,
+    load_index,
+    sha256_file,
+)
 from pipeline.state import RunState
 
 NAME = "download"
-_SKIP_FILES = {INDEX_NAME, "README.md", ".gitattributes"}
+log = logging.getLogger(__name__)
 
 
 def resolve(manifest: Manifest, state: RunState) -> SourceInfo:
@@ -30,14 +40,16 @@ def resolve(manifest: Manifest, state: RunState) -> SourceInfo:
     if not folder.is_dir():
         raise IntegrityError(f"source.path {folder} is not a folder")
     shards = load_index(folder)
-    files = {
-        p.name: _file_fingerprint(p)
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(".safetensors")
-        and p.name not in _SKIP_FILES
-    }
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if not is_carried(p.name):
+            continue
+        target = contained_file(folder, p.name)
+        if target is None:
+            log.warning("source file %s is not a regular file inside %s (a link out of it?): not carried", p.name,
+                        folder)  # fmt: skip
+            continue
+        files[p.name] = _file_fingerprint(target)
     index = folder / INDEX_NAME
     ident = index.read_bytes() if index.exists() else _file_fingerprint(folder / SINGLE_NAME).encode()
     revision = "local-" + hashlib.sha256(ident).hexdigest()[:16]
@@ -45,6 +57,7 @@ def resolve(manifest: Manifest, state: RunState) -> SourceInfo:
 
 
 def _file_fingerprint(p: Path) -> str:
+    check_regular(p)
     st = p.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 

@@ -21,7 +21,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar, cast
@@ -37,6 +36,7 @@ from pipeline.shards import (
     check_shard_filename,
     check_shard_matches_index,
     check_tensor_name,
+    is_carried,
     load_index,
     sha256_file,
 )
@@ -48,13 +48,14 @@ logging.getLogger("httpx2").setLevel(logging.WARNING)
 T = TypeVar("T")
 
 PIN_STAGE, PIN_UNIT = "resolve", "source"
-# Model files besides the weights that finalize copies into the artifact (top-level only).
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-               "*processor*.json", "chat_template*", "LICENSE*", "NOTICE*", "USE_POLICY*")  # fmt: skip
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RETRIES = int(os.environ.get("HLWQ_HUB_RETRIES", "6"))
 BACKOFF_S = float(os.environ.get("HLWQ_HUB_BACKOFF_S", "2"))  # first wait; doubles per retry up to MAX_WAIT_S
 MAX_WAIT_S = 300.0
+# Deadlines: every request gets connect and read timeouts (the client's own default is none: a Hub that accepts and
+# never answers would hang the run), and all the retries of one call together stop after DEADLINE_S.
+CONNECT_TIMEOUT_S = float(os.environ.get("HLWQ_HUB_CONNECT_TIMEOUT_S", "10"))
+READ_TIMEOUT_S = float(os.environ.get("HLWQ_HUB_TIMEOUT_S", "60"))
+DEADLINE_S = float(os.environ.get("HLWQ_HUB_DEADLINE_S", "1800"))
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 UPLOAD_GROUP = 4  # files per LFS preupload call: the client uploads a group's objects in parallel
 _TOKEN_RE = re.compile(r"(hf_[A-Za-z0-9]{8,}|api_org_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
@@ -123,21 +124,67 @@ def user_error(e: BaseException, repo: str, revision: str, doing: str) -> Pipeli
         msg = f"the Hub denied access (403) while trying to {doing} {where}: does your token have write access?"
     elif isinstance(e, he.HfHubHTTPError):
         msg = f"{doing} {where}: HTTP {status} from the Hub: {e}"
+    elif isinstance(e, httpx2.TimeoutException):
+        msg = (f"{doing} {where}: the Hub at {endpoint_of(e)} did not answer in time ({type(e).__name__}; "
+               f"timeouts: connect {CONNECT_TIMEOUT_S:g} s, read {READ_TIMEOUT_S:g} s)")  # fmt: skip
     elif isinstance(e, httpx2.TransportError):
-        msg = f"{doing} {where}: cannot reach the Hub ({type(e).__name__}: {e})"
+        msg = f"{doing} {where}: cannot reach the Hub at {endpoint_of(e)} ({type(e).__name__}: {e})"
     else:
         msg = f"{doing} {where}: {type(e).__name__}: {e}"
     return HubError(redact(msg))
 
 
+def _fill_timeouts(request: Any) -> None:
+    """Request hook: a timeout the caller left unset (None) gets ours, so no request can wait forever."""
+    t = dict(request.extensions.get("timeout") or {})
+    limits = {"connect": CONNECT_TIMEOUT_S, "read": READ_TIMEOUT_S, "write": READ_TIMEOUT_S, "pool": READ_TIMEOUT_S}
+    request.extensions = {**request.extensions, "timeout": {k: t.get(k) or v for k, v in limits.items()}}
+
+
+_deadlines_set = False
+
+
+def ensure_deadlines() -> None:
+    """Install the client factory that gives every huggingface_hub request connect and read timeouts (once)."""
+    global _deadlines_set
+    if _deadlines_set:
+        return
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def client() -> httpx2.Client:
+        c = _http.default_client_factory()
+        c.timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        c.event_hooks = {**c.event_hooks, "request": [*c.event_hooks["request"], _fill_timeouts]}
+        return c
+
+    _http.set_client_factory(client)
+    _deadlines_set = True
+
+
+def endpoint_of(e: BaseException) -> str:
+    """scheme://host:port of the request that failed (the configured endpoint when the error does not say)."""
+    try:
+        url = e.request.url  # type: ignore[attr-defined]
+        return f"{url.scheme}://{url.netloc.decode() if isinstance(url.netloc, bytes) else url.netloc}"
+    except Exception:  # no request attached
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+
+
 def with_retries(fn: Callable[[], T], repo: str, revision: str, doing: str) -> T:
-    """Run a client call; retry 5xx/408/429 and dropped connections with backoff (Retry-After wins), bounded."""
+    """Run a client call; retry 5xx/408/429 and dropped connections with backoff (Retry-After wins), bounded in
+    count (RETRIES) and in total time (DEADLINE_S)."""
+    ensure_deadlines()
+    t0 = time.monotonic()
     for attempt in range(RETRIES + 1):
         try:
             return fn()
         except Exception as e:  # classified below; the user sees one line either way
             wait = _retry_wait(e, attempt)
-            if wait is None or attempt == RETRIES:
+            late = wait is not None and time.monotonic() - t0 + wait > DEADLINE_S
+            if wait is None or attempt == RETRIES or late:
                 raise user_error(e, repo, revision, doing) from None
             log.warning("%s %s: %s; retry %d/%d in %.1f s", doing, repo, redact(f"{type(e).__name__}: {e}"),
                         attempt + 1, RETRIES, wait)  # fmt: skip
@@ -163,9 +210,8 @@ def _pin(repo: str, revision: str) -> dict[str, Any]:
 
 
 def _small_files(listing: dict[str, Any]) -> list[str]:
-    return sorted(
-        p for p in listing if _SAFE_NAME.match(p) and p != INDEX_NAME and any(fnmatchcase(p, g) for g in SMALL_FILES)
-    )
+    """The model files besides the weights that the artifact carries: the same allowlist as a local source's."""
+    return sorted(p for p in listing if is_carried(p))
 
 
 def resolve_source(manifest: Manifest, state: RunState) -> SourceInfo:

@@ -58,7 +58,8 @@ def bits_for(manifest: Manifest, info: TensorInfo) -> int | None:
     n = 1
     for d in info.shape:
         n *= d
-    if len(info.shape) < 2 or n < q.min_elements or any(fnmatchcase(info.name, p) for p in q.keep_bf16):
+    # An empty tensor has nothing to quantize, whatever min_elements says.
+    if len(info.shape) < 2 or n == 0 or n < q.min_elements or any(fnmatchcase(info.name, p) for p in q.keep_bf16):
         return None
     if info.dtype not in FLOAT_DTYPES:
         raise IntegrityError(
@@ -96,7 +97,11 @@ def write_shard(manifest: Manifest, infos: dict[str, TensorInfo], read: Callable
             if bits is None:
                 yield name, t
                 continue
-            yield from fmt.quantized_entries(name, quantize(t.to(device), quant_params(manifest, bits)))
+            try:
+                q = quantize(t.to(device), quant_params(manifest, bits))
+            except OverflowError as e:  # a block scale beyond float16: name the tensor and the way out
+                raise IntegrityError(f"tensor {name}: {e}; list it in quantize.keep_bf16 to keep it") from None
+            yield from fmt.quantized_entries(name, q)
             maybe_die(f"quantize:{unit}:mid")  # a kill with a half-written temp file
 
     size, sha = writer.write(out, tensors())
@@ -113,7 +118,8 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
 
         def read(name: str) -> torch.Tensor:
             t = f.get_tensor(name)
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            # FP8 has no isfinite kernel: check it widened (kept tensors are checked too: a NaN norm is corruption).
+            if t.is_floating_point() and not torch.isfinite(t if t.itemsize > 1 else t.float()).all():
                 raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")
             return t
 

@@ -93,7 +93,7 @@ def array_spec(indices: list[int], parallel: int) -> str:
 def _checked(value: str, key: str) -> str:
     # One value per '#SBATCH' line: whitespace or quotes would silently change what sbatch reads.
     if not _SAFE_VALUE.match(value):
-        raise ManifestError(f"{key}: {value!r} must be one word (no spaces or quotes)")
+        raise ManifestError(f"{key}: {value[:200]!r} must be one word (no spaces or quotes)")
     return value
 
 

@@ -6,6 +6,7 @@ Passed-through tensors must be bit-identical to the source. The per-shard report
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from pipeline import format as fmt
 from pipeline.context import Context
 from pipeline.errors import IntegrityError, VerifyError
 from pipeline.manifest import params_hash
-from pipeline.quant import metrics
+from pipeline.quant import dequantize, lloyd_max, metrics
 from pipeline.shards import atomic_write_json
 
 NAME = "verify"
@@ -29,7 +30,7 @@ def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
     return {"inputs": ":".join(inputs), "params": params_hash(ctx.manifest.verify)}
 
 
-def tensor_metrics(ref: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
+def tensor_metrics(ref: torch.Tensor, rec: torch.Tensor) -> dict[str, float | None]:
     rows_cos = metrics.cos_sim_rows(ref, rec)
     figures = {
         "cos_sim": metrics.cos_sim(ref, rec),
@@ -38,7 +39,15 @@ def tensor_metrics(ref: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
         "min_row_cos_sim": float(rows_cos.min()),
     }
     # 10 significant digits: float64 sums differ in the last bits with the thread count, reports should not.
-    return {k: float(f"{v:.10g}") for k, v in figures.items()}
+    # A figure with no finite value (the SQNR of an exactly reproduced all-zero weight) is null: JSON has no Infinity.
+    return {k: float(f"{v:.10g}") if math.isfinite(v) else None for k, v in figures.items()}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality, for every dtype (torch.equal has no FP8 kernel, and calls -0.0 equal to 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def run(ctx: Context, unit: str) -> dict[str, Any]:
@@ -49,11 +58,17 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
         for name in reader.names():
             ref = f.get_tensor(name).to(ctx.device)
             if name in reader.quantized:
-                rec = reader.get(name, ctx.device)
-                tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
+                qt = reader.get_quantized(name, ctx.device)
+                rec = dequantize(qt, reader.layout.sign_bits())
+                bits = qt.bits
+                # The shard header is written before quantizing, so only the report can say which codebooks a fit
+                # replaced (a fit is kept only when it beats the Gaussian levels on the tensor).
+                gauss = lloyd_max.gaussian_codebook(bits, qt.codebook.device)
+                kind = "gaussian" if torch.equal(qt.codebook, gauss) else "fitted"
+                tensors[name] = {"shape": list(ref.shape), "bits": bits, "codebook": kind,
                                  **tensor_metrics(ref, rec)}  # fmt: skip
             else:
-                if not torch.equal(ref, reader.get(name, ctx.device)):
+                if not same_bits(ref, reader.get(name, ctx.device)):
                     raise IntegrityError(f"{unit}: kept tensor {name} differs from the source")
                 tensors[name] = {"shape": list(ref.shape), "bits": None, "dtype": str(ref.dtype).removeprefix("torch.")}
     report = {"unit": unit, "tensors": tensors}

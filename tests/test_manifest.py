@@ -48,6 +48,8 @@ def test_overrides_first_match_wins():
         ({**BASE, "name": "../evil"}, "name:"),
         ({**BASE, "slurm": {"extra": ["#SBATCH --x"]}}, "slurm.extra"),
         ([1, 2], "expected a mapping"),
+        ({**BASE, "name": "a" * 300}, "name: 'aaaa"),
+        ({**BASE, "destination": {"repo": "o/" + "n" * 97}}, "destination.repo"),
     ],
 )
 def test_bad_manifests_name_the_key(data, message):
@@ -62,3 +64,22 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load_manifest(p)
     with pytest.raises(ManifestError, match="cannot read manifest"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+def test_duplicate_keys_and_aliases_are_refused(tmp_path: Path):
+    p = tmp_path / "m.yaml"
+    p.write_text("name: x\nsource: {path: a}\ndestination: {path: b}\nquantize: {bits: 4}\nquantize: {bits: 6}\n")
+    with pytest.raises(ManifestError, match="invalid YAML at line 5: duplicate key 'quantize'"):
+        load_manifest(p)
+    p.write_text(
+        "name: x\nsource: {path: a}\ndestination: {path: b}\nquantize: {keep_bf16: &k ['*norm*'], "
+        "overrides: {}}\nverify: {min_cos_sim: 0.9}\nslurm: {extra: *k}\n"
+    )
+    with pytest.raises(ManifestError, match="aliases"):
+        load_manifest(p)
+
+
+def test_long_values_are_cut_in_messages():
+    with pytest.raises(ManifestError) as e:
+        parse_manifest({**BASE, "name": "é" * 100_000})
+    assert len(str(e.value)) < 400 and "100002 characters" in str(e.value)

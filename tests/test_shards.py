@@ -76,3 +76,68 @@ def test_atomic_write_replaces_whole(tmp_path: Path):
     atomic_write_text(p, "two")
     assert p.read_text() == "two" and [x.name for x in tmp_path.iterdir()] == ["f.txt"]
     assert oct(p.stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "dtype must be a string"),
+        ({"dtype": {"a": 1}, "shape": [2], "data_offsets": [0, 8]}, "dtype must be a string"),
+        ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}, "shape must be a list"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}, "data_offsets must be two"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": 8}, "data_offsets must be two"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "data_offsets end before they start"),
+        ("F32", "not an object"),
+    ],
+)
+def test_wrongly_typed_header_fields_are_named(entry: object, says: str, tmp_path: Path):
+    import struct
+
+    raw = json.dumps({"w": entry}).encode()
+    p = tmp_path / "s.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(IntegrityError, match=f"s.safetensors: corrupt header entry for w: {says}"):
+        read_header(p)
+
+
+def test_metadata_must_map_strings_to_strings(tmp_path: Path):
+    import struct
+
+    raw = json.dumps({"__metadata__": {"hlwq": {"nested": 1}}}).encode()
+    p = tmp_path / "s.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(IntegrityError, match="__metadata__ must map strings to strings"):
+        read_header(p)
+
+
+def test_allowlist_and_containment(tmp_path: Path):
+    import os
+
+    from pipeline.shards import contained_file, is_carried
+
+    assert [n for n in ("config.json", "tokenizer.model", "merges.txt", "LICENSE.txt", "chat_template.jinja",
+                        "secrets.env", "tokenizer.pkl", "optimizer.pt", "pytorch_model.bin", ".env", "README.md",
+                        "tokenizer_fast.py", "../config.json")
+            if is_carried(n)] == ["config.json", "tokenizer.model", "merges.txt", "LICENSE.txt",
+                                  "chat_template.jinja"]  # fmt: skip
+    snap = tmp_path / "models--o--n" / "snapshots" / "abc"
+    blobs = tmp_path / "models--o--n" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "1234").write_text("{}")
+    (snap / "config.json").symlink_to("../../blobs/1234")  # the Hugging Face cache layout: allowed
+    (tmp_path / "secret").write_text("x")
+    (snap / "LICENSE").symlink_to(tmp_path / "secret")
+    os.mkfifo(snap / "NOTICE")
+    assert contained_file(snap, "config.json") == (blobs / "1234").resolve()
+    assert contained_file(snap, "LICENSE") is None and contained_file(snap, "NOTICE") is None
+    assert contained_file(snap, "missing") is None
+
+
+def test_huge_names_are_cut_in_messages():
+    for check in (check_shard_filename, check_tensor_name):
+        with pytest.raises(IntegrityError) as e:
+            check("/" + "x" * 10_000_000)
+        assert len(str(e.value)) < 400

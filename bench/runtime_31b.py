@@ -1,0 +1,214 @@
+"""Gemma-4-31B-shaped model (real text and vision configs, random weights) on one GPU: BF16, torchao INT4 and the
+native HLWQ runtime (5- and 4-bit codes) through the same lean decode loop (static cache, one CUDA graph per step).
+
+Each variant runs in its own process (a clean CUDA context, so peaks are its own): the BF16 model is built on the GPU
+from seed 0, converted in memory, then measured: decode tok/s after a 32-token prompt, prefill tok/s and peak VRAM with
+a 4096-token context (4096-token prompt + 128 new tokens, chunked prefill), and greedy tokens for a cross-check.
+
+    python -m bench.runtime_31b --out bench/results/runtime_31b.json            # all variants, ~5 min on an H200
+    python -m bench.runtime_31b --variant native --bits 5 --tiny                 # one variant, CPU-sized smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.load_check_31b import build_bf16, config_31b
+
+CONTEXT = 4096
+NEW_TOKENS = 128
+VARIANTS = {"bf16": [], "int4": [], "native": ["--bits", "5"], "native_q4": ["--bits", "4"]}
+
+
+class NativeLinear(nn.Module):
+    """Bench-local holder of one quantized weight, run by the native kernels (the runtime's HLWQLinear contract)."""
+
+    def __init__(self, q: Any, signs: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.codes, self.scales, self.codebook, self.signs = q.codes, q.scales, q.codebook.float(), signs
+        self.bits, self.block_size = q.bits, q.block_size
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.bias = bias
+        self.smooth = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pipeline.runtime.kernels import native_linear
+
+        return native_linear(x, self)
+
+
+def to_native(model: nn.Module, bits: int) -> dict[str, Any]:
+    """Quantize every text Linear and the tied output layer in place (GPU); the embedding moves to host RAM."""
+    from pipeline.quant.codec import QuantParams, quantize
+
+    params = QuantParams(bits=bits)
+    device = next(model.parameters()).device
+    signs = 1.0 - 2.0 * torch.tensor(params.sign_bits(), dtype=torch.float32, device=device)
+    t0 = time.perf_counter()
+    n = 0
+    text = model.model.language_model
+    for _, parent in list(text.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q = quantize(child.weight.data, params)
+                setattr(parent, cname, NativeLinear(q, signs, child.bias))
+                n += 1
+                del child
+    emb = text.embed_tokens
+    model.lm_head = NativeLinear(quantize(emb.weight.data, params), signs, None)
+    emb.to("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return {"quantized_linears": n, "convert_s": round(time.perf_counter() - t0, 2), "bits": bits}
+
+
+def to_int4(model: nn.Module) -> dict[str, Any]:
+    """torchao INT4 (tile_packed_to_4d, group 128) on the text Linears; embedding in host RAM, int8 head (the
+    configuration of the 21.61 GB load check)."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    from pipeline.runtime import Int8Head
+
+    t0 = time.perf_counter()
+    cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    quantize_(model.model.language_model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    emb = model.model.language_model.embed_tokens
+    device = next(model.parameters()).device
+    model.lm_head = Int8Head(emb.weight.data, device)
+    emb.to("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return {"convert_s": round(time.perf_counter() - t0, 2)}
+
+
+def measure(model: nn.Module, device: torch.device, tiny: bool, compile_layers: bool = False) -> dict[str, Any]:
+    from pipeline.runtime.decode import LeanDecoder
+
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    context, new = (64, 16) if tiny else (CONTEXT, NEW_TOKENS)
+    fig: dict[str, Any] = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fig["resident_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
+    # Short prompt: the decode speed a chat user sees.
+    lo, hi = (10, vocab - 10) if tiny else (1000, vocab - 1000)
+    short = torch.randint(lo, hi, (1, 32), generator=g)
+    t0 = time.perf_counter()
+    dec = LeanDecoder(model, max_len=32 + new + 8, compile_layers=compile_layers)
+    dec.generate(short, 8)  # capture + warm-up
+    fig["warmup_s"] = round(time.perf_counter() - t0, 1)
+    r = dec.generate(short, new)
+    fig.update(decode_tok_s=round(r.decode_tok_s, 2), graphed=r.graphed, tokens_short=r.tokens[:16])
+    del dec
+    # 4k context: prefill speed, decode speed there and the peak.
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    long = torch.randint(lo, hi, (1, context), generator=g)
+    dec = LeanDecoder(model, max_len=context + new, prefill_chunk=512, compile_layers=compile_layers)
+    r = dec.generate(long, new)
+    fig.update(context_tokens=context, prefill_tok_s=round(context / r.prefill_s, 1),
+               decode_tok_s_at_context=round(r.decode_tok_s, 2), kv_cache_gb=round(r.kv_bytes / 1e9, 3))  # fmt: skip
+    if cuda:
+        fig["peak_vram_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    return fig
+
+
+def profile_step(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """GPU time per kernel of one eager decode step (what a graph replay runs), top entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.runtime.decode import LeanDecoder
+
+    dec = LeanDecoder(model, max_len=200, graph=False)
+    ids = torch.randint(10, 400, (1, 32))
+    dec.generate(ids, 4)
+    acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        dec.generate(ids, 3)
+    rows = []
+    for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:25]:
+        rows.append({"name": evt.key[:90], "calls": evt.count, "total_us": round(evt.device_time_total, 1)})
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+    return {"profile_top": rows}
+
+
+def run_variant(
+    variant: str, bits: int, tiny: bool, prof: bool = False, compile_layers: bool = False
+) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    t0 = time.perf_counter()
+    model = build_bf16(config_31b(tiny), device)
+    if tiny:
+        model = model.float()
+    fig: dict[str, Any] = {"variant": variant, "build_s": round(time.perf_counter() - t0, 2)}
+    if variant == "native":
+        fig.update(to_native(model, bits))
+    elif variant == "int4":
+        fig.update(to_int4(model))
+    if prof:
+        fig.update(profile_step(model, device))
+        return fig
+    fig.update(measure(model, device, tiny, compile_layers), compiled_layers=compile_layers)
+    return fig
+
+
+def versions() -> dict[str, Any]:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    try:
+        import torchao
+
+        out["torchao"] = torchao.__version__
+    except ImportError:
+        out["torchao"] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=["bf16", "int4", "native"])
+    ap.add_argument("--bits", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out")
+    ap.add_argument("--compile", action="store_true", help="compile the decoder layers (regional torch.compile)")
+    ap.add_argument("--profile", action="store_true", help="with --variant: kernel times of one eager decode step")
+    ap.add_argument("--only", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.bits, args.tiny, args.profile, args.compile)), flush=True)
+        return 0
+    result: dict[str, Any] = {"model": "Gemma-4-31B shapes (random BF16 weights, seed 0), real text and vision configs",
+                              "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
+                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                              "decode_loop": "runtime.decode.LeanDecoder: static cache, CUDA graph/step"}  # fmt: skip
+    for name in args.only.split(","):
+        cmd = [sys.executable, "-m", "bench.runtime_31b", "--variant", name.split("_")[0], *VARIANTS[name]]
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--compile"] if args.compile else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        result[name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:400]}  # fmt: skip
+        print(name, json.dumps(result[name]), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Lean greedy decoding: a static KV cache and one CUDA graph per decode step, around the model's own layers.
+
+HF `generate` spends most of a token's time outside the matmuls at batch 1 (Python, mask building, cache bookkeeping,
+a host sync per token). Here the decoder layers of the transformers model are called directly with a cache whose
+buffers never move: full-attention layers write token t at slot t, sliding-window layers at slot t mod W (a ring).
+One decode step — embedding, layers, norm, head, argmax, and feeding the token back — is captured once as a CUDA graph
+and replayed; the host only reads the tokens at the end. Prefill runs the same code eagerly in chunks of <= W tokens.
+On a CPU (tests) the same step runs eagerly, so the code path that makes tokens is the one the GPU replays.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def text_parts(model: Any) -> tuple[Any, Any, Any]:
+    """(decoder stack with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a causal or multimodal LM."""
+    inner: Any = getattr(model, "model", model)
+    text = getattr(inner, "language_model", inner)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(model, "lm_head", head)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if head is None or not hasattr(text, "layers"):
+        raise TypeError(f"{type(model).__name__} has no decoder stack and head that the lean decoder knows")
+    return text, head, cfg
+
+
+class StaticKV:
+    """Fixed KV buffers: [B, H, max_len, D] per full layer, a [B, H, W, D] ring per sliding layer.
+
+    The decoder sets `full_idx` (positions of the tokens being written) and `ring_idx` (their slots) before each
+    forward. A prefill chunk's sliding layers attend over [ring as it was ; the chunk], then the chunk is written.
+    """
+
+    def __init__(self, layer_types: list[str], max_len: int, window: int | None):
+        self.layer_types = layer_types
+        self.max_len = max_len
+        self.window = window
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        # Set by the decoder before every forward (positions being written, and their ring slots).
+        self.full_idx = torch.zeros(0, dtype=torch.long)
+        self.ring_idx = torch.zeros(0, dtype=torch.long)
+
+    def sliding(self, layer_idx: int) -> bool:
+        return self.window is not None and self.layer_types[layer_idx] == "sliding_attention"
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    @torch.compiler.disable  # one compiled layer body serves every layer; the cache write stays eager
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        if layer_idx not in self.keys:
+            length = self.window if self.window is not None and self.sliding(layer_idx) else self.max_len
+            shape = (k.shape[0], k.shape[1], length, k.shape[3])
+            self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[layer_idx] = torch.zeros((*shape[:3], v.shape[3]), dtype=v.dtype, device=v.device)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if not self.sliding(layer_idx):
+            keys.index_copy_(2, self.full_idx, k)
+            values.index_copy_(2, self.full_idx, v)
+            return keys, values
+        if n == 1:
+            keys.index_copy_(2, self.ring_idx, k)
+            values.index_copy_(2, self.ring_idx, v)
+            return keys, values
+        out = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        keys.index_copy_(2, self.ring_idx, k)
+        values.index_copy_(2, self.ring_idx, v)
+        return out
+
+    # transformers' attention code may ask these of a cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    new_tokens: int
+    graphed: bool
+    kv_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class LeanDecoder:
+    """Greedy decoding of one sequence with a static cache; `graph=True` (CUDA only) replays one captured step."""
+
+    def __init__(self, model: nn.Module, max_len: int, graph: bool | None = None, prefill_chunk: int | None = None,
+                 compile_layers: bool = False):  # fmt: skip
+        self.model = model
+        self.text, self.head, self.cfg = text_parts(model)
+        self.device = next(self.text.layers[0].parameters()).device
+        # An embedding kept in host RAM (to save VRAM) is read by a kernel from a pinned copy, inside the graph.
+        emb = self.text.embed_tokens
+        table = getattr(emb, "weight", None)
+        self.host_table: torch.Tensor | None = None
+        self.embed_scale: torch.Tensor | None = None
+        if table is not None and table.device.type == "cpu" and self.device.type == "cuda":
+            from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.gather_pinned)
+
+            self.host_table = table.detach() if table.is_pinned() else table.detach().pin_memory()
+            scale = getattr(emb, "embed_scale", getattr(getattr(emb, "inner", None), "embed_scale", None))
+            self.embed_scale = None if scale is None else scale.to(self.device, table.dtype)
+        n_layers = self.cfg.num_hidden_layers
+        self.layer_types = list(getattr(self.cfg, "layer_types", None) or ["full_attention"] * n_layers)
+        self.window = getattr(self.cfg, "sliding_window", None) if "sliding_attention" in self.layer_types else None
+        self.max_len = max_len
+        self.chunk = min(prefill_chunk or 512, self.window or max_len)
+        self.softcap = getattr(self.cfg, "final_logit_softcapping", None)
+        # Multimodal placeholder ids reach the text stack as the pad token, as in the multimodal model's own forward.
+        special = [getattr(model.config, f"{kind}_token_id", None) for kind in ("image", "video", "audio")]
+        self.special = torch.tensor([t for t in special if t is not None] or [-1], device=self.device)
+        self.pad_id = getattr(self.cfg, "pad_token_id", None) or 0
+        self.graph_enabled = (self.device.type == "cuda") if graph is None else graph
+        self.gemma4_layers = "shared_kv_states" in inspect.signature(self.text.layers[0].forward).parameters
+        if compile_layers:
+            # Regional compilation: the layers share one compiled body (modules are graph inputs), which fuses the
+            # dozens of small elementwise kernels per layer (norms, rope, activation) that dominate a batch-1 step.
+            # The cache write is a graph break and its layer index a guard: allow one entry per layer.
+            dyn = torch._dynamo.config
+            dyn.recompile_limit = max(dyn.recompile_limit, 4 * len(self.text.layers))
+            dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * len(self.text.layers))
+            for layer in self.text.layers:
+                layer.compile(dynamic=False)
+        self.cache = StaticKV(self.layer_types, max_len, self.window)
+        ring = self.window or 1
+        self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)
+        self.key_pos = torch.arange(max_len, device=self.device)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(max_len, dtype=torch.long, device=self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    # -- one forward over `n` tokens at positions pos..pos+n-1 --------------------------------------------------------
+    def _masks(self, q_pos: torch.Tensor, decode: bool) -> dict[str, torch.Tensor]:
+        qp = q_pos.view(-1, 1)
+        masks = {"full_attention": (self.key_pos.view(1, -1) <= qp).view(1, 1, qp.shape[0], -1)}
+        if self.window is not None:
+            if decode:
+                kp = self.slot_pos.view(1, -1)
+            else:
+                kp = torch.cat([self.slot_pos, q_pos]).view(1, -1)
+            ok = (kp >= 0) & (kp <= qp) & (qp - kp < self.window)
+            masks["sliding_attention"] = ok.view(1, 1, qp.shape[0], -1)
+        return masks
+
+    def _forward(self, ids: torch.Tensor, q_pos: torch.Tensor, decode: bool) -> torch.Tensor:
+        text = self.text
+        self.cache.full_idx = q_pos
+        if self.window is not None:
+            self.cache.ring_idx = q_pos % self.window
+            if decode:
+                self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
+        masks = self._masks(q_pos, decode)
+        ids = torch.where(torch.isin(ids, self.special), self.pad_id, ids)
+        if self.host_table is not None:
+            h = torch.ops.hlwq.gather_pinned(self.host_table, ids)
+            h = h * self.embed_scale if self.embed_scale is not None else h
+        else:
+            h = text.embed_tokens(ids)
+        position_ids = q_pos.view(1, -1)
+        rope: dict[str, Any] = {}
+        for lt in set(self.layer_types):
+            try:
+                rope[lt] = text.rotary_emb(h, position_ids, lt)
+            except TypeError:  # single-rope models (Llama-style) take no layer type
+                rope[lt] = text.rotary_emb(h, position_ids)
+        per_layer = None
+        if getattr(text, "hidden_size_per_layer_input", 0):
+            per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
+        shared: dict[str, Any] = {}
+        for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
+            lt = self.layer_types[i]
+            kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
+                                      "position_ids": position_ids, "past_key_values": self.cache}  # fmt: skip
+            if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
+                kwargs["shared_kv_states"] = shared
+                kwargs["per_layer_input"] = per_layer[:, :, i, :] if per_layer is not None else None
+            out = layer(h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        if not decode and self.window is not None:
+            self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.window :], q_pos[-self.window :])
+        h = text.norm(h[:, -1:])
+        logits = self.head(h).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, -1]
+
+    def _decode_body(self) -> None:
+        logits = self._forward(self.ids, self.pos, decode=True)
+        nxt = logits.argmax(-1)
+        self.ids.copy_(nxt.view(1, 1))
+        self.out.index_copy_(0, self.step, nxt)
+        self.pos.add_(1)
+        self.step.add_(1)
+
+    def _capture(self) -> None:
+        saved = (self.ids.clone(), self.pos.clone(), self.step.clone(), self.slot_pos.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._decode_body()  # warm-up: writes the same cache slots the first real step will overwrite
+        torch.cuda.current_stream().wait_stream(side)
+        for buf, old in zip((self.ids, self.pos, self.step, self.slot_pos), saved, strict=True):
+            buf.copy_(old)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_body()
+        self._graph = graph
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> DecodeResult:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError("the lean decoder takes one sequence: input_ids of shape [1, n]")
+        n = input_ids.shape[1]
+        if n + new_tokens > self.max_len:
+            raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache ({self.max_len} tokens)")
+        ids = input_ids.to(self.device)
+        self.slot_pos.fill_(-1)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = None
+        for s in range(0, n, self.chunk):
+            chunk = ids[:, s : s + self.chunk]
+            q_pos = torch.arange(s, s + chunk.shape[1], device=self.device)
+            logits = self._forward(chunk, q_pos, decode=False)
+        assert logits is not None
+        first = logits.argmax(-1)
+        self.out[0] = first[0]
+        self.ids.copy_(first.view(1, 1))
+        self.pos.fill_(n)
+        self.step.fill_(1)
+        self._sync()
+        t1 = time.perf_counter()
+        if self.graph_enabled and self._graph is None and new_tokens > 1:
+            self._capture()
+        self._sync()
+        t2 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._decode_body()
+        self._sync()
+        t3 = time.perf_counter()
+        return DecodeResult(self.out[:new_tokens].tolist(), t1 - t0, t3 - t2, new_tokens, self._graph is not None,
+                            self.cache.nbytes(), {"capture_s": t2 - t1})  # fmt: skip
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

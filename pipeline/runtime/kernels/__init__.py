@@ -1,0 +1,69 @@
+"""Native GPU kernels for HLWQ artifacts: y = W·x computed in the rotated basis straight from the packed codes.
+
+Decode (≤ 4 tokens): rotate x once (128-block signed Hadamard, fp32), then one matvec over the packed codes with the
+levels in shared memory and each block's scale applied once. Longer inputs (prefill): dequantize the weight into the
+rotated basis (bf16, no inverse transform) and let cuBLAS multiply the rotated activations on tensor cores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import RuntimeBackendError
+
+BLOCK = 128
+SUPPORTED_BITS = (4, 5, 6)
+# Launch shape per batch size (rows per CTA, most warps splitting K), chosen by bench/kernel.py on the H200.
+LAUNCH: dict[int, tuple[int, int]] = {1: (8, 8), 2: (8, 8), 3: (8, 4), 4: (8, 4)}
+
+
+def launch_shape(bits: int, n: int) -> tuple[int, int]:
+    return LAUNCH[n]
+
+
+def check_supported(bits: int, block_size: int) -> None:
+    if block_size != BLOCK or bits not in SUPPORTED_BITS:
+        raise RuntimeBackendError(
+            f"the native runtime runs {SUPPORTED_BITS}-bit codes in {BLOCK}-blocks; this tensor has {bits} bits in "
+            f"{block_size}-blocks (use runtime 'reference')"
+        )
+
+
+def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor,
+                signs: torch.Tensor, bits: int, inv_smooth: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [..., in] -> [..., out] in x's dtype; `inv_smooth` (1/s per input column) is applied before the rotation."""
+    from pipeline.runtime.kernels import ops
+
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    padded = scales.shape[1] * BLOCK
+    if padded != k:
+        x2 = F.pad(x2, (0, padded - k))
+        if inv_smooth is not None:
+            inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
+    xr = torch.ops.hlwq.rotate(x2, signs, inv_smooth)
+    if x2.shape[0] <= ops.MAX_GEMV_BATCH:
+        rows, wpc = launch_shape(bits, x2.shape[0])
+        y = torch.ops.hlwq.gemv(xr, codes, scales, codebook, bits, x.dtype, rows, wpc)
+    else:
+        w = torch.ops.hlwq.dequant(codes, scales, codebook, bits)
+        y = (xr.to(torch.bfloat16) @ w.t()).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, codes.shape[0])
+
+
+def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
+    """HLWQLinear.forward for runtime "native" (buffers per the module contract; 1/smooth cached on the module)."""
+    inv = getattr(module, "_hlwq_inv_smooth", None)
+    smooth = getattr(module, "smooth", None)
+    if smooth is not None and (inv is None or inv.device != smooth.device):
+        inv = (1.0 / smooth.float()).contiguous()
+        module._hlwq_inv_smooth = inv
+    return hlwq_linear(x, module.codes, module.scales, module.codebook, module.signs, module.bits, inv,
+                       getattr(module, "bias", None))  # fmt: skip

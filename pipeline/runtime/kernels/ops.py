@@ -1,0 +1,99 @@
+"""The native kernels as torch custom ops (`torch.ops.hlwq.*`), so they run inside torch.compile graphs and CUDA-graph
+captures: each op launches on the current stream through the ctypes library and has a fake (shape-only) kernel.
+
+    rotate(x, signs, inv_smooth)         x [..., K] -> float32 [..., K]: per 128-block H·D·(x / s)
+    gemv(xr, codes, scales, codebook, …) float32 [n, K] (n <= 4) -> [n, R] in out_dtype, straight from packed codes
+    dequant(codes, scales, codebook, …)  -> bfloat16 [R, K], the weight in the rotated basis (for prefill on cuBLAS)
+    gather_pinned(table, ids)            rows of an embedding table kept in pinned host memory, graph-capturable
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+
+from pipeline.errors import RuntimeBackendError
+from pipeline.runtime.kernels.build import library
+
+BLOCK = 128
+MAX_GEMV_BATCH = 4
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeBackendError(f"HLWQ kernel {what} failed with CUDA error {rc}")
+
+
+@custom_op("hlwq::rotate", mutates_args=())
+def rotate(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rc = library().hlwq_rotate(x2.data_ptr(), signs.data_ptr(), _ptr(inv_smooth), out.data_ptr(), x2.numel() // k, k,
+                               _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
+    _check(rc, "rotate")
+    return out
+
+
+@rotate.register_fake
+def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+@custom_op("hlwq::gemv", mutates_args=())
+def gemv(xr: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, bits: int,
+         out_dtype: torch.dtype, rows_per_warp: int = 8, warps_per_cta: int = 8) -> torch.Tensor:  # fmt: skip
+    n, k = xr.shape
+    r = codes.shape[0]
+    y = torch.empty(n, r, dtype=out_dtype, device=xr.device)
+    rc = library().hlwq_gemv(codes.data_ptr(), scales.data_ptr(), codebook.data_ptr(), xr.data_ptr(), y.data_ptr(), n,
+                             r, k, bits, rows_per_warp, warps_per_cta, _DTYPE_CODES[out_dtype], _stream())  # fmt: skip
+    _check(rc, "gemv")
+    return y
+
+
+@gemv.register_fake
+def _(xr: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, bits: int,
+      out_dtype: torch.dtype, rows_per_warp: int = 8, warps_per_cta: int = 8) -> torch.Tensor:  # fmt: skip
+    return torch.empty(xr.shape[0], codes.shape[0], dtype=out_dtype, device=xr.device)
+
+
+@custom_op("hlwq::dequant", mutates_args=())
+def dequant(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    r, n_blocks = scales.shape
+    w = torch.empty(r, n_blocks * BLOCK, dtype=torch.bfloat16, device=codes.device)
+    rc = library().hlwq_dequant(codes.data_ptr(), scales.data_ptr(), codebook.data_ptr(), w.data_ptr(), r,
+                                n_blocks * BLOCK, bits, _stream())  # fmt: skip
+    _check(rc, "dequant")
+    return w
+
+
+@dequant.register_fake
+def _(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    r, n_blocks = scales.shape
+    return torch.empty(r, n_blocks * BLOCK, dtype=torch.bfloat16, device=codes.device)
+
+
+@custom_op("hlwq::gather_pinned", mutates_args=())
+def gather_pinned(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a pinned host table [V, D] for device ids [n] -> device [n, D]: a kernel reads host memory directly."""
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty(flat.numel(), table.shape[1], dtype=table.dtype, device=ids.device)
+    row_bytes = table.shape[1] * table.element_size()
+    _check(library().hlwq_gather_pinned(table.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(), row_bytes,
+                                        _stream()), "gather_pinned")  # fmt: skip
+    return out.view(*ids.shape, table.shape[1])
+
+
+@gather_pinned.register_fake
+def _(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.empty(*ids.shape, table.shape[1], dtype=table.dtype, device=ids.device)

@@ -1,0 +1,32 @@
+"""Native kernels against the reference dequantization (GPU only; skipped on CPU). bench/kernel.py times them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.quant.codec import QuantParams, dequantize, quantize
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+@pytest.mark.parametrize(("rows", "cols"), [(384, 640), (1000, 576), (2048, 5376)])
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_native_linear_matches_reference(bits: int, rows: int, cols: int, n: int) -> None:
+    from pipeline.runtime.kernels import hlwq_linear
+
+    g = torch.Generator(device="cuda").manual_seed(bits * rows + n)
+    w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
+    params = QuantParams(bits=bits)
+    q = quantize(w, params)
+    signs = 1.0 - 2.0 * torch.tensor(params.sign_bits(), dtype=torch.float32, device="cuda")
+    x = torch.randn(n, cols, generator=g, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ dequantize(q, params.sign_bits(), torch.float64).t()
+    y = hlwq_linear(x, q.codes, q.scales, q.codebook, signs, bits)
+    err = float((y.double() - ref).norm() / ref.norm())
+    # batch <= 4: fp32 accumulation, bf16 output rounding (~2e-3); larger batches: bf16 operands on tensor cores.
+    assert torch.isfinite(y).all()
+    assert err < (4e-3 if n <= 4 else 1e-2)
