@@ -61,7 +61,7 @@ def to_int4(model: nn.Module) -> dict[str, Any]:
     configuration of the 21.61 GB load check)."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-    from pipeline.runtime.embedding import Int8Head
+    from pipeline.runtime import Int8Head
 
     t0 = time.perf_counter()
     cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")

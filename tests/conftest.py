@@ -50,14 +50,3 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 def artifact_bytes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
-
-
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_src: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(source BF16 checkpoint, its 5-bit artifact), converted once through the real CLI; the runtime tests load it."""
-    root = tmp_path_factory.mktemp("artifact")
-    manifest = write_manifest(root / "m.yaml", tiny_src, root / "pub", load_check={"enabled": False},
-                              quantize={"bits": 5, "block_size": 128})  # fmt: skip
-    run = run_cli("convert", str(manifest), "--workdir", str(root / "work"))
-    assert run.returncode == 0, run.stderr[-2000:]
-    return tiny_src, root / "work" / "artifact"

@@ -6,7 +6,8 @@
 Rooms: skeleton (config -> meta-device model, shard streaming), backends/ (what a quantized tensor becomes:
 dequantize, int4, native), linear (HLWQLinear), hf_quantizer (the transformers `from_pretrained` integration;
 `import hlwq` registers it), embedding (host-RAM embedding, int8 head), probes / measure / check (load_check
-figures), loading (load and its two historical shorthands). The GPU kernels live in kernels/ (imported lazily).
+figures), loading (load and its two historical shorthands). What runs them: kernels/ (the GPU kernels, imported
+lazily), decode (lean decode loop), kv_cache, engine (chat).
 """
 
 from pipeline.runtime.backends import int4_config, int4_eligible, to_int4

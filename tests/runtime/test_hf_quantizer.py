@@ -25,6 +25,12 @@ PROMPT = torch.tensor([[2, 10, 11, 12, 13, 40, 41]])
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_src: Path, tiny_artifact: Path) -> tuple[Path, Path]:
+    """(source BF16 checkpoint, its 5-bit artifact): the session's tiny pair (tests/conftest.py)."""
+    return tiny_src, tiny_artifact
+
+
 def _from_pretrained(path: Path | str, **kw: Any) -> Any:
     from transformers import AutoModelForImageTextToText
 
@@ -37,16 +43,14 @@ def _logits(model: Any) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def dequantized(tiny_artifact: tuple[Path, Path]) -> Any:
-    return runtime.load_dequantized(tiny_artifact[1])
+def dequantized(tiny: tuple[Path, Path]) -> Any:
+    return runtime.load_dequantized(tiny[1])
 
 
-def test_reference_runtime_is_bit_identical_to_load_dequantized(
-    tiny_artifact: tuple[Path, Path], dequantized: Any
-) -> None:
+def test_reference_runtime_is_bit_identical_to_load_dequantized(tiny: tuple[Path, Path], dequantized: Any) -> None:
     """HLWQLinear's reference forward dequantizes with the codec function load_dequantized uses, into the same
     dtype, then F.linear: the logits are equal bit for bit (no tolerance needed)."""
-    model = _from_pretrained(tiny_artifact[1], device_map="cpu")
+    model = _from_pretrained(tiny[1], device_map="cpu")
     layers = [m for m in model.modules() if isinstance(m, runtime.HLWQLinear)]
     assert len(layers) == dequantized._hlwq_counts["quantized"]
     assert {m.runtime for m in layers} == {"reference"}  # "auto" without CUDA
@@ -58,46 +62,42 @@ def test_reference_runtime_is_bit_identical_to_load_dequantized(
 
 
 @pytest.mark.parametrize("rt", ["dequantize", "int4"])
-def test_other_runtimes_match_our_loader(tiny_artifact: tuple[Path, Path], rt: str) -> None:
-    model = _from_pretrained(tiny_artifact[1], device_map="cpu", quantization_config=hlwq.HlwqConfig(runtime=rt))
+def test_other_runtimes_match_our_loader(tiny: tuple[Path, Path], rt: str) -> None:
+    model = _from_pretrained(tiny[1], device_map="cpu", quantization_config=hlwq.HlwqConfig(runtime=rt))
     assert not any(isinstance(m, runtime.HLWQLinear) for m in model.modules())
-    assert torch.equal(_logits(model), _logits(runtime.load(tiny_artifact[1], rt)))
+    assert torch.equal(_logits(model), _logits(runtime.load(tiny[1], rt)))
 
 
-def test_generate_text_and_image(tiny_artifact: tuple[Path, Path], dequantized: Any) -> None:
-    model = _from_pretrained(tiny_artifact[1], device_map="cpu")
+def test_generate_text_and_image(tiny: tuple[Path, Path], dequantized: Any) -> None:
+    model = _from_pretrained(tiny[1], device_map="cpu")
     with torch.inference_mode():
         kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
         assert torch.equal(model.generate(input_ids=PROMPT, **kw), dequantized.generate(input_ids=PROMPT, **kw))
-    answer = runtime.image_answer(model, tiny_artifact[1], new_tokens=3)
+    answer = runtime.image_answer(model, tiny[1], new_tokens=3)
     assert len(answer["ids"]) == 3 and answer["prompt_tokens"] > 70
-    assert answer == runtime.image_answer(dequantized, tiny_artifact[1], new_tokens=3)
+    assert answer == runtime.image_answer(dequantized, tiny[1], new_tokens=3)
 
 
-def test_host_embedding_through_from_pretrained(tiny_artifact: tuple[Path, Path]) -> None:
+def test_host_embedding_through_from_pretrained(tiny: tuple[Path, Path]) -> None:
     config = hlwq.HlwqConfig(runtime="int4", host_embedding=True)
-    model = _from_pretrained(tiny_artifact[1], device_map="cpu", quantization_config=config)
+    model = _from_pretrained(tiny[1], device_map="cpu", quantization_config=config)
     assert isinstance(model.get_input_embeddings(), runtime.HostEmbedding)
     assert isinstance(model.lm_head, runtime.Int8Head)
-    ours = runtime.load(tiny_artifact[1], "int4", host_embedding=True)
+    ours = runtime.load(tiny[1], "int4", host_embedding=True)
     assert torch.equal(_logits(model), _logits(ours))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for hosts without CUDA")
-def test_native_without_cuda_falls_back_to_reference(
-    tiny_artifact: tuple[Path, Path], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_native_without_cuda_falls_back_to_reference(tiny: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
-        model = _from_pretrained(
-            tiny_artifact[1], device_map="cpu", quantization_config=hlwq.HlwqConfig(runtime="native")
-        )
+        model = _from_pretrained(tiny[1], device_map="cpu", quantization_config=hlwq.HlwqConfig(runtime="native"))
     assert {m.runtime for m in model.modules() if isinstance(m, runtime.HLWQLinear)} == {"reference"}
     assert caplog.text.count("runtime 'native' needs a CUDA device") == 1
 
 
-def test_quantizing_a_float_model_is_refused(tiny_artifact: tuple[Path, Path]) -> None:
+def test_quantizing_a_float_model_is_refused(tiny: tuple[Path, Path]) -> None:
     with pytest.raises(ValueError, match="pre-quantized"):
-        _from_pretrained(tiny_artifact[0], quantization_config=hlwq.HlwqConfig())
+        _from_pretrained(tiny[0], quantization_config=hlwq.HlwqConfig())
 
 
 # ---------------------------------------------------------------------------------------------- corrupted artifacts
@@ -162,10 +162,10 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
-def test_corrupted_artifact_is_one_format_error(tiny_artifact: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+def test_corrupted_artifact_is_one_format_error(tiny: tuple[Path, Path], tmp_path: Path, case: str) -> None:
     corrupt, message = CORRUPTIONS[case]
     art = tmp_path / "art"
-    shutil.copytree(tiny_artifact[1], art)
+    shutil.copytree(tiny[1], art)
     corrupt(art)
     with pytest.raises(FormatError, match=message):
         _from_pretrained(art, device_map="cpu")
@@ -174,13 +174,13 @@ def test_corrupted_artifact_is_one_format_error(tiny_artifact: tuple[Path, Path]
 # ---------------------------------------------------------------------------------------------- the trap
 
 
-def test_without_the_import_transformers_only_warns(tiny_artifact: tuple[Path, Path]) -> None:
+def test_without_the_import_transformers_only_warns(tiny: tuple[Path, Path]) -> None:
     """Why every snippet of ours starts with `import hlwq`: transformers 5 skips an unknown quant_method with a
     warning and initializes the quantized Linears at random. If this ever starts to raise, the trap is gone."""
     code = (
         "import sys, torch\n"
         "from transformers import AutoModelForImageTextToText\n"
-        f"m = AutoModelForImageTextToText.from_pretrained({str(tiny_artifact[1])!r})\n"
+        f"m = AutoModelForImageTextToText.from_pretrained({str(tiny[1])!r})\n"
         "print('HLWQ_REGISTERED', 'hlwq' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -192,10 +192,10 @@ def test_without_the_import_transformers_only_warns(tiny_artifact: tuple[Path, P
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rt", ["dequantize", "int4", "reference"])
-def test_from_pretrained_on_gpu_matches_our_loader(tiny_artifact: tuple[Path, Path], rt: str) -> None:
+def test_from_pretrained_on_gpu_matches_our_loader(tiny: tuple[Path, Path], rt: str) -> None:
     """device_map="cuda": the quantized entries are dequantized (or kept as codes) on the GPU, as our loader does."""
-    model = _from_pretrained(tiny_artifact[1], device_map="cuda", quantization_config=hlwq.HlwqConfig(runtime=rt))
-    ours = runtime.load(tiny_artifact[1], rt, "cuda")
+    model = _from_pretrained(tiny[1], device_map="cuda", quantization_config=hlwq.HlwqConfig(runtime=rt))
+    ours = runtime.load(tiny[1], rt, "cuda")
     with torch.inference_mode():
         ids = PROMPT.to("cuda")
         assert torch.equal(model(input_ids=ids).logits, ours(input_ids=ids).logits)

@@ -19,6 +19,12 @@ NEW_TOKENS = 12
 PROMPT = torch.tensor([[2, 10, 11, 12, 13, 40, 41]])
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_src: Path, tiny_artifact: Path) -> tuple[Path, Path]:
+    """(source BF16 checkpoint, its 5-bit artifact): the session's tiny pair (tests/conftest.py)."""
+    return tiny_src, tiny_artifact
+
+
 def _reference(src: Path, artifact: Path) -> torch.nn.Module:
     """The source model with every weight replaced by ShardReader.get (the format's reference dequantization)."""
     from transformers import Gemma4ForConditionalGeneration
@@ -38,8 +44,8 @@ def _greedy(model: torch.nn.Module) -> torch.Tensor:
         return model.generate(input_ids=PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def test_dequantized_matches_reference(tiny_artifact: tuple[Path, Path]) -> None:
-    src, artifact = tiny_artifact
+def test_dequantized_matches_reference(tiny: tuple[Path, Path]) -> None:
+    src, artifact = tiny
     model = runtime.load_dequantized(artifact)
     ref = _reference(src, artifact)
     # Same weights bit for bit, tied head included, then the same greedy tokens and logits.
@@ -59,11 +65,11 @@ def test_dequantized_matches_reference(tiny_artifact: tuple[Path, Path]) -> None
         assert not torch.equal(model(input_ids=PROMPT).logits, orig(input_ids=PROMPT).logits)
 
 
-def test_int4_streams_like_quantizing_the_dequantized_model(tiny_artifact: tuple[Path, Path]) -> None:
+def test_int4_streams_like_quantizing_the_dequantized_model(tiny: tuple[Path, Path]) -> None:
     """load_int4 (CPU: IntxWeightOnlyConfig int4, group 128) equals quantize_ applied to the reference model."""
     from torchao.quantization import quantize_
 
-    src, artifact = tiny_artifact
+    src, artifact = tiny
     model = runtime.load_int4(artifact, "cpu")
     counts = model._hlwq_counts
     assert counts["int4"] > 0 and counts["quantized"] > counts["int4"]  # 320-wide inputs stay BF16
@@ -74,10 +80,10 @@ def test_int4_streams_like_quantizing_the_dequantized_model(tiny_artifact: tuple
         assert torch.equal(model(input_ids=PROMPT).logits, ref(input_ids=PROMPT).logits)
 
 
-def test_reference_runtime_keeps_codes_and_matches_dequantized(tiny_artifact: tuple[Path, Path]) -> None:
+def test_reference_runtime_keeps_codes_and_matches_dequantized(tiny: tuple[Path, Path]) -> None:
     """runtime "reference": every quantized Linear is an HLWQLinear holding the stored bytes; since its forward
     dequantizes with the same codec function into the same dtype, logits equal the dequantized model's bit for bit."""
-    _, artifact = tiny_artifact
+    _, artifact = tiny
     model = runtime.load(artifact, "reference")
     deq = runtime.load_dequantized(artifact)
     hl = [m for m in model.modules() if isinstance(m, runtime.HLWQLinear)]
@@ -87,9 +93,9 @@ def test_reference_runtime_keeps_codes_and_matches_dequantized(tiny_artifact: tu
         assert torch.equal(model(input_ids=PROMPT).logits, deq(input_ids=PROMPT).logits)
 
 
-def test_host_embedding_unties_to_host_and_int8_head(tiny_artifact: tuple[Path, Path]) -> None:
+def test_host_embedding_unties_to_host_and_int8_head(tiny: tuple[Path, Path]) -> None:
     """host_embed moves the embedding to host RAM and makes the output layer int8; logits barely move."""
-    _, artifact = tiny_artifact
+    _, artifact = tiny
     base = runtime.load_int4(artifact, "cpu")
     model = runtime.load_int4(artifact, "cpu", host_embed=True)
     assert isinstance(model.get_input_embeddings(), runtime.HostEmbedding)
@@ -102,8 +108,8 @@ def test_host_embedding_unties_to_host_and_int8_head(tiny_artifact: tuple[Path, 
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_context_fill_and_image_prompt(tiny_artifact: tuple[Path, Path]) -> None:
-    _, artifact = tiny_artifact
+def test_context_fill_and_image_prompt(tiny: tuple[Path, Path]) -> None:
+    _, artifact = tiny
     model = runtime.load_dequantized(artifact)
     ctx = runtime.fill_context(model, 160, new_tokens=8, chunk=64)
     assert ctx["context_tokens"] == 160
@@ -125,8 +131,8 @@ def test_context_fill_and_image_prompt(tiny_artifact: tuple[Path, Path]) -> None
     assert runtime.TEST_IMAGE.stat().st_size < 20_000
 
 
-def test_unknown_quant_method_and_missing_weights(tiny_artifact: tuple[Path, Path], tmp_path: Path) -> None:
-    _, artifact = tiny_artifact
+def test_unknown_quant_method_and_missing_weights(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    _, artifact = tiny
     bad = tmp_path / "bad"
     shutil.copytree(artifact, bad)
     cfg = json.loads((bad / "config.json").read_text())
@@ -146,7 +152,7 @@ def test_unknown_quant_method_and_missing_weights(tiny_artifact: tuple[Path, Pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_load_check_on_gpu(tiny_artifact: tuple[Path, Path]) -> None:
-    _, artifact = tiny_artifact
+def test_load_check_on_gpu(tiny: tuple[Path, Path]) -> None:
+    _, artifact = tiny
     fig = runtime.load_check(artifact, "int4", context_tokens=256, compiled=False)
     assert fig["peak_vram_gb"] >= fig["resident_gb"] > 0 and fig["decode_tok_s_eager"] > 0

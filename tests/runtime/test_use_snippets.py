@@ -22,6 +22,12 @@ CHECK = (
 )
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_src: Path, tiny_artifact: Path) -> tuple[Path, Path]:
+    """(source BF16 checkpoint, its 5-bit artifact): the session's tiny pair (tests/conftest.py)."""
+    return tiny_src, tiny_artifact
+
+
 def _first_python_block(markdown: str, heading: str) -> str:
     section = markdown.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)[0]
@@ -40,8 +46,8 @@ def _card_snippet(artifact: Path) -> str:
 
 
 @pytest.mark.parametrize("source", [_readme_snippet, _card_snippet], ids=["readme", "card"])
-def test_use_snippet_loads_the_model(tiny_artifact: tuple[Path, Path], source: object) -> None:
-    artifact = tiny_artifact[1]
+def test_use_snippet_loads_the_model(tiny: tuple[Path, Path], source: object) -> None:
+    artifact = tiny[1]
     code = source(artifact)  # type: ignore[operator]
     assert code.startswith("import hlwq")
     proc = subprocess.run([sys.executable, "-c", code + CHECK.format(path=str(artifact))], capture_output=True,
