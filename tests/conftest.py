@@ -30,9 +30,13 @@ def tiny_copy(tiny_src: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact_dir(tiny_artifact: tuple[Path, Path]) -> Path:
-    """The tiny artifact folder alone (converted once, below): to load, chat with, serve."""
-    return tiny_artifact[1]
+def tiny_artifact(tiny_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint converted once (5-bit, no load check): an artifact folder to load, chat with, serve."""
+    root = tmp_path_factory.mktemp("tiny-artifact")
+    manifest = write_manifest(root / "m.yaml", tiny_src, root / "pub", load_check={"enabled": False})
+    r = run_cli("convert", str(manifest), "--workdir", str(root / "work"))
+    assert r.returncode == 0, r.stderr
+    return root / "work" / "artifact"
 
 
 def write_manifest(path: Path, src: Path, dest: Path, **sections: object) -> Path:

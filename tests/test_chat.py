@@ -25,8 +25,8 @@ CLI = [sys.executable, "-m", "pipeline.cli", "chat"]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_artifact_dir: Path) -> Engine:
-    return Engine.open(tiny_artifact_dir, "cpu")
+def engine(tiny_artifact: Path) -> Engine:
+    return Engine.open(tiny_artifact, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +176,11 @@ def test_kv_bits_are_applied_or_the_ui_says_why(engine: Engine) -> None:
     assert kv_support(None) is None
 
 
-def test_card_figures_come_from_the_artifact(engine: Engine, tiny_artifact_dir: Path) -> None:
+def test_card_figures_come_from_the_artifact(engine: Engine, tiny_artifact: Path) -> None:
     import json
 
     card = dict(engine.card())
-    summary = json.loads((tiny_artifact_dir / "hlwq_report.json").read_text())["summary"]
+    summary = json.loads((tiny_artifact / "hlwq_report.json").read_text())["summary"]
     assert card["bits per quantized weight"] == f"{summary['bits_per_weight_quantized']:.3f}"
     assert card["median weight cos-sim"] == f"{summary['median_cos_sim']:.6f}"
     assert card["weight bits"] == "5" and card["output KL vs BF16"].startswith("not benched")
@@ -255,8 +255,8 @@ class Terminal:
             self.exited = True
 
 
-def test_terminal_chat_in_a_pty(tiny_artifact_dir: Path) -> None:
-    term = Terminal([*CLI, str(tiny_artifact_dir), "--max-new-tokens", "8"], _env())
+def test_terminal_chat_in_a_pty(tiny_artifact: Path) -> None:
+    term = Terminal([*CLI, str(tiny_artifact), "--max-new-tokens", "8"], _env())
     try:
         term.expect(r"hlwq chat: .*5-bit weights")
         term.expect("you> ")
@@ -304,9 +304,9 @@ def test_terminal_chat_in_a_pty(tiny_artifact_dir: Path) -> None:
     assert "Traceback" not in term.transcript
 
 
-def test_piped_chat_reads_one_prompt_per_line(tiny_artifact_dir: Path) -> None:
+def test_piped_chat_reads_one_prompt_per_line(tiny_artifact: Path) -> None:
     lines = ["hello there", f"/image {TEST_IMAGE}", "hello there", "", "/reset", "hello there"]
-    r = subprocess.run([*CLI, str(tiny_artifact_dir), "--max-new-tokens", "6"], input="\n".join(lines) + "\n",
+    r = subprocess.run([*CLI, str(tiny_artifact), "--max-new-tokens", "6"], input="\n".join(lines) + "\n",
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     answers = r.stdout.splitlines()
@@ -315,9 +315,9 @@ def test_piped_chat_reads_one_prompt_per_line(tiny_artifact_dir: Path) -> None:
     assert len(re.findall(r"^\[6 tokens in .* tok/s decode .*\]$", r.stderr, re.M)) == 3
 
 
-def test_piped_chat_goes_on_after_a_refused_line(tiny_artifact_dir: Path) -> None:
+def test_piped_chat_goes_on_after_a_refused_line(tiny_artifact: Path) -> None:
     lines = ["/image /no/such/picture.png", "/frobnicate", "hello there"]
-    r = subprocess.run([*CLI, str(tiny_artifact_dir), "--max-new-tokens", "4"], input="\n".join(lines) + "\n",
+    r = subprocess.run([*CLI, str(tiny_artifact), "--max-new-tokens", "4"], input="\n".join(lines) + "\n",
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)  # fmt: skip
     assert r.returncode == 1  # refused lines make a script's run fail, after every line was handled
     assert re.fullmatch(r"w\d+( w\d+){3}\n", r.stdout)
@@ -336,8 +336,8 @@ def test_piped_chat_goes_on_after_a_refused_line(tiny_artifact_dir: Path) -> Non
         (["{art}", "--kv-bits", "12"], "hlwq: error: KV-cache bits must be 1..8"),
     ],
 )
-def test_chat_refuses_bad_arguments_in_one_line(tiny_artifact_dir: Path, args: list[str], message: str) -> None:
-    argv = [a.format(art=tiny_artifact_dir) for a in args]
+def test_chat_refuses_bad_arguments_in_one_line(tiny_artifact: Path, args: list[str], message: str) -> None:
+    argv = [a.format(art=tiny_artifact) for a in args]
     r = subprocess.run([*CLI, *argv], input="", capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("hlwq:")]

@@ -173,19 +173,19 @@ def _page_hosts(browser: Any) -> set[str]:
     return hosts
 
 
-def test_demo_streams_an_answer_to_text_and_image(tiny_artifact_dir: Path, browser: Any, tmp_path: Path,
+def test_demo_streams_an_answer_to_text_and_image(tiny_artifact: Path, browser: Any, tmp_path: Path,
                                                   huge_image: Path) -> None:  # fmt: skip
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    with demo_server(tiny_artifact_dir, tmp_path) as url:
+    with demo_server(tiny_artifact, tmp_path) as url:
         port = int(urlsplit(url).port or 0)
         assert set(_listeners(port)) == {"0100007F"}  # 127.0.0.1 only (no 0.0.0.0, no IPv6 wildcard)
         browser.get(url)
         _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#prompt textarea"), what="the chat box")
 
         # The card panel states the artifact's own figures.
-        summary = json.loads((tiny_artifact_dir / "hlwq_report.json").read_text())["summary"]
+        summary = json.loads((tiny_artifact / "hlwq_report.json").read_text())["summary"]
         card = _text(browser, "#card")
         assert "bits per quantized weight" in card and f"{summary['bits_per_weight_quantized']:.3f}" in card
         assert f"{summary['median_cos_sim']:.6f}" in card and "reference (dequantized at load) on cpu" in card

@@ -13,11 +13,12 @@ from torch import nn
 from pipeline.errors import FormatError
 from pipeline.runtime import skeleton
 from pipeline.runtime.backends import DequantizeBackend, Int4Backend, NativeBackend, int4_config
+from pipeline.runtime.backends.int4_rotated import Int4RotatedBackend
 from pipeline.runtime.backends.native import module_runtime
 from pipeline.runtime.embedding import host_embedding as untie_to_host
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "reference", "native", "int4", "dequantize")
+RUNTIMES = ("auto", "reference", "native", "int4", "int4-rotated", "dequantize")
 ALIASES = {"bf16": "dequantize"}  # the manifest's load_check.runtime name for dequantized BF16
 
 
@@ -35,7 +36,8 @@ def load(path_or_repo: str | Path, runtime: str = "auto", device: str | torch.de
 
     runtime: "reference" / "native" (HLWQLinear modules holding the codes; native = the GPU kernels, on another
     device it falls back to reference with a log line), "auto" (native on CUDA where the kernels are installed,
-    else reference), "int4" (torchao INT4), "dequantize" (plain Linears with the reference-dequantized weights).
+    else reference), "int4" (torchao INT4 of the dequantized weight), "int4-rotated" (torchao INT4 of the weight in
+    the rotated basis, activations rotated online), "dequantize" (plain Linears, reference-dequantized weights).
     host_embedding: the token embedding in host RAM and an int8 output layer (see embedding.py).
     """
     runtime = ALIASES.get(runtime, runtime)
@@ -48,6 +50,8 @@ def load(path_or_repo: str | Path, runtime: str = "auto", device: str | torch.de
         backend = DequantizeBackend()
     elif runtime == "int4":
         backend = Int4Backend(ao_config if ao_config is not None else int4_config(dev))
+    elif runtime == "int4-rotated":
+        backend = Int4RotatedBackend(ao_config if ao_config is not None else int4_config(dev))
     else:
         backend = NativeBackend(module_runtime(runtime, dev))
     config, _ = skeleton.read_config(folder)

@@ -156,3 +156,36 @@ def test_load_check_on_gpu(tiny: tuple[Path, Path]) -> None:
     _, artifact = tiny
     fig = runtime.load_check(artifact, "int4", context_tokens=256, compiled=False)
     assert fig["peak_vram_gb"] >= fig["resident_gb"] > 0 and fig["decode_tok_s_eager"] > 0
+
+
+
+def test_int4_rotated_loads_every_quantized_linear(tiny: tuple[Path, Path]) -> None:
+    """int4-rotated takes every quantized Linear (the rotation pads 320-wide inputs to whole 128-blocks, so none
+    stays BF16) and generates finite logits near the reference's."""
+    src, artifact = tiny
+    model = runtime.load(artifact, "int4-rotated", "cpu")
+    counts = model._hlwq_counts
+    assert counts["int4-rotated"] == counts["quantized"] and counts.get("int4", 0) == 0
+    with torch.inference_mode():
+        ref = _reference(src, artifact)(input_ids=PROMPT).logits.float()
+        got = model(input_ids=PROMPT).logits.float()
+    assert torch.isfinite(got).all()
+    assert float((got - ref).norm() / ref.norm()) < 1.0
+
+
+def test_rotated_basis_is_the_same_linear_map() -> None:
+    """Without the INT4 step, W_rot · rotate(x / s) equals the reference dequantization's W · x (smoothing too)."""
+    from pipeline.quant import QuantParams, dequantize, quantize
+    from pipeline.quant.hadamard import sign_vector
+    from pipeline.runtime.backends.int4_rotated import RotatedInt4Linear, rotated_weight
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 200), torch.randn(3, 200)
+    smooth = torch.rand(200) + 0.5
+    params = QuantParams(bits=5)
+    q = quantize(w * smooth, params)
+    inner = torch.nn.Linear(256, 48, bias=False)
+    inner.weight.data = rotated_weight(q)
+    layer = RotatedInt4Linear(inner, 200, sign_vector(params.sign_bits(), 128), smooth)
+    ref = x @ (dequantize(q, params.sign_bits(), torch.float32) / smooth).t()
+    assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)

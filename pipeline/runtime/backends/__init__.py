@@ -2,6 +2,7 @@
 
 dequantize  reference-dequantized weights in the model's dtype (any device; plain nn.Linear)
 int4        dequantized on the device, then torchao INT4 at once (GPU memory proof; CPU kernels for tests)
+int4-rotated  torchao INT4 of the weight in the rotated basis; the activation is rotated online
 native      HLWQLinear modules holding the codes; runtime "reference" (CPU, exact) or "native" (the GPU kernels)
 """
 
