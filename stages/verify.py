@@ -52,6 +52,8 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
                 rec = reader.get(name, ctx.device)
                 tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
                                  **tensor_metrics(ref, rec)}  # fmt: skip
+                if reader.quantized[name].get("smooth"):
+                    tensors[name]["smooth"] = True
             else:
                 if not torch.equal(ref, reader.get(name, ctx.device)):
                     raise IntegrityError(f"{unit}: kept tensor {name} differs from the source")
