@@ -340,7 +340,8 @@ class StatsCache:
             path = self.cache / f"stats-{self.folder.name}-{key}.safetensors"
             if not path.exists():
                 t0 = time.monotonic()
-                st = stats.collect(self.folder, load_index(self.folder), lambda n, _s: n in self.names, cfg,
+                src = stats.ShardSource(self.folder, load_index(self.folder))
+                st = stats.collect(stats.load_config(self.folder), src, lambda n, _s: n in self.names, cfg,
                                    torch.device("cpu"))  # fmt: skip
                 stats.save(st, path)
                 log.info("stats pass (%d x %d tokens): %.1f s", cfg.sequences, cfg.length, time.monotonic() - t0)

@@ -3,6 +3,7 @@ the source's tokenizer/processor files, and hlwq_report.json merged from the per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +49,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "format_version": fmt.version_for(any(t.get("smooth") for t in q.values())),
         "hlwq_version": __version__,
         "source": {"kind": ctx.source.kind, "name": ctx.source.name, "revision": ctx.source.revision},
-        "quantize": {k: v for k, v in vars(ctx.manifest.quantize).items() if k != "device"},
+        "quantize": {k: v for k, v in dataclasses.asdict(ctx.manifest.quantize).items() if k != "device"},
         "summary": {
             "quantized_tensors": len(q),
             "kept_tensors": len(tensors) - len(q),

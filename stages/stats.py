@@ -86,26 +86,30 @@ def random_ids(config: Any, sequences: int, length: int, seed: int) -> torch.Ten
     return ids
 
 
-def build_decoder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The text decoder (AutoModel of the text config) with its parameters on meta, and the full config."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel
+def load_config(folder: Path) -> Any:
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(folder))  # never trust_remote_code
+        return AutoConfig.from_pretrained(str(folder))  # never trust_remote_code
     except (OSError, ValueError) as e:
         raise IntegrityError(f"stats: cannot read the source config.json ({e})") from None
-    text = _text_config(config)
+
+
+def build_decoder(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The text decoder (AutoModel of the text config) with its parameters on meta; buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # buffers computed at construction (rotary frequencies) in the compute dtype
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModel.from_config(text)
+            model = AutoModel.from_config(_text_config(config))
     finally:
         torch.set_default_dtype(old)
     if not isinstance(getattr(model, "layers", None), nn.ModuleList):
         raise IntegrityError(f"stats: {type(model).__name__} has no decoder layer list ('layers')")
-    return model.eval(), config
+    return model.eval()
 
 
 def checkpoint_prefix(model: nn.Module, names: set[str]) -> str:
@@ -186,12 +190,17 @@ def _first(obj: Any, full: int, k: int) -> Any:
     return obj
 
 
-def collect(folder: Path, shard_map: dict[str, list[str]], quantized: Callable[[str, tuple[int, ...]], bool],
-            cfg: Smooth, device: torch.device, block_size: int = 128) -> Stats:  # fmt: skip
+class Source(typing.Protocol):
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def collect(config: Any, src: Source, quantized: Callable[[str, tuple[int, ...]], bool], cfg: Smooth,
+            device: torch.device, block_size: int = 128) -> Stats:  # fmt: skip
     """Run the float decoder over cfg.sequences x cfg.length random tokens, one layer in memory at a time."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model, config = build_decoder(folder, dtype)
-    src = ShardSource(folder, shard_map)
+    model = build_decoder(config, dtype)
     prefix = checkpoint_prefix(model, src.names())
     layers: nn.ModuleList = model.layers  # type: ignore[assignment]
     layer_of = {id(m): i for i, m in enumerate(layers)}
@@ -385,7 +394,8 @@ def run(ctx: Context) -> dict[str, Any]:
     m = ctx.manifest
     cfg = settings(m)
     try:
-        stats = collect(ctx.source.folder, ctx.source.shards, lambda n, shape: is_quantized(m, n, shape), cfg,
+        src = ShardSource(ctx.source.folder, ctx.source.shards)
+        stats = collect(load_config(ctx.source.folder), src, lambda n, shape: is_quantized(m, n, shape), cfg,
                         ctx.device, m.quantize.block_size)  # fmt: skip
     except IntegrityError:
         raise
