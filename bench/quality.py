@@ -68,6 +68,8 @@ VKD6 = {"*v_proj*": 6, "*k_proj*": 6, "*down_proj*": 6}
 def method_list() -> list[Method]:
     ms = [Method("float", "float", None, "BF16 weights, fp32 compute")]
     ms += [Method(f"hlwq-q{b}", "hlwq", b, "artifact, defaults", artifact={"bits": b}) for b in (3, 4, 5, 6)]
+    ms += [Method(f"hlwq-q{b}-sm-art", "hlwq", b, "artifact, smoothing (stats stage)",
+                  artifact={"bits": b, "smooth": SMOOTH}) for b in (4, 5)]  # fmt: skip
     v = [
         ("q4-l2", 4, {"scale": "l2"}, "L2-norm block scale (the reference's)"),
         ("q5-l2", 5, {"scale": "l2"}, "L2-norm block scale"),
@@ -131,7 +133,7 @@ def method_list() -> list[Method]:
                 {"bits": round(t), "block_size": 64, "smooth": SMOOTH, "target_bpw": t},
                 f"block 64; smoothing; bits allocated to {t} bpw",
             )
-            for t in (4.25, 4.5, 5.25, 5.5)
+            for t in (4.1, 4.25, 4.5, 5.25, 5.5)
         ),
         *(
             (
@@ -572,37 +574,67 @@ def frontier_report(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _labelled(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points worth a label: every peer, HLWQ's artifacts and every point on HLWQ's frontier."""
+    ours = [r for r in table if r["family"] == "hlwq"]
+    front = {id(ours[i]) for i in pareto_front([(r["bits_per_weight"], r["kld"]) for r in ours])}
+    return [r for r in table if r["family"] == "peer" or (r["family"] == "hlwq" and (
+        id(r) in front or r["note"].startswith("artifact")))]  # fmt: skip
+
+
+def _place_labels(ax: Any, fig: Any, points: list[tuple[str, float, float]]) -> None:
+    """Annotate each point at the first of a few offsets whose text box overlaps no label placed before it."""
+    offsets = [(4, 3), (4, -10), (-4, 3), (-4, -10), (6, 10), (6, -16), (-6, 10), (-6, -16), (10, 18), (10, -24)]
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for text, x, y in sorted(points, key=lambda p: (p[1], p[2])):
+        for i, (dx, dy) in enumerate(offsets):
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6.5,
+                              ha="left" if dx > 0 else "right", arrowprops=None if i < 4 else {
+                                  "arrowstyle": "-", "lw": 0.4, "color": "0.5"})  # fmt: skip
+            box = ann.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(b) for b in placed) or i == len(offsets) - 1:
+                placed.append(box)
+                break
+            ann.remove()
+
+
 def write_chart(path: Path, table: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    styles = {"hlwq": ("tab:blue", "o"), "peer": ("tab:red", "s")}
-    for fam, (color, marker) in styles.items():
-        pts = [r for r in table if r["family"] == fam]
-        # HLWQ's defaults (real artifacts) filled and larger; its variants hollow
-        main = [r for r in pts if fam == "peer" or r["note"].startswith("artifact")]
-        rest = [r for r in pts if r not in main]
-        ax.scatter([r["bits_per_weight"] for r in main], [r["kld"] for r in main], c=color, marker=marker, s=45,
-                   label="HLWQ defaults (artifact)" if fam == "hlwq" else "peers", zorder=3)  # fmt: skip
-        if rest:
-            ax.scatter([r["bits_per_weight"] for r in rest], [r["kld"] for r in rest], facecolors="none",
-                       edgecolors=color, marker=marker, s=30, label="HLWQ variants", zorder=3)  # fmt: skip
-        for r in pts:
-            ax.annotate(r["name"].removeprefix("hlwq-"), (r["bits_per_weight"], r["kld"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(11, 7.5), dpi=110)
+    peers_ = [r for r in table if r["family"] == "peer"]
+    ours = [r for r in table if r["family"] == "hlwq"]
+    groups = [
+        ("peers", [r for r in peers_ if "+sm" not in r["name"]], {"c": "tab:red", "marker": "s", "s": 40}),
+        ("peers + HLWQ's smoothing", [r for r in peers_ if "+sm" in r["name"]],
+         {"facecolors": "none", "edgecolors": "tab:red", "marker": "s", "s": 40}),
+        ("HLWQ artifacts (hlwq convert)", [r for r in ours if r["note"].startswith("artifact")],
+         {"c": "tab:blue", "marker": "o", "s": 45}),
+        ("HLWQ variants (in-process)", [r for r in ours if not r["note"].startswith("artifact")],
+         {"facecolors": "none", "edgecolors": "tab:blue", "marker": "o", "s": 28}),
+    ]  # fmt: skip
+    for label, pts, style in groups:
+        if pts:
+            ax.scatter([r["bits_per_weight"] for r in pts], [r["kld"] for r in pts], label=label, zorder=3, **style)
+    for pts, color, label in ((peers_, "tab:red", "peer frontier"), (ours, "tab:blue", "HLWQ frontier")):
         front = pareto_front([(r["bits_per_weight"], r["kld"]) for r in pts])
         ax.step([pts[i]["bits_per_weight"] for i in front], [pts[i]["kld"] for i in front], where="post", c=color,
-                alpha=0.6, label=f"{'HLWQ (all points)' if fam == 'hlwq' else 'peer'} frontier")  # fmt: skip
+                alpha=0.6, label=label)  # fmt: skip
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (quantized tensors: codes + scales + zeros/codebooks)")
+    ax.set_xlabel("bits per weight (quantized tensors: codes + scales + zeros/codebooks + smoothing vectors)")
     ax.set_ylabel("mean KL(float || method), nats per token (log)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + " · labels: peers, HLWQ artifacts and HLWQ's frontier", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    fig.canvas.draw()
+    _place_labels(
+        ax, fig, [(r["name"].removeprefix("hlwq-"), r["bits_per_weight"], r["kld"]) for r in _labelled(table)]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".png.tmp")
     fig.savefig(tmp, format="png", metadata={"Software": None})

@@ -118,3 +118,19 @@ def test_bad_target_is_one_clear_line(smoothed, tiny_src: Path):  # type: ignore
     ctx = _ctx(smoothed.workdir.parent, tiny_src, smooth={**SMOOTH, "seed": 1}, target_bpw=2.5)
     with pytest.raises(PipelineError, match=r"target_bpw 2\.5 is below"):
         convert(ctx, build=False)
+
+
+def test_slurm_plan_puts_a_stats_job_between_downloads_and_quantize(tiny_src: Path, tmp_path: Path):
+    from stages import slurm as hs
+
+    m = write_manifest(tmp_path / "m.yaml", tiny_src, tmp_path / "pub", quantize={"smooth": SMOOTH})
+    plan = hs.make_plan(m, tmp_path / "w")
+    text, sub = hs.submit(plan, dry_run=True)
+    assert sub is None and not (tmp_path / "w" / "slurm").exists()
+    d = tmp_path / "w" / "slurm"
+    for name in (hs.DOWNLOAD_SCRIPT, hs.STATS_SCRIPT, hs.ARRAY_SCRIPT, hs.FINALIZE_SCRIPT):
+        assert f"==> {d / name} <==" in text
+    assert '--shard "$SLURM_ARRAY_TASK_ID" --until download\n' in text and " --until stats\n" in text
+    lines = text.split("==> submitted with <==\n")[1].splitlines()
+    assert [ln.split(" --dependency=")[-1].split()[0] if "--dependency" in ln else "" for ln in lines] == [
+        "", "afterok:<download", "afterok:<stats", "afterok:<array"]  # fmt: skip
