@@ -50,10 +50,18 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
             ref = f.get_tensor(name).to(ctx.device)
             if name in reader.quantized:
                 rec = reader.get(name, ctx.device)
-                tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
-                                 **tensor_metrics(ref, rec)}  # fmt: skip
                 if reader.quantized[name].get("smooth"):
-                    tensors[name]["smooth"] = True
+                    # The codes encode W·diag(s): judge the quantizer in that basis (smoothing deliberately moves
+                    # error onto quiet input channels, so plain weight cos-sim drops; it is reported beside).
+                    sv = reader.get_quantized(name, ctx.device).smooth
+                    assert sv is not None
+                    plain = tensor_metrics(ref, rec)["cos_sim"]
+                    tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
+                                     **tensor_metrics(ref.float() * sv, rec.float() * sv), "smooth": True,
+                                     "weight_cos_sim": plain}  # fmt: skip
+                else:
+                    tensors[name] = {"shape": list(ref.shape), "bits": reader.quantized[name]["bits"],
+                                     **tensor_metrics(ref, rec)}  # fmt: skip
             else:
                 if not torch.equal(ref, reader.get(name, ctx.device)):
                     raise IntegrityError(f"{unit}: kept tensor {name} differs from the source")
