@@ -288,6 +288,7 @@ def read_artifact(folder: Path, names: list[str]) -> tuple[Weights, int]:
         for name in reader.quantized:
             q = reader.get_quantized(name)
             bits += 8 * (q.codes.numel() + 2 * q.scales.numel() + 4 * q.codebook.numel())
+            bits += 32 * q.smooth.numel() if q.smooth is not None else 0  # FORMAT v2: F32 [C] per smoothed tensor
             out[name] = dequantize_f32(reader, name)
     if sorted(out) != sorted(names):
         raise PipelineError(f"bench: artifact {folder} quantized other tensors than expected")
