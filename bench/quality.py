@@ -58,11 +58,18 @@ class Method:
     peer: Callable[[torch.Tensor], peers.Dequantized] | None = None
     base: str | None = None  # a peer applied to this method's weights instead of the float ones
     artifact_path: str | None = None  # an existing HLWQ artifact, read as it is
+    smooth: dict[str, Any] | None = None  # a peer quantizes W·diag(s) with HLWQ's random-token s (AWQ-style)
+
+
+SMOOTH: dict[str, Any] = {"alpha": 0.25, "sequences": 16, "length": 256}
+VKD6 = {"*v_proj*": 6, "*k_proj*": 6, "*down_proj*": 6}
 
 
 def method_list() -> list[Method]:
     ms = [Method("float", "float", None, "BF16 weights, fp32 compute")]
     ms += [Method(f"hlwq-q{b}", "hlwq", b, "artifact, defaults", artifact={"bits": b}) for b in (3, 4, 5, 6)]
+    ms += [Method(f"hlwq-q{b}-sm-art", "hlwq", b, "artifact, smoothing (stats stage)",
+                  artifact={"bits": b, "smooth": SMOOTH}) for b in (4, 5)]  # fmt: skip
     v = [
         ("q4-l2", 4, {"scale": "l2"}, "L2-norm block scale (the reference's)"),
         ("q5-l2", 5, {"scale": "l2"}, "L2-norm block scale"),
@@ -74,11 +81,70 @@ def method_list() -> list[Method]:
         ("q4-b64-norm", 4, {"block_size": 64, "norm_scale": 0.5}, "block 64; columns x (RMSNorm gain)^0.5"),
         ("q5-b64-norm", 5, {"block_size": 64, "norm_scale": 0.5}, "block 64; columns x (RMSNorm gain)^0.5"),
         *((f"q{b}-b64", b, {"block_size": 64}, "block 64 (576 = 9 x 64: no padding)") for b in (3, 4, 5, 6)),
-        ("q4-b64-alloc", 4, {"block_size": 64, "overrides": {"*down_proj*": 5, "*gate_proj*": 3}},
-         "block 64; down_proj 5 bits, gate_proj 3 bits (same average)"),
-        ("q5-b64-alloc", 5, {"block_size": 64, "overrides": {"*down_proj*": 6, "*gate_proj*": 4}},
-         "block 64; down_proj 6 bits, gate_proj 4 bits (same average)"),
-    ]  # fmt: skip
+        (
+            "q4-b64-alloc",
+            4,
+            {"block_size": 64, "overrides": {"*down_proj*": 5, "*gate_proj*": 3}},
+            "block 64; down_proj 5 bits, gate_proj 3 bits (same average)",
+        ),
+        (
+            "q5-b64-alloc",
+            5,
+            {"block_size": 64, "overrides": {"*down_proj*": 6, "*gate_proj*": 4}},
+            "block 64; down_proj 6 bits, gate_proj 4 bits (same average)",
+        ),
+        # Column smoothing from the stats stage's random-token pass (issue 14), and allocation by its sensitivities.
+        *((f"q{b}-b64-sm", b, {"block_size": 64, "smooth": SMOOTH}, "block 64; smoothing") for b in (3, 4, 5, 6)),
+        *((f"q{b}-sm", b, {"smooth": SMOOTH}, "block 128; smoothing") for b in (4, 5)),
+        *(
+            (
+                f"q5-b64-sm-a{a}",
+                5,
+                {"block_size": 64, "smooth": {**SMOOTH, "alpha": a}},
+                f"block 64; smoothing alpha {a}",
+            )
+            for a in (0.125, 0.5)
+        ),
+        *(
+            (
+                f"q5-b64-sm-n{n}x{ln}",
+                5,
+                {"block_size": 64, "smooth": {**SMOOTH, "sequences": n, "length": ln}},
+                f"block 64; smoothing from {n} x {ln} random tokens",
+            )
+            for n, ln in ((2, 64), (4, 128), (64, 256))
+        ),
+        (
+            "q5-b64-sm-vkd6",
+            5,
+            {"block_size": 64, "smooth": SMOOTH, "overrides": VKD6},
+            "block 64; smoothing; v/k/down_proj 6 bits",
+        ),
+        (
+            "q4-b64-sm-vkd5",
+            4,
+            {"block_size": 64, "smooth": SMOOTH, "overrides": {k: 5 for k in VKD6}},
+            "block 64; smoothing; v/k/down_proj 5 bits",
+        ),
+        *(
+            (
+                f"b64-sm-t{t}",
+                round(t),
+                {"bits": round(t), "block_size": 64, "smooth": SMOOTH, "target_bpw": t},
+                f"block 64; smoothing; bits allocated to {t} bpw",
+            )
+            for t in (4.1, 4.25, 4.5, 5.25, 5.5)
+        ),
+        *(
+            (
+                f"b64-t{t}",
+                round(t),
+                {"bits": round(t), "block_size": 64, "target_bpw": t},
+                f"block 64; bits allocated to {t} bpw (no smoothing)",
+            )
+            for t in (4.5, 5.5)
+        ),
+    ]
     ms += [
         Method("rtn-sym-4-g128", "peer", 4, "absmax RTN, fp16 scale", peer=lambda w: peers.rtn_symmetric(w, 4)),
         Method("rtn-sym-5-g128", "peer", 5, "absmax RTN, fp16 scale", peer=lambda w: peers.rtn_symmetric(w, 5)),
@@ -92,6 +158,9 @@ def method_list() -> list[Method]:
         Method("gguf-Q5_0", "peer", 5, "llama.cpp Q5_0 (gguf numpy)", peer=lambda w: peers.gguf_quant(w, "Q5_0")),
         Method("gguf-Q5_1", "peer", 5, "llama.cpp Q5_1 (gguf numpy)", peer=lambda w: peers.gguf_quant(w, "Q5_1")),
     ]  # fmt: skip
+    # The same random-token smoothing (AWQ-style, vectors counted as stored F32) given to every peer.
+    ms += [Method(f"{m.name}+sm", "peer", m.bits, f"{m.note}; HLWQ's smoothing", peer=m.peer, smooth=SMOOTH)
+           for m in list(ms) if m.family == "peer" and m.base is None]  # fmt: skip
     ms += [Method(f"hlwq-{n}", "hlwq", b, note, variant={"bits": b, **kw}) for n, b, kw, note in v]
     return sorted(ms, key=lambda m: m.name.startswith("hqq"))  # HQQ last: the slowest to quantize
 
@@ -219,6 +288,7 @@ def read_artifact(folder: Path, names: list[str]) -> tuple[Weights, int]:
         for name in reader.quantized:
             q = reader.get_quantized(name)
             bits += 8 * (q.codes.numel() + 2 * q.scales.numel() + 4 * q.codebook.numel())
+            bits += 32 * q.smooth.numel() if q.smooth is not None else 0  # FORMAT v2: F32 [C] per smoothed tensor
             out[name] = dequantize_f32(reader, name)
     if sorted(out) != sorted(names):
         raise PipelineError(f"bench: artifact {folder} quantized other tensors than expected")
@@ -253,36 +323,90 @@ def norm_column_scale(name: str, params: dict[str, torch.Tensor], alpha: float) 
     return (g / g.mean()).clamp_min(1e-3) ** alpha
 
 
-def hlwq_variant(weights: Weights, spec: dict[str, Any], params: dict[str, torch.Tensor]) -> tuple[Weights, int]:
+class StatsCache:
+    """The stats stage's random-token pass over the bench model, once per setting (kept in the bench cache)."""
+
+    def __init__(self, folder: Path, names: list[str], cache: Path):
+        self.folder, self.names, self.cache = folder, set(names), cache
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, smooth: dict[str, Any]) -> Any:
+        from pipeline.manifest import Smooth, params_hash
+        from pipeline.shards import load_index
+        from stages import stats
+
+        cfg = Smooth(**smooth)
+        pass_cfg = {k: v for k, v in vars(cfg).items() if k not in ("alpha", "max_ratio")}  # s is made at quantize
+        key = params_hash({"pass": pass_cfg, "probe_alpha": cfg.alpha, "probe_max": cfg.max_ratio,
+                           "v": stats.STATS_VERSION})  # fmt: skip
+        if key not in self._loaded:
+            path = self.cache / f"stats-{self.folder.name}-{key}.safetensors"
+            if not path.exists():
+                t0 = time.monotonic()
+                src = stats.ShardSource(self.folder, load_index(self.folder))
+                st = stats.collect(stats.load_config(self.folder), src, lambda n, _s: n in self.names, cfg,
+                                   torch.device("cpu"))  # fmt: skip
+                stats.save(st, path)
+                log.info("stats pass (%d x %d tokens): %.1f s", cfg.sequences, cfg.length, time.monotonic() - t0)
+            self._loaded[key] = stats.load(path)
+        return self._loaded[key], cfg
+
+
+def hlwq_variant(weights: Weights, spec: dict[str, Any], params: dict[str, torch.Tensor],
+                 stats_cache: StatsCache | None = None) -> tuple[Weights, int]:  # fmt: skip
     """HLWQ in-process with the pipeline's quant functions (what the quantize stage calls, minus the file I/O).
 
     "norm_scale": alpha simulates the exact re-parametrization W' = W * s (columns), g' = g / s of the feeding
     RMSNorm gain with s = norm_column_scale: important input channels get a larger share of each block's codes.
+    "smooth": Smooth kwargs: column smoothing from the stats stage's random-token pass (stored F32 vectors counted).
+    "target_bpw": bit allocation by the stats pass's sensitivities ("widths": the allowed bit widths).
     """
-    from pipeline.quant import QuantParams, dequantize, quantize
+    from pipeline.quant import QuantParams, allocate, dequantize, quantize
 
     spec = dict(spec)
     overrides: dict[str, int] = spec.pop("overrides", {})
     alpha: float | None = spec.pop("norm_scale", None)
+    smooth: dict[str, Any] | None = spec.pop("smooth", None)
+    target: float | None = spec.pop("target_bpw", None)
+    widths: tuple[int, ...] = tuple(spec.pop("widths", allocate.WIDTHS))
+    st, cfg = (None, None)
+    if smooth is not None or target is not None:
+        assert stats_cache is not None
+        st, cfg = stats_cache.get(smooth if smooth is not None else {"alpha": 0.0})
+    allocated: dict[str, int] = {}
+    if target is not None:
+        cands = [allocate.Candidate(n, *w.shape, st.records[n]["sensitivity"],
+                                    next((v for p, v in overrides.items() if fnmatch.fnmatchcase(n, p)), None),
+                                    smooth is not None) for n, w in weights.items()]  # fmt: skip
+        allocated = allocate.allocate(cands, target, spec.get("block_size", 128), widths)
     out: Weights = {}
     bits = 0
     for name, w in weights.items():
-        b = next((v for p, v in overrides.items() if fnmatch.fnmatchcase(name, p)), spec["bits"])
+        b = next((v for p, v in overrides.items() if fnmatch.fnmatchcase(name, p)), allocated.get(name, spec["bits"]))
         qp = QuantParams(**{**spec, "bits": b})
         s = norm_column_scale(name, params, alpha) if alpha is not None else None
         src = w if s is None else w * s  # (s is applied in fp32; the stored gain g/s would be BF16-rounded)
-        q = quantize(src.to(torch.bfloat16), qp)  # the pipeline quantizes the BF16 checkpoint tensor
+        sv = st.smoothing_vector(name, cfg) if smooth is not None else None
+        q = quantize(src.to(torch.bfloat16), qp, sv)  # the pipeline quantizes the BF16 checkpoint tensor
         bits += 8 * (q.codes.numel() + 2 * q.scales.numel() + 4 * q.codebook.numel())
+        bits += 32 * sv.numel() if sv is not None else 0
         deq = dequantize(q, qp.sign_bits(), torch.float32)
         out[name] = deq if s is None else deq / s
     return out, bits
 
 
-def peer_weights(weights: Weights, fn: Callable[[torch.Tensor], peers.Dequantized]) -> tuple[Weights, int]:
+def peer_weights(weights: Weights, fn: Callable[[torch.Tensor], peers.Dequantized],
+                 smooth: tuple[Any, Any] | None = None) -> tuple[Weights, int]:  # fmt: skip
+    """A peer on every target weight; with `smooth` (stats, Smooth) on W·diag(s), divided back, s counted as F32."""
     out: Weights = {}
     bits = 0
     for name, w in weights.items():
-        out[name], b = fn(w)
+        sv = smooth[0].smoothing_vector(name, smooth[1]) if smooth else None
+        if sv is None:
+            out[name], b = fn(w)
+        else:
+            deq, b = fn((w.float() * sv).to(w.dtype))
+            out[name], b = deq / sv, b + 32 * sv.numel()
         bits += b
     return out, bits
 
@@ -355,6 +479,7 @@ def run_methods(
         names, n_q = artifact_names(setup.artifact)
     ev = Evaluator(setup.folder, setup.token_ids, window)
     ev.set_targets(names)
+    stats_cache = StatsCache(setup.folder, names, setup.folder.parent)
     t0 = time.monotonic()
     float_totals = ev.reference()
     log.info("float: ppl %.3f over %d tokens (%.1f s)", float_totals.ppl, float_totals.tokens, time.monotonic() - t0)
@@ -372,13 +497,14 @@ def run_methods(
             art = convert_artifact(setup.folder, workdir / m.name, f"bench-{m.name}", m.artifact)
             w, bits = read_artifact(art, names)
         elif m.variant is not None:
-            w, bits = hlwq_variant(ev.float_weights, m.variant, ev.params)
+            w, bits = hlwq_variant(ev.float_weights, m.variant, ev.params, stats_cache)
         else:
             assert m.peer is not None
             if m.base and m.base not in cache:
                 raise PipelineError(f"bench: method {m.name} needs {m.base}; select it too")
             try:
-                w, bits = peer_weights(cache[m.base] if m.base else ev.float_weights, m.peer)
+                sm = stats_cache.get(m.smooth) if m.smooth is not None else None
+                w, bits = peer_weights(cache[m.base] if m.base else ev.float_weights, m.peer, sm)
             except ImportError as e:  # a peer package that is not installed here: say so, run the rest
                 log.warning("%s not run: %s", m.name, e)
                 skipped.append(f"{m.name}: not run ({e})")
@@ -449,37 +575,67 @@ def frontier_report(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _labelled(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points worth a label: every peer, HLWQ's artifacts and every point on HLWQ's frontier."""
+    ours = [r for r in table if r["family"] == "hlwq"]
+    front = {id(ours[i]) for i in pareto_front([(r["bits_per_weight"], r["kld"]) for r in ours])}
+    return [r for r in table if r["family"] == "peer" or (r["family"] == "hlwq" and (
+        id(r) in front or r["note"].startswith("artifact")))]  # fmt: skip
+
+
+def _place_labels(ax: Any, fig: Any, points: list[tuple[str, float, float]]) -> None:
+    """Annotate each point at the first of a few offsets whose text box overlaps no label placed before it."""
+    offsets = [(4, 3), (4, -10), (-4, 3), (-4, -10), (6, 10), (6, -16), (-6, 10), (-6, -16), (10, 18), (10, -24)]
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for text, x, y in sorted(points, key=lambda p: (p[1], p[2])):
+        for i, (dx, dy) in enumerate(offsets):
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6.5,
+                              ha="left" if dx > 0 else "right", arrowprops=None if i < 4 else {
+                                  "arrowstyle": "-", "lw": 0.4, "color": "0.5"})  # fmt: skip
+            box = ann.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(b) for b in placed) or i == len(offsets) - 1:
+                placed.append(box)
+                break
+            ann.remove()
+
+
 def write_chart(path: Path, table: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    styles = {"hlwq": ("tab:blue", "o"), "peer": ("tab:red", "s")}
-    for fam, (color, marker) in styles.items():
-        pts = [r for r in table if r["family"] == fam]
-        # HLWQ's defaults (real artifacts) filled and larger; its variants hollow
-        main = [r for r in pts if fam == "peer" or r["note"].startswith("artifact")]
-        rest = [r for r in pts if r not in main]
-        ax.scatter([r["bits_per_weight"] for r in main], [r["kld"] for r in main], c=color, marker=marker, s=45,
-                   label="HLWQ defaults (artifact)" if fam == "hlwq" else "peers", zorder=3)  # fmt: skip
-        if rest:
-            ax.scatter([r["bits_per_weight"] for r in rest], [r["kld"] for r in rest], facecolors="none",
-                       edgecolors=color, marker=marker, s=30, label="HLWQ variants", zorder=3)  # fmt: skip
-        for r in pts:
-            ax.annotate(r["name"].removeprefix("hlwq-"), (r["bits_per_weight"], r["kld"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(11, 7.5), dpi=110)
+    peers_ = [r for r in table if r["family"] == "peer"]
+    ours = [r for r in table if r["family"] == "hlwq"]
+    groups = [
+        ("peers", [r for r in peers_ if "+sm" not in r["name"]], {"c": "tab:red", "marker": "s", "s": 40}),
+        ("peers + HLWQ's smoothing", [r for r in peers_ if "+sm" in r["name"]],
+         {"facecolors": "none", "edgecolors": "tab:red", "marker": "s", "s": 40}),
+        ("HLWQ artifacts (hlwq convert)", [r for r in ours if r["note"].startswith("artifact")],
+         {"c": "tab:blue", "marker": "o", "s": 45}),
+        ("HLWQ variants (in-process)", [r for r in ours if not r["note"].startswith("artifact")],
+         {"facecolors": "none", "edgecolors": "tab:blue", "marker": "o", "s": 28}),
+    ]  # fmt: skip
+    for label, pts, style in groups:
+        if pts:
+            ax.scatter([r["bits_per_weight"] for r in pts], [r["kld"] for r in pts], label=label, zorder=3, **style)
+    for pts, color, label in ((peers_, "tab:red", "peer frontier"), (ours, "tab:blue", "HLWQ frontier")):
         front = pareto_front([(r["bits_per_weight"], r["kld"]) for r in pts])
         ax.step([pts[i]["bits_per_weight"] for i in front], [pts[i]["kld"] for i in front], where="post", c=color,
-                alpha=0.6, label=f"{'HLWQ (all points)' if fam == 'hlwq' else 'peer'} frontier")  # fmt: skip
+                alpha=0.6, label=label)  # fmt: skip
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (quantized tensors: codes + scales + zeros/codebooks)")
+    ax.set_xlabel("bits per weight (quantized tensors: codes + scales + zeros/codebooks + smoothing vectors)")
     ax.set_ylabel("mean KL(float || method), nats per token (log)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + " · labels: peers, HLWQ artifacts and HLWQ's frontier", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    fig.canvas.draw()
+    _place_labels(
+        ax, fig, [(r["name"].removeprefix("hlwq-"), r["bits_per_weight"], r["kld"]) for r in _labelled(table)]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".png.tmp")
     fig.savefig(tmp, format="png", metadata={"Software": None})

@@ -39,7 +39,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.shard is not None:
         units = [_unit_by_index(ctx, args.shard)]
     t0 = time.monotonic()
-    convert(ctx, units, build=not args.no_finalize)
+    convert(ctx, units, build=not args.no_finalize, until=args.until)
     print(f"hlwq: {ctx.manifest.name}: done in {time.monotonic() - t0:.1f} s -> {ctx.artifact}")
     return 0
 
@@ -67,11 +67,12 @@ def cmd_redo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.runner import ARTIFACT_STAGES, ARTIFACT_UNIT, SHARD_STAGES, upload
+    from pipeline.runner import ARTIFACT_STAGES, ARTIFACT_UNIT, SHARD_STAGES, stats, upload
 
     ctx = _open(args)
     print(f"{ctx.manifest.name}: source {ctx.source.name}@{ctx.source.revision}, workdir {ctx.workdir}")
-    rows = [(s.NAME, u) for u in ctx.units for s in SHARD_STAGES]
+    rows = [(stats.NAME, stats.UNIT)] if stats.needed(ctx.manifest) else []
+    rows += [(s.NAME, u) for u in ctx.units for s in SHARD_STAGES]
     rows += [(s.NAME, ARTIFACT_UNIT) for s in (*ARTIFACT_STAGES, upload)]
     print(f"{'stage':<11} {'unit':<28} {'status':<8} {'bytes':>12} {'seconds':>8}  note")
     counts: dict[str, int] = {}
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard", type=int, help="only this shard index (0-based): download, quantize, verify")
     c.add_argument("--no-finalize", action="store_true", help="stop after the per-shard stages")
     c.add_argument("--redo", action="append", metavar="STAGE", help="forget STAGE's records first (repeatable)")
+    c.add_argument("--until", choices=("download", "stats"),
+                   help="stop after this stage (download: these shards; stats: all downloads, then stats)")  # fmt: skip
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("status", help="per stage x shard: done / pending / failed / running, bytes, time")

@@ -62,6 +62,27 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Smooth:
+    """Column smoothing from random-token activation statistics (the stats stage; FORMAT v2)."""
+
+    alpha: float = 0.25  # s_i = (E[x_i²] / c_i)^alpha
+    max_ratio: float = 16.0  # each s_i within [1/max_ratio, max_ratio] after normalizing to geometric mean 1
+    sequences: int = 16  # random-token sequences of the stats pass
+    length: int = 256  # tokens per sequence (the first is BOS)
+    seed: int = 0
+    probe: bool = True  # also measure per-tensor sensitivities (for quantize.target_bpw)
+    probe_sequences: int = 4  # on the first this-many sequences (each probe re-runs one layer)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ManifestError(f"quantize.smooth.alpha: must be in [0, 1], got {self.alpha}")
+        if self.max_ratio < 1.0:
+            raise ManifestError(f"quantize.smooth.max_ratio: must be >= 1, got {self.max_ratio}")
+        if self.sequences < 1 or self.length < 2 or self.probe_sequences < 1:
+            raise ManifestError("quantize.smooth: sequences and probe_sequences must be >= 1, length >= 2")
+
+
+@dataclass(frozen=True)
 class Quantize:
     bits: int = 5
     block_size: int = 128
@@ -72,9 +93,13 @@ class Quantize:
     scale: Literal["l2", "lsq"] = "lsq"
     fit_codebook: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    smooth: Smooth | None = None  # null: no smoothing (format v1 artifacts)
+    target_bpw: float | None = None  # average stored bits per quantized weight; bits allocated by sensitivity
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "quantize.bits")
+        if self.target_bpw is not None and not 2.0 < self.target_bpw <= 9.0:
+            raise ManifestError(f"quantize.target_bpw: must be in (2, 9], got {self.target_bpw}")
         for pattern, bits in self.overrides.items():
             _check_bits(bits, f"quantize.overrides[{_quote(pattern)}]")
         if self.block_size < 8 or self.block_size > 4096 or self.block_size & (self.block_size - 1):

@@ -3,6 +3,10 @@
     per shard:  download -> quantize -> verify
     once:       finalize -> load_check -> card -> publish (staging/ -> artifact/) -> upload
 
+With smoothing or a target bpw, the float model's random-token statistics are needed before any quantize:
+
+    per shard:  download;   once: stats;   per shard: quantize -> verify;   once: finalize -> ...
+
 Each (stage, unit) runs under a lock and is skipped when its record says done with the same fingerprint (hashes
 of its inputs and of the parameters that shaped it). Several processes may share one workdir: a unit locked by
 another live process is left to it, and the artifact is built once every shard is verified.
@@ -28,12 +32,12 @@ from pipeline.errors import LockedError, ManifestError, PipelineError, StageErro
 from pipeline.faults import maybe_die, maybe_fail
 from pipeline.manifest import Manifest, overlap, params_hash
 from pipeline.state import RunState
-from stages import card, download, finalize, load_check, publish, quantize, upload, verify
+from stages import card, download, finalize, load_check, publish, quantize, stats, upload, verify
 
 log = logging.getLogger(__name__)
 SHARD_STAGES: tuple[ModuleType, ...] = (download, quantize, verify)
 ARTIFACT_STAGES: tuple[ModuleType, ...] = (finalize, load_check, card, publish)
-ALL_STAGES = [m.NAME for m in (*SHARD_STAGES, *ARTIFACT_STAGES, upload)]
+ALL_STAGES = [m.NAME for m in (download, stats, quantize, verify, *ARTIFACT_STAGES, upload)]
 ARTIFACT_UNIT = "artifact"
 
 
@@ -92,6 +96,21 @@ def run_shard(ctx: Context, unit: str) -> bool:
             log.info("%s %s is held by another process; moving on", stage.NAME, unit)
             return False
     return True
+
+
+def ensure_stats(ctx: Context, poll_s: float = 1.0) -> None:
+    """Every shard downloaded (taking over the ones nobody holds), then the stats pass once; waits while another
+    process runs either."""
+    while True:
+        pending = [u for u in ctx.units if not ctx.state.is_done(download.NAME, u, download.fingerprint(ctx, u))]
+        for unit in pending:
+            run_unit(ctx, download.NAME, unit, download.fingerprint(ctx, unit), partial(download.run, ctx, unit))
+        pending = [u for u in ctx.units if not ctx.state.is_done(download.NAME, u, download.fingerprint(ctx, u))]
+        if not pending:
+            fp = stats.fingerprint(ctx)
+            if run_unit(ctx, stats.NAME, stats.UNIT, fp, partial(stats.run, ctx)) != "locked":
+                return
+        time.sleep(poll_s)
 
 
 def artifact_fingerprint(ctx: Context) -> dict[str, str]:
@@ -169,19 +188,28 @@ def preflight(ctx: Context) -> None:
             raise ManifestError(f"quantize.overrides[{pattern[:200]!r}]: matches no tensor of the source (a typo?)")
 
 
-def convert(ctx: Context, units: list[str] | None = None, build: bool = True) -> None:
+def convert(ctx: Context, units: list[str] | None = None, build: bool = True, until: str | None = None) -> None:
     """Run the shard stages (for `units`, default all), then, if `build`, the artifact and upload stages, while
-    holding the workdir for this manifest."""
+    holding the workdir for this manifest. `until` = "download" or "stats" stops after that stage (Slurm runs them
+    as their own jobs)."""
     preflight(ctx)
     describe = f"manifest {ctx.manifest.name!r}"
     with ctx.state.claim(run_identity(ctx.manifest), describe):
-        _convert(ctx, units, build)
+        _convert(ctx, units, build, until)
 
 
-def _convert(ctx: Context, units: list[str] | None, build: bool) -> None:
+def _convert(ctx: Context, units: list[str] | None, build: bool, until: str | None) -> None:
     todo = units if units is not None else ctx.units
     log.info("convert %s: %d shard(s), source %s@%s, device %s", ctx.manifest.name, len(todo), ctx.source.name,
              ctx.source.revision, ctx.device)  # fmt: skip
+    if until == "download":
+        for unit in todo:
+            run_unit(ctx, download.NAME, unit, download.fingerprint(ctx, unit), partial(download.run, ctx, unit))
+        return
+    if stats.needed(ctx.manifest) or until == "stats":
+        ensure_stats(ctx)
+    if until == "stats":
+        return
     held = []
     for unit in tqdm(todo, desc=f"{ctx.manifest.name} shards", unit="shard", disable=None):
         if not run_shard(ctx, unit):

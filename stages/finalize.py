@@ -3,6 +3,7 @@ the source's tokenizer/processor files, and hlwq_report.json merged from the per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,11 +54,12 @@ def build_report(ctx: Context) -> dict[str, Any]:
     blocks = {n: t["shape"][0] * -(-math.prod(t["shape"][1:]) // bs) for n, t in q.items()}
     code_bits = sum(blocks[n] * bs * t["bits"] for n, t in q.items())
     side_bits = sum(blocks[n] * 16 + 32 * 2 ** t["bits"] for n, t in q.items())
+    side_bits += sum(32 * math.prod(t["shape"][1:]) for t in q.values() if t.get("smooth"))  # F32 smoothing vectors
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": fmt.version_for(any(t.get("smooth") for t in q.values())),
         "hlwq_version": __version__,
         "source": {"kind": ctx.source.kind, "name": ctx.source.name, "revision": ctx.source.revision},
-        "quantize": {k: v for k, v in vars(ctx.manifest.quantize).items() if k != "device"},
+        "quantize": {k: v for k, v in dataclasses.asdict(ctx.manifest.quantize).items() if k != "device"},
         "summary": {
             "quantized_tensors": len(q),
             "kept_tensors": len(tensors) - len(q),
@@ -135,8 +137,11 @@ def _build(ctx: Context) -> dict[str, Any]:
     # Keep the source's own config (only quantization_config added): a re-serialized one breaks older transformers.
     config = json.loads(config_path.read_text())
     q = ctx.manifest.quantize
+    smoothed = any(fmt.ShardReader(ctx.quantized_shard(u)).version >= 2 for u in ctx.units)
+    sm = vars(q.smooth) if q.smooth else None
     config["quantization_config"] = fmt.quantization_config(quantize.layout(ctx.manifest), q.bits, q.sign_seed,
-                                                            dict(q.overrides), list(q.keep_bf16))  # fmt: skip
+                                                            dict(q.overrides), list(q.keep_bf16), smoothed, sm,
+                                                            q.target_bpw)  # fmt: skip
     atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
     for name in ctx.source.files:
         # Checked again here, not only at resolve: a link could have been pointed out of the folder since.

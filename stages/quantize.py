@@ -7,6 +7,7 @@ then tensors stream through the writer.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.context import Context
 from pipeline.errors import IntegrityError
 from pipeline.faults import maybe_die
 from pipeline.manifest import Manifest, params_hash
-from pipeline.quant import QuantParams, quantize
+from pipeline.quant import QuantParams, allocate, quantize
 from pipeline.quant.hadamard import signs_to_hex
 from pipeline.shards import (
     DTYPES,
@@ -31,6 +32,7 @@ from pipeline.shards import (
     check_shard_matches_index,
     remove_stale_temps,
 )
+from stages import stats
 
 NAME = "quantize"
 log = logging.getLogger(__name__)
@@ -52,34 +54,77 @@ def layout(manifest: Manifest) -> fmt.Layout:
     )
 
 
-def bits_for(manifest: Manifest, info: TensorInfo) -> int | None:
-    """Bits for this tensor, or None when it is kept as it is."""
+def is_quantized(manifest: Manifest, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the shape and name rules quantize this tensor (its dtype is checked by bits_for)."""
     q = manifest.quantize
     n = 1
-    for d in info.shape:
+    for d in shape:
         n *= d
     # An empty tensor has nothing to quantize, whatever min_elements says.
-    if len(info.shape) < 2 or n == 0 or n < q.min_elements or any(fnmatchcase(info.name, p) for p in q.keep_bf16):
+    return len(shape) >= 2 and n > 0 and n >= q.min_elements and not any(fnmatchcase(name, p) for p in q.keep_bf16)
+
+
+def bits_for(manifest: Manifest, info: TensorInfo, allocated: dict[str, int] | None = None) -> int | None:
+    """Bits for this tensor, or None when it is kept as it is; an override beats the allocation."""
+    if not is_quantized(manifest, info.name, info.shape):
         return None
     if info.dtype not in FLOAT_DTYPES:
         raise IntegrityError(
             f"tensor {info.name} has dtype {info.dtype}; only BF16/F16/F32 weights are quantized "
             "(list it in quantize.keep_bf16 to pass it through)"
         )
+    if allocated and info.name in allocated and not any(fnmatchcase(info.name, p) for p in manifest.quantize.overrides):
+        return allocated[info.name]
     return manifest.bits_for(info.name)
+
+
+def allocation(manifest: Manifest, st: stats.Loaded | None) -> dict[str, int]:
+    """quantize.target_bpw -> bits per linear that the stats pass measured (overrides fixed and counted); the
+    tensors without statistics keep the manifest's bits and are outside the average."""
+    q = manifest.quantize
+    if q.target_bpw is None:
+        return {}
+    if st is None:
+        raise IntegrityError("quantize.target_bpw needs the stats stage's output")
+    cands = [
+        allocate.Candidate(n, r["shape"][0], r["shape"][1], r["sensitivity"],
+                           next((b for p, b in q.overrides.items() if fnmatchcase(n, p)), None), q.smooth is not None)
+        for n, r in sorted(st.records.items())
+    ]  # fmt: skip
+    try:
+        return allocate.allocate(cands, q.target_bpw, q.block_size)
+    except ValueError as e:
+        raise IntegrityError(f"quantize.target_bpw: {e}") from None
+
+
+def load_stats(ctx: Context) -> stats.Loaded | None:
+    return stats.load(ctx.workdir / stats.FILE) if stats.needed(ctx.manifest) else None
 
 
 def fingerprint(ctx: Context, unit: str) -> dict[str, str]:
     src = ctx.state.read("download", unit) or {}
     q = {k: v for k, v in vars(ctx.manifest.quantize).items() if k != "device"}  # the device never changes bytes
-    return {"inputs": src.get("info", {}).get("sha256", ""), "params": params_hash({"q": q, "v": fmt.FORMAT_VERSION})}
+    inputs = src.get("info", {}).get("sha256", "")
+    if stats.needed(ctx.manifest):  # smoothing vectors and bit widths come from the stats file
+        rec = ctx.state.read(stats.NAME, stats.UNIT) or {}
+        inputs += ":" + params_hash(rec.get("fingerprint"))
+    return {"inputs": inputs, "params": params_hash({"q": q, "v": fmt.FORMAT_VERSION})}
 
 
 def write_shard(manifest: Manifest, infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor], out: Path,
-                device: torch.device, unit: str) -> tuple[int, str, int]:  # fmt: skip
+                device: torch.device, unit: str, st: stats.Loaded | None = None) -> tuple[int, str, int]:  # fmt: skip
     """Plan the output header from the input headers, then stream: each tensor is read, quantized on `device` (or
-    kept) and written in turn. Returns (file size, sha256, number of quantized tensors)."""
-    decisions = {name: bits_for(manifest, infos[name]) for name in sorted(infos)}
+    kept) and written in turn. `st` (the stats file) gives smoothing vectors and allocated widths. Returns (file
+    size, sha256, number of quantized tensors)."""
+    allocated = allocation(manifest, st)
+    decisions = {name: bits_for(manifest, infos[name], allocated) for name in sorted(infos)}
+    smooth_cfg = manifest.quantize.smooth
+    vectors = {
+        name: v
+        for name, bits in decisions.items()
+        if bits is not None and smooth_cfg is not None and st is not None
+        and (v := st.smoothing_vector(name, smooth_cfg)) is not None
+    }  # fmt: skip
     plan: list[tuple[str, str, tuple[int, ...]]] = []
     records = {}
     for name, bits in decisions.items():
@@ -87,8 +132,10 @@ def write_shard(manifest: Manifest, infos: dict[str, TensorInfo], read: Callable
         if bits is None:
             plan.append((name, info.dtype, info.shape))
         else:
-            plan += fmt.quantized_plan(name, info.shape, bits, manifest.quantize.block_size)
-            records[name] = fmt.tensor_record(info.shape, DTYPES[info.dtype], bits)
+            if name in vectors and tuple(vectors[name].shape) != (math.prod(info.shape[1:]),):
+                raise IntegrityError(f"stats: the smoothing vector of {name} does not fit its shape {info.shape}")
+            plan += fmt.quantized_plan(name, info.shape, bits, manifest.quantize.block_size, name in vectors)
+            records[name] = fmt.tensor_record(info.shape, DTYPES[info.dtype], bits, name in vectors)
     writer = StreamingWriter(plan, fmt.shard_metadata(layout(manifest), records))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,7 +145,7 @@ def write_shard(manifest: Manifest, infos: dict[str, TensorInfo], read: Callable
                 yield name, t
                 continue
             try:
-                q = quantize(t.to(device), quant_params(manifest, bits))
+                q = quantize(t.to(device), quant_params(manifest, bits), vectors.get(name))
             except OverflowError as e:  # a block scale beyond float16: name the tensor and the way out
                 raise IntegrityError(f"tensor {name}: {e}; list it in quantize.keep_bf16 to keep it") from None
             yield from fmt.quantized_entries(name, q)
@@ -123,7 +170,7 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
                 raise IntegrityError(f"{src.name}: tensor {name} has NaN or Inf values")
             return t
 
-        size, sha, n_q = write_shard(ctx.manifest, infos, read, out, ctx.device, unit)
+        size, sha, n_q = write_shard(ctx.manifest, infos, read, out, ctx.device, unit, load_stats(ctx))
     log.info("quantize %s: %d tensors quantized, %d kept, %.1f MB -> %.1f MB", unit, n_q, len(infos) - n_q,
              src.stat().st_size / 1e6, size / 1e6)  # fmt: skip
     return {

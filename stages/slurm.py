@@ -3,6 +3,11 @@
     array task i:  hlwq convert MANIFEST --workdir W --shard i --no-finalize   (download -> quantize -> verify)
     finalize:      hlwq convert MANIFEST --workdir W   (--dependency=afterok:<array>; builds, checks, uploads)
 
+With smoothing or a target bpw (the stats stage), two jobs go before that array:
+    download task i:  ... --shard i --until download
+    stats:            ... --until stats   (--dependency=afterok:<download array>; the float pass, once)
+and the quantize array waits for the stats job (--dependency=afterok:<stats>).
+
 Tasks on different nodes share W: the run state's O_EXCL locks and atomic renames keep them apart, and each task
 only writes its own shard's files. The generated scripts and the submitted job ids are kept under W/slurm/, so
 `status` and `resubmit` work from any login node. `nightly` is the cheap periodic entry point: it submits only
@@ -35,6 +40,8 @@ from pipeline.shards import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 ARRAY_SCRIPT = "convert-array.sbatch"
+DOWNLOAD_SCRIPT = "download-array.sbatch"
+STATS_SCRIPT = "stats.sbatch"
 FINALIZE_SCRIPT = "finalize.sbatch"
 JOBS_FILE = "jobs.json"
 # Slurm states after which a job never runs again (scontrol names).
@@ -144,6 +151,32 @@ def array_script(plan: Plan, spec: str, begin: str | None = None) -> str:
     return _script(header, opts, cmd)
 
 
+def download_script(plan: Plan, spec: str, begin: str | None = None) -> str:
+    m = plan.manifest
+    opts = [f"--job-name=hlwq-{m.name}-download", f"--array={spec}", f"--chdir={plan.cwd}",
+            f"--output={plan.log_dir}/download-%A_%a.out", *resource_lines(m)]  # fmt: skip
+    if begin:
+        opts.append(f"--begin={_checked(begin, '--begin')}")
+    header = (f"hlwq {m.name}: one array task per source shard: download only (the stats job needs every shard).\n"
+              "Written by `hlwq slurm submit`.")  # fmt: skip
+    return _script(header, opts, hlwq_command(plan, '--shard "$SLURM_ARRAY_TASK_ID"', "--until download"))
+
+
+def stats_script(plan: Plan) -> str:
+    m = plan.manifest
+    opts = [f"--job-name=hlwq-{m.name}-stats", f"--chdir={plan.cwd}", f"--output={plan.log_dir}/stats-%j.out",
+            "--kill-on-invalid-dep=yes", *resource_lines(m)]  # fmt: skip
+    header = (f"hlwq {m.name}: the stats stage (float model on seeded random tokens, one layer in memory).\n"
+              "Submitted by `hlwq slurm submit` with --dependency=afterok:<download array job id>.")  # fmt: skip
+    return _script(header, opts, hlwq_command(plan, "--until stats"))
+
+
+def _with_stats(plan: Plan) -> bool:
+    from stages import stats
+
+    return stats.needed(plan.manifest)
+
+
 def finalize_script(plan: Plan) -> str:
     m = plan.manifest
     # kill-on-invalid-dep: when a shard task fails, this job is cancelled instead of pending forever.
@@ -156,6 +189,11 @@ def finalize_script(plan: Plan) -> str:
 
 def sbatch_lines(plan: Plan) -> list[str]:
     a, f = shlex.quote(str(plan.slurm_dir / ARRAY_SCRIPT)), shlex.quote(str(plan.slurm_dir / FINALIZE_SCRIPT))
+    if _with_stats(plan):
+        d, s = shlex.quote(str(plan.slurm_dir / DOWNLOAD_SCRIPT)), shlex.quote(str(plan.slurm_dir / STATS_SCRIPT))
+        return [f"sbatch --parsable {d}", f"sbatch --parsable --dependency=afterok:<download array job id> {s}",
+                f"sbatch --parsable --dependency=afterok:<stats job id> {a}",
+                f"sbatch --parsable --dependency=afterok:<array job id> {f}"]  # fmt: skip
     return [f"sbatch --parsable {a}", f"sbatch --parsable --dependency=afterok:<array job id> {f}"]
 
 
@@ -245,7 +283,8 @@ def _record(plan: Plan, submission: dict[str, Any]) -> None:
 def live_jobs(plan: Plan) -> list[str]:
     """Jobs or array tasks of the latest submission still pending or running (earlier ones were over before it)."""
     subs = read_jobs(plan)["submissions"]
-    jobs = [j for j in (subs[-1].get("array_job"), subs[-1].get("finalize_job")) if j] if subs else []
+    keys = ("download_job", "stats_job", "array_job", "finalize_job")
+    jobs = [j for j in (subs[-1].get(k) for k in keys) if j] if subs else []
     return [k for j in jobs for k, r in job_records(j).items() if r.get("JobState") not in TERMINAL]
 
 
@@ -267,8 +306,12 @@ def submit(plan: Plan, indices: list[int] | None = None, begin: str | None = Non
     todo = list(range(len(ctx.units))) if indices is None else indices
     spec = array_spec(todo, plan.manifest.slurm.parallel) if todo else None
     scripts = {plan.slurm_dir / FINALIZE_SCRIPT: finalize_script(plan)}
+    staged = bool(spec) and _with_stats(plan)
     if spec:
-        scripts = {plan.slurm_dir / ARRAY_SCRIPT: array_script(plan, spec, begin), **scripts}
+        scripts = {plan.slurm_dir / ARRAY_SCRIPT: array_script(plan, spec, None if staged else begin), **scripts}
+    if spec and staged:
+        scripts = {plan.slurm_dir / DOWNLOAD_SCRIPT: download_script(plan, spec, begin),
+                   plan.slurm_dir / STATS_SCRIPT: stats_script(plan), **scripts}  # fmt: skip
     text = render_dry_run(plan, scripts)
     if dry_run:
         return text, None
@@ -292,8 +335,14 @@ def submit(plan: Plan, indices: list[int] | None = None, begin: str | None = Non
         "finalize_job": None,
     }
     dep: list[str] = []
+    if staged:
+        sub["download_job"] = sbatch(plan.slurm_dir / DOWNLOAD_SCRIPT)
+        _record(plan, sub)
+        sub["stats_job"] = sbatch(plan.slurm_dir / STATS_SCRIPT, f"--dependency=afterok:{sub['download_job']}")
+        _record(plan, sub)
+        dep = [f"--dependency=afterok:{sub['stats_job']}", "--kill-on-invalid-dep=yes"]
     if spec:
-        sub["array_job"] = sbatch(plan.slurm_dir / ARRAY_SCRIPT)
+        sub["array_job"] = sbatch(plan.slurm_dir / ARRAY_SCRIPT, *dep)
         _record(plan, sub)  # recorded before the next sbatch, so a failure there still leaves the array findable
         dep = [f"--dependency=afterok:{sub['array_job']}"]
     elif begin:

@@ -65,8 +65,17 @@ def run(ctx: Context, unit: str) -> dict[str, Any]:
                 # replaced (a fit is kept only when it beats the Gaussian levels on the tensor).
                 gauss = lloyd_max.gaussian_codebook(bits, qt.codebook.device)
                 kind = "gaussian" if torch.equal(qt.codebook, gauss) else "fitted"
-                tensors[name] = {"shape": list(ref.shape), "bits": bits, "codebook": kind,
-                                 **tensor_metrics(ref, rec)}  # fmt: skip
+                if qt.smooth is not None:
+                    # The codes encode W·diag(s): judge the quantizer in that basis (smoothing deliberately moves
+                    # error onto quiet input channels, so plain weight cos-sim drops; it is reported beside).
+                    sv = qt.smooth
+                    plain = tensor_metrics(ref, rec)["cos_sim"]
+                    tensors[name] = {"shape": list(ref.shape), "bits": bits, "codebook": kind,
+                                     **tensor_metrics(ref.float() * sv, rec.float() * sv), "smooth": True,
+                                     "weight_cos_sim": plain}  # fmt: skip
+                else:
+                    tensors[name] = {"shape": list(ref.shape), "bits": bits, "codebook": kind,
+                                     **tensor_metrics(ref, rec)}  # fmt: skip
             else:
                 if not same_bits(ref, reader.get(name, ctx.device)):
                     raise IntegrityError(f"{unit}: kept tensor {name} differs from the source")

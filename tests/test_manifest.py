@@ -24,6 +24,15 @@ def test_defaults():
     assert m.bits_for("anything") == 5
 
 
+def test_smoothing_and_target_keys():
+    m = parse_manifest({**BASE, "quantize": {"smooth": {"alpha": 0.125, "sequences": 4}, "target_bpw": 5}})
+    assert m.quantize.smooth is not None and (m.quantize.smooth.alpha, m.quantize.smooth.sequences) == (0.125, 4)
+    assert m.quantize.smooth.length == 256 and m.quantize.target_bpw == 5.0
+    assert parse_manifest(BASE).quantize.smooth is None and parse_manifest(BASE).quantize.target_bpw is None
+    assert parse_manifest({**BASE, "quantize": {"smooth": None}}).quantize.smooth is None
+    assert parse_manifest({**BASE, "quantize": {"smooth": {}}}).quantize.smooth.alpha == 0.25  # type: ignore[union-attr]
+
+
 def test_overrides_first_match_wins():
     m = parse_manifest({**BASE, "quantize": {"overrides": {"*.down_proj.*": 6, "*.mlp.*": 4}}})
     assert m.bits_for("l.0.mlp.down_proj.weight") == 6 and m.bits_for("l.0.mlp.up_proj.weight") == 4
@@ -50,6 +59,13 @@ def test_overrides_first_match_wins():
         ([1, 2], "expected a mapping"),
         ({**BASE, "name": "a" * 300}, "name: 'aaaa"),
         ({**BASE, "destination": {"repo": "o/" + "n" * 97}}, "destination.repo"),
+        ({**BASE, "quantize": {"smooth": {"alpha": 2}}}, "quantize.smooth.alpha: must be in"),
+        ({**BASE, "quantize": {"smooth": {"max_ratio": 0.5}}}, "quantize.smooth.max_ratio"),
+        ({**BASE, "quantize": {"smooth": {"sequences": 0}}}, "quantize.smooth: sequences"),
+        ({**BASE, "quantize": {"smooth": {"alpah": 0.25}}}, "quantize.smooth.alpah: unknown key"),
+        ({**BASE, "quantize": {"smooth": "on"}}, "quantize.smooth: expected a mapping"),
+        ({**BASE, "quantize": {"target_bpw": 1.5}}, "quantize.target_bpw: must be in"),
+        ({**BASE, "quantize": {"target_bpw": "5.5"}}, "quantize.target_bpw: expected float"),
     ],
 )
 def test_bad_manifests_name_the_key(data, message):

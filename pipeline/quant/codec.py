@@ -2,6 +2,7 @@
 
 quantize:   w -> blocks of B along each row -> H·D rotation -> unit-normalize -> nearest Lloyd-Max level -> pack
 dequantize: unpack -> level * scale / sqrt(B) -> D·H (inverse rotation) -> crop padding -> original dtype
+With a smoothing vector s (pipeline.quant.smooth) the codes encode W·diag(s) and decoding divides column i by s_i.
 Every reduction is a fixed pairwise tree of elementwise ops, so CPU and GPU produce the same bytes.
 """
 
@@ -13,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.quant import bitpack, hadamard, lloyd_max
+from pipeline.quant import bitpack, hadamard, lloyd_max, smooth
 
 ScaleKind = Literal["l2", "lsq"]
 # Rows per chunk are picked so one chunk's float32 working set stays cache-sized (~1 MiB); on a GPU such chunks are
@@ -49,6 +50,7 @@ class Quantized:
     dtype: torch.dtype  # original dtype
     bits: int
     block_size: int
+    smooth: torch.Tensor | None = None  # float32 [C]: the codes encode W·diag(smooth) (FORMAT v2)
 
 
 def _tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +98,15 @@ def sample_normalized(w: torch.Tensor, params: QuantParams, max_values: int = 1 
     return u.reshape(-1)
 
 
-def quantize(w: torch.Tensor, params: QuantParams) -> Quantized:
-    """Quantize a floating tensor (>= 2 dims; rows = dim 0) on its own device."""
+def quantize(w: torch.Tensor, params: QuantParams, smooth_vec: torch.Tensor | None = None) -> Quantized:
+    """Quantize a floating tensor (>= 2 dims; rows = dim 0) on its own device; with `smooth_vec` (float32 [C] for a
+    2-D [R, C] weight) the codes encode W·diag(smooth_vec)."""
     if not w.is_floating_point():
         raise TypeError(f"expected a floating tensor, got {w.dtype}")
+    shape, dtype = tuple(w.shape), w.dtype
+    if smooth_vec is not None:
+        smooth_vec = smooth_vec.to(device=w.device, dtype=torch.float32)
+        w = smooth.apply(w, smooth_vec)
     rows = _as_rows(w)
     b = params.block_size
     signs = hadamard.sign_vector(params.sign_bits(), b, w.device)
@@ -127,7 +134,7 @@ def quantize(w: torch.Tensor, params: QuantParams) -> Quantized:
     scale16 = torch.cat(scales).to(torch.float16)
     if not torch.isfinite(scale16).all():
         raise OverflowError("a block scale does not fit in float16 (|block norm| > 65504)")
-    return Quantized(torch.cat(codes), scale16, codebook.clone(), tuple(w.shape), w.dtype, params.bits, b)
+    return Quantized(torch.cat(codes), scale16, codebook.clone(), shape, dtype, params.bits, b, smooth_vec)
 
 
 def dequantize(q: Quantized, sign_bits: list[int] | None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -144,5 +151,6 @@ def dequantize(q: Quantized, sign_bits: list[int] | None, dtype: torch.dtype | N
         packed = q.codes[start : start + step].reshape(-1, n_blocks, bitpack.packed_block_bytes(q.bits, b))
         levels = lloyd_max.lookup(bitpack.unpack(packed, q.bits, b), codebook)
         y = levels * (q.scales[start : start + step].to(torch.float32) * (1.0 / math.sqrt(b))).unsqueeze(-1)
-        out[start : start + step] = hadamard.unrotate(y, signs, cols)
+        x = hadamard.unrotate(y, signs, cols)
+        out[start : start + step] = x if q.smooth is None else smooth.unapply(x, q.smooth.to(x.device))
     return out.reshape(q.shape)

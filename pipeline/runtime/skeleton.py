@@ -158,14 +158,10 @@ def stream(model: Any, folder: Path, device: torch.device, backend: Backend) -> 
     for shard in shard_files(folder):
         reader = fmt.ShardReader(shard)
         signs = reader.layout.sign_bits()
-        stored = set(reader.passthrough)
-        for name in reader.names():
-            if name.endswith(SMOOTH) and name.removesuffix(SMOOTH) in reader.quantized:
-                continue  # read with its tensor below
+        for name in reader.names():  # a quantized tensor's smoothing vector comes with it (q.smooth)
             if name in reader.quantized:
                 q = reader.get_quantized(name, device)
-                smooth = reader.get(name + SMOOTH, device) if name + SMOOTH in stored else None
-                kind = backend.place_quantized(model, name, q, signs, smooth)
+                kind = backend.place_quantized(model, name, q, signs, q.smooth)
                 counts["quantized"] += 1
                 counts[kind] = counts.get(kind, 0) + 1
             else:

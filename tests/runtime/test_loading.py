@@ -158,7 +158,6 @@ def test_load_check_on_gpu(tiny: tuple[Path, Path]) -> None:
     assert fig["peak_vram_gb"] >= fig["resident_gb"] > 0 and fig["decode_tok_s_eager"] > 0
 
 
-
 def test_int4_rotated_loads_every_quantized_linear(tiny: tuple[Path, Path]) -> None:
     """int4-rotated takes every quantized Linear (the rotation pads 320-wide inputs to whole 128-blocks, so none
     stays BF16) and generates finite logits near the reference's."""

@@ -3,6 +3,7 @@ the dtype of the slot it fills; the model is a plain transformers model afterwar
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ def reference_weight(q: Quantized, signs: list[int] | None, smooth: torch.Tensor
     float32, before the cast)."""
     if smooth is None:
         return dequantize(q, signs, dtype=dtype)
-    w = dequantize(q, signs, dtype=torch.float32)
+    w = dequantize(dataclasses.replace(q, smooth=None), signs, dtype=torch.float32)  # divided once, here
     return (w / smooth.to(device=w.device, dtype=torch.float32).reshape(1, -1)).to(dtype)
 
 
