@@ -1,0 +1,1 @@
+"""The runtime: loading HLWQ artifacts into transformers models, and what runs them (KV cache, kernels)."""
