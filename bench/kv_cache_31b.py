@@ -146,8 +146,11 @@ def probe(model: Any, kind: str, context: int, chunk: int, mem: Memory, device: 
     tok = out.logits[:, -1:].argmax(-1)
     for _ in range(2):
         tok = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    res = {"context": context, "peak_gb": round(mem.peak_gb(cache), 3), "cache_gb": round(cache_bytes(cache) / 1e9, 3),
-           "allocated_before_chunk_gb": round(before, 3)}  # fmt: skip
+    peak = mem.peak_gb(cache)
+    # transient: what the chunk + decode steps needed beyond the weights and the filled cache (their own new
+    # cache entries included); it should not grow with the context
+    res = {"context": context, "peak_gb": round(peak, 3), "cache_gb": round(cache_bytes(cache) / 1e9, 3),
+           "allocated_before_chunk_gb": round(before, 3), "transient_gb": round(peak - before, 3)}  # fmt: skip
     del cache, out, tok
     mem.reset()
     return res

@@ -32,7 +32,10 @@ from transformers.cache_utils import (
 from pipeline.quant import kv as kvq
 
 ATTN_PREFIX = "hlwq_kv_"
-_SCORE_BUDGET = 1 << 24  # float32 score elements per attention slice (64 MiB): bounds the transient per layer
+# Elements per attention slice, which bound the transient of a layer's attention whatever the context: scores
+# (float32, 64 MiB) and dequantized keys or values (float32, 16 MiB each; ~6x that in the dequantization chain).
+_SCORE_BUDGET = 1 << 24
+_KV_BUDGET = 1 << 22
 _NEG = -1e30  # masked score; finite so fully masked slices never produce NaN in the online softmax
 
 
@@ -257,7 +260,7 @@ class HLWQKVLayer(DynamicLayer):
             if mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
                 mask = mask == 0
             m5 = mask[..., -total:].unsqueeze(2)  # [B|1, 1, 1, Lq, total]
-        step = max(16, _SCORE_BUDGET // max(1, b * hq * lq))
+        step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
         run_max = q.new_full((b, hkv, g, lq), _NEG)
         run_sum = q.new_zeros((b, hkv, g, lq))
         acc_rot = q.new_zeros((b, hkv, g, lq, d))

@@ -151,3 +151,22 @@ def test_manifest_key_becomes_the_cache_config():
         parse_manifest({**base, "load_check": {"kv_cache": {"bits": 5}}})
     with pytest.raises(ManifestError, match=r"load_check\.kv_cache\.block: unknown key"):
         parse_manifest({**base, "load_check": {"kv_cache": {"block": 5}}})
+
+
+@pytest.mark.slow
+def test_31b_script_runs_on_the_tiny_shape(tmp_path):
+    """The H200 script's whole code path on the CPU (its memory figures there are stand-ins, not checked)."""
+    import json
+
+    from bench import kv_cache_31b
+
+    out = tmp_path / "kv.json"
+    out.write_text(json.dumps({"kl_q3": 0.01}))  # a quality figure already there is kept (merge, not overwrite)
+    args = ["--tiny", "--out", str(out), "--kinds", "bf16,q3", "--probes", "3", "--speed-contexts", "1024",
+            "--steps", "2", "--check-context", "1024"]  # fmt: skip
+    assert kv_cache_31b.main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kl_q3"] == 0.01
+    run = doc["gpu_31b_tiny"]
+    assert run["last_step"] == "done" and run["max_context_tokens_22gb_int4_bf16"] is not None
+    assert run["decode_tok_s_1k_q3"] > 0 and "max_context_tokens_22gb_int4_q3" not in doc  # headline keys: GPU only
