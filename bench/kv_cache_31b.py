@@ -149,19 +149,22 @@ def probe(model: Any, kind: str, context: int, chunk: int, mem: Memory, device: 
     peak = mem.peak_gb(cache)
     # transient: what the chunk + decode steps needed beyond the weights and the filled cache (their own new
     # cache entries included); it should not grow with the context
-    res = {"context": context, "peak_gb": round(peak, 3), "cache_gb": round(cache_bytes(cache) / 1e9, 3),
-           "allocated_before_chunk_gb": round(before, 3), "transient_gb": round(peak - before, 3)}  # fmt: skip
+    res = {"context": context, "peak_gb": round(peak, 3), "peak_raw_gb": peak,
+           "cache_gb": round(cache_bytes(cache) / 1e9, 3), "allocated_before_chunk_gb": round(before, 3),
+           "transient_gb": round(peak - before, 3)}  # fmt: skip
     del cache, out, tok
     mem.reset()
     return res
 
 
-def max_context(model: Any, kind: str, budget: float, chunk: int, lo: int, hi: int, mem: Memory,
+def max_context(model: Any, kind: str, budget: float, chunk: int, lo: int, limit: int, mem: Memory,
                 device: torch.device, probes: int, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Largest context (multiple of 1024) within the budget: bisection on a log scale, `probes` probes at most."""
+    """Largest context (multiple of 1024, <= limit) within the budget. The peak is close to affine in the context
+    (cache bytes per token, bounded transients), so each probe is placed where the line through the bracketing
+    probes crosses the budget (regula falsi): a handful of probes, not a scan."""
     seen: list[dict[str, Any]] = []
 
-    def fits(ctx: int) -> bool:
+    def peak(ctx: int) -> float | None:
         try:
             r = probe(model, kind, ctx, chunk, mem, device)
         except torch.cuda.OutOfMemoryError:
@@ -169,22 +172,44 @@ def max_context(model: Any, kind: str, budget: float, chunk: int, lo: int, hi: i
             mem.reset()
         seen.append(r)
         log(f"{kind} ctx {ctx}: peak {r['peak_gb']} GB")
-        return r["peak_gb"] is not None and r["peak_gb"] <= budget
+        return r.get("peak_raw_gb", r["peak_gb"])
 
-    if not fits(lo):
+    def ok(p: float | None) -> bool:
+        return p is not None and p <= budget
+
+    p_lo = peak(lo)
+    if not ok(p_lo):
         return {"max_context_tokens": None, "note": f"even {lo} tokens exceed the budget", "probes": seen}
-    if fits(hi):
-        return {"max_context_tokens": hi, "note": "the largest context tried fits", "probes": seen}
-    for _ in range(probes - 2):
-        if hi - lo <= 1024:
-            break
-        mid = round((lo * hi) ** 0.5 / 1024) * 1024
-        mid = min(max(mid, lo + 1024), hi - 1024)
-        if fits(mid):
-            lo = mid
+    assert p_lo is not None
+    first, p_first = lo, p_lo
+    hi: int | None = None
+    p_hi: float | None = None
+    while len(seen) < probes:
+        if hi is None:  # no probe over the budget yet: extrapolate (first: double)
+            if lo == first:
+                guess = 2 * lo
+            else:
+                slope = (p_lo - p_first) / (lo - first)
+                guess = limit if slope <= 0 else lo + int((budget - p_lo) / slope)
         else:
-            hi = mid
-    return {"max_context_tokens": lo, "first_over_budget": hi, "probes": seen}
+            if hi - lo <= 1024:
+                break
+            guess = (lo + hi) // 2 if p_hi is None else lo + int((budget - p_lo) * (hi - lo) / (p_hi - p_lo))
+        guess = min(guess // 1024 * 1024, limit if hi is None else hi - 1024)
+        guess = max(guess, lo + 1024)
+        if guess > limit:
+            break
+        p = peak(guess)
+        if ok(p):
+            assert p is not None
+            lo, p_lo = guess, p
+            if lo == limit:
+                break
+        else:
+            hi, p_hi = guess, p
+    note = "converged to 1024 tokens" if hi is not None and hi - lo <= 1024 else (
+        "the largest context allowed fits" if lo == limit else "stopped at the probe limit")  # fmt: skip
+    return {"max_context_tokens": lo, "first_over_budget": hi, "note": note, "probes": seen}
 
 
 @torch.inference_mode()
@@ -231,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-gb", type=float, default=22.0)
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk on top of the filled cache")
     ap.add_argument("--kinds", default="bf16,q3,q3_sliding_bf16,q2")
-    ap.add_argument("--probes", type=int, default=7, help="memory probes per kind")
+    ap.add_argument("--probes", type=int, default=8, help="memory probes per kind (at most)")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per speed figure")
     ap.add_argument("--speed-contexts", default="4096,32768")
     ap.add_argument("--check-context", type=int, default=8192, help="real chunked prefill to check the probe (0: off)")

@@ -88,14 +88,16 @@ def _unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tenso
     return codes
 
 
-def quantize_kv(x: torch.Tensor, bits: int, signs: torch.Tensor, scale: ScaleKind = "lsq") -> PackedKV:
-    """Vectors x [..., d] (any float dtype) -> packed Lloyd-Max codes of the rotated vector + one scale each."""
+def quantize_kv(x: torch.Tensor, bits: int, signs: torch.Tensor, scale: ScaleKind = "lsq",
+                codebook: torch.Tensor | None = None) -> PackedKV:  # fmt: skip
+    """Vectors x [..., d] (any float dtype) -> packed Lloyd-Max codes of the rotated vector + one scale each.
+    codebook: the N(0,1) levels for `bits` already on x's device (a cache passes its copy: no upload per call)."""
     d = x.shape[-1]
     _check(bits, d)
     y = rotate(x, signs)
     norms = torch.linalg.vector_norm(y, dim=-1)
     inv = torch.where(norms > 0, math.sqrt(d) / norms, torch.zeros_like(norms))
-    cb = lloyd_max.gaussian_codebook(bits, x.device)
+    cb = lloyd_max.gaussian_codebook(bits, x.device) if codebook is None else codebook
     codes = lloyd_max.assign(y * inv.unsqueeze(-1), cb)
     if scale == "l2":
         s = norms
@@ -110,10 +112,10 @@ def quantize_kv(x: torch.Tensor, bits: int, signs: torch.Tensor, scale: ScaleKin
     return PackedKV(_pack_codes(codes, bits), s16, bits, d)
 
 
-def dequantize_kv(p: PackedKV, signs: torch.Tensor, dtype: torch.dtype = torch.float32,
-                  rotated: bool = False) -> torch.Tensor:  # fmt: skip
+def dequantize_kv(p: PackedKV, signs: torch.Tensor, dtype: torch.dtype = torch.float32, rotated: bool = False,
+                  codebook: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Packed codes -> vectors [..., d]: in the rotated basis (rotated=True) or the original one."""
-    cb = lloyd_max.gaussian_codebook(p.bits, p.codes.device)
+    cb = lloyd_max.gaussian_codebook(p.bits, p.codes.device) if codebook is None else codebook
     levels = lloyd_max.lookup(_unpack_codes(p.codes, p.bits, p.head_dim), cb)
     y = levels * (p.scales.to(torch.float32) * (1.0 / math.sqrt(p.head_dim))).unsqueeze(-1)
     return (y if rotated else unrotate(y, signs)).to(dtype)

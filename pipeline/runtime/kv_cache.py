@@ -30,6 +30,7 @@ from transformers.cache_utils import (
 )
 
 from pipeline.quant import kv as kvq
+from pipeline.quant import lloyd_max
 
 ATTN_PREFIX = "hlwq_kv_"
 # Elements per attention slice, which bound the transient of a layer's attention whatever the context: scores
@@ -103,6 +104,7 @@ class HLWQKVLayer(DynamicLayer):
         self.pages: list[_Page] = []
         self.cumulative_length = 0
         self.signs: torch.Tensor | None = None
+        self.codebook: torch.Tensor | None = None
 
     # -- storage ---------------------------------------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class HLWQKVLayer(DynamicLayer):
         self.keys = key_states.new_empty(b, h, 0, d)
         self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
         self.signs = kvq.kv_signs(d, self.kv.sign_seed, key_states.device)
+        self.codebook = lloyd_max.gaussian_codebook(self.kv.bits, key_states.device)
 
     def _first_live(self, cum: int) -> int:
         """Oldest position a forward starting at `cum` can attend to."""
@@ -156,12 +159,12 @@ class HLWQKVLayer(DynamicLayer):
 
     def _quantize(self, x: torch.Tensor) -> kvq.PackedKV:
         assert self.signs is not None
-        return kvq.quantize_kv(x, self.kv.bits, self.signs, self.kv.scale)
+        return kvq.quantize_kv(x, self.kv.bits, self.signs, self.kv.scale, self.codebook)
 
     def _dequantize(self, p: kvq.PackedKV, rotated: bool = False) -> torch.Tensor:
         """float32 vectors, in the rotated basis (streaming) or the original one."""
         assert self.signs is not None
-        return kvq.dequantize_kv(p, self.signs, rotated=rotated)
+        return kvq.dequantize_kv(p, self.signs, rotated=rotated, codebook=self.codebook)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
