@@ -258,11 +258,15 @@ class HLWQKVLayer(DynamicLayer):
         qr = kvq.rotate(q, self.signs)
         offset = self._start()
         total = self.cumulative_length - offset
-        m5 = None
-        if mask is not None:
-            if mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
-                mask = mask == 0
-            m5 = mask[..., -total:].unsqueeze(2)  # [B|1, 1, 1, Lq, total]
+        if mask is None:  # no mask given: causal (and windowed) over the positions this layer holds
+            q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device)
+            k_pos = torch.arange(offset, self.cumulative_length, device=query.device)
+            mask = k_pos <= q_pos.unsqueeze(-1)
+            if self.window is not None:
+                mask &= k_pos > q_pos.unsqueeze(-1) - self.window
+        elif mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
+            mask = mask == 0
+        m5 = mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
         step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
         run_max = q.new_full((b, hkv, g, lq), _NEG)
         run_sum = q.new_zeros((b, hkv, g, lq))
@@ -275,8 +279,7 @@ class HLWQKVLayer(DynamicLayer):
             s = (qq.reshape(b, hkv, g * lq, d) @ k.transpose(-1, -2)).view(b, hkv, g, lq, -1) * scaling
             if softcap is not None:
                 s = torch.tanh(s / softcap) * softcap
-            if m5 is not None:
-                s = s.masked_fill(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
+            s = s.masked_fill(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
             new_max = torch.maximum(run_max, s.amax(-1))
             fix = torch.exp(run_max - new_max)
             p = torch.exp(s - new_max.unsqueeze(-1))

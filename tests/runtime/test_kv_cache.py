@@ -83,6 +83,7 @@ def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypa
         out = stream.attend(q, mask, 0.125, None)
         assert out.shape == (1, b - a, 4, 64)
         torch.testing.assert_close(out, dense_attention(q, rk, rv, mask, 0.125), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(stream.attend(q, None, 0.125, None), out)  # no mask given: causal
 
 
 def tiny_gemma():
