@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-contexts", default="4096,32768")
     ap.add_argument("--check-context", type=int, default=8192, help="real chunked prefill to check the probe (0: off)")
     ap.add_argument("--no-host-embed", action="store_true", help="keep the BF16 embedding on the GPU")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start after this")
     ap.add_argument("--tiny", action="store_true", help="the tiny Gemma-4 config on the CPU (a smoke test)")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
@@ -305,12 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     # --tiny: a budget of weights + 0.8 MB, so the bisection itself runs (the stand-in peak has no transients)
     budget = mem.weights / 1e9 + 0.0008 if args.tiny else args.budget_gb
     res["memory"] = {}
+
+    def out_of_time(what: str) -> bool:
+        if time.monotonic() - start < args.budget_s:
+            return False
+        res.setdefault("skipped", []).append(f"{what}: out of the --budget-s time")
+        save(f"skipped {what}")
+        return True
+
     for kind in kinds:
+        if out_of_time(f"memory {kind}"):
+            continue
         r = max_context(model, kind, budget, args.chunk, lo, hi, mem, dev, args.probes, log)
         res["memory"][kind] = r
         res[f"max_context_tokens_22gb_int4_{kind}"] = r["max_context_tokens"]
         save(f"memory {kind}")
-    if args.check_context:
+    if args.check_context and not out_of_time("real prefill check"):
         ctx = min(args.check_context, hi)
         res["check_real_prefill"] = {k: {"real": real_prefill_peak(model, k, ctx, args.chunk, mem, dev),
                                          "probe": probe(model, k, ctx, args.chunk, mem, dev)}
@@ -319,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in (int(c) for c in args.speed_contexts.split(",")):
         ctx = min(ctx, hi)
         for kind in kinds:
-            if kind == "q2":
+            if kind == "q2" or out_of_time(f"decode {kind} at {ctx}"):
                 continue
             r = decode_speed(model, kind, ctx, dev, args.steps)
             res[f"decode_tok_s_{ctx // 1024}k_{kind}"] = r["tok_s"]
             log(f"decode {kind} @ {ctx}: {r['tok_s']} tok/s")
         if f"decode_tok_s_{ctx // 1024}k_bf16" in res:
             for kind in kinds:
-                if kind not in ("bf16", "q2"):
+                if kind not in ("bf16", "q2") and f"decode_tok_s_{ctx // 1024}k_{kind}" in res:
                     res[f"decode_speed_ratio_{ctx // 1024}k_{kind}_vs_bf16"] = round(
                         res[f"decode_tok_s_{ctx // 1024}k_{kind}"] / res[f"decode_tok_s_{ctx // 1024}k_bf16"], 3
                     )
