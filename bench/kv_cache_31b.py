@@ -116,15 +116,18 @@ def kv_shapes(model: Any) -> list[tuple[int, int] | None]:
 
 
 @torch.inference_mode()
-def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Put `tokens` positions of random keys/values into every layer through its own update()."""
+def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch.dtype, chunk: int) -> None:
+    """Put `tokens` positions of random keys/values into every layer through its own update(): large pieces, then
+    two of `chunk` tokens, so pages and residual end exactly as a prefill in `chunk`-token pieces leaves them."""
     g = torch.Generator(device=device).manual_seed(0)
+    tail = min(tokens, 2 * chunk)
+    sizes = [FILL_CHUNK] * ((tokens - tail) // FILL_CHUNK)
+    sizes += [n for n in ((tokens - tail) % FILL_CHUNK, tail - tail // 2, tail // 2) if n]
     for i, shape in enumerate(kv_shapes(model)):
         if shape is None:
             continue
         h, d = shape
-        for a in range(0, tokens, FILL_CHUNK):
-            n = min(FILL_CHUNK, tokens - a)
+        for n in sizes:
             k = torch.randn(1, h, n, d, generator=g, device=device, dtype=dtype)
             v = torch.randn(1, h, n, d, generator=g, device=device, dtype=dtype)
             cache.layers[i].update(k, v)
@@ -138,9 +141,9 @@ def _ids(model: Any, n: int, device: torch.device, seed: int) -> torch.Tensor:
 @torch.inference_mode()
 def probe(model: Any, kind: str, context: int, chunk: int, mem: Memory, device: torch.device) -> dict[str, Any]:
     """Peak memory of the last prefill chunk + 2 decode steps on a cache holding `context - chunk` tokens."""
-    mem.reset()
     cache = new_cache(model, kind)
-    fill(model, cache, context - chunk, device, torch.bfloat16)
+    fill(model, cache, context - chunk, device, torch.bfloat16, chunk)
+    mem.reset()  # the peak counts from the filled cache on, not the filling's own work
     before = mem.now_gb()
     out = model(input_ids=_ids(model, chunk, device, 5), past_key_values=cache, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
@@ -215,7 +218,7 @@ def max_context(model: Any, kind: str, budget: float, chunk: int, lo: int, limit
 @torch.inference_mode()
 def decode_speed(model: Any, kind: str, context: int, device: torch.device, steps: int) -> dict[str, Any]:
     cache = new_cache(model, kind)
-    fill(model, cache, context, device, torch.bfloat16)
+    fill(model, cache, context, device, torch.bfloat16, 512)
     tok = _ids(model, 1, device, 6)
     for _ in range(3):  # warm-up (and the first flushes)
         tok = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
