@@ -120,6 +120,20 @@ class Verify:
 
 
 @dataclass(frozen=True)
+class KVCache:
+    """load_check.kv_cache: the compressed KV cache (pipeline.runtime.kv_cache.KVCacheConfig) used while measuring."""
+
+    bits: int = 3
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4):
+            raise ManifestError(f"load_check.kv_cache.bits: must be 2, 3 or 4, got {self.bits}")
+        if self.residual < 0:
+            raise ManifestError("load_check.kv_cache.residual: must be >= 0")
+
+
+@dataclass(frozen=True)
 class LoadCheck:
     enabled: bool = True  # runs only where a GPU is present
     runtime: Literal["int4", "bf16"] = "int4"
@@ -127,6 +141,7 @@ class LoadCheck:
     context_tokens: int = 4096
     # Token embedding in host RAM and an int8 copy as the (tied) output layer: -1.4 GB of GPU memory on Gemma-4-31B.
     host_embedding: bool = False
+    kv_cache: KVCache | None = None  # null: transformers' BF16 DynamicCache
 
     def __post_init__(self) -> None:
         if self.max_vram_gb <= 0:

@@ -1,0 +1,426 @@
+"""A compressed KV cache that `generate` really uses: keys and values rotated per head over head_dim by a seeded
+signed Hadamard, stored as bit-packed Lloyd-Max codes (2, 3 or 4 bits) with one float16 scale per (token, head);
+the newest `residual` tokens stay in the compute dtype and are flushed into the packed store in blocks.
+
+Two ways to read it back:
+- streaming (what `make_cache` sets up): the model's attention goes through `hlwq_kv_attention`, which walks the
+  packed pages in slices with an online softmax, entirely in the rotated basis (q·k = (HDq)·(HDk), Σ p_i v_i =
+  D Hᵀ Σ p_i (HD v_i)): one rotation of the queries and one of the output per layer, never a dequantized copy of the
+  whole cache, so decode and long prefill transients stay bounded by the slice size.
+- reference (a cache used with any stock attention): `update` returns the whole cache dequantized to the original
+  basis, as transformers' own QuantizedCache does.
+Layers: full attention compressed; sliding-window layers compressed too (`sliding="compressed"`, pages older than the
+window dropped) or kept as transformers' BF16 sliding layer (`sliding="bf16"`); Gemma-4's KV-sharing layers hold
+nothing (transformers' DummyLayer), they read the tagged states of the layer they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers.cache_utils import (
+    Cache,
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
+
+from pipeline.quant import kv as kvq
+from pipeline.quant import lloyd_max
+
+ATTN_PREFIX = "hlwq_kv_"
+# Elements per attention slice, which bound the transient of a layer's attention whatever the context: scores
+# (float32, 64 MiB) and dequantized keys or values (float32, 16 MiB each; ~6x that in the dequantization chain).
+_SCORE_BUDGET = 1 << 24
+_KV_BUDGET = 1 << 22
+_NEG = -1e30  # masked score; finite so fully masked slices never produce NaN in the online softmax
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    bits: int = 3
+    residual: int = 128  # newest tokens kept in the compute dtype
+    block: int = 128  # tokens flushed at a time (residual holds residual..residual+block-1 between forwards)
+    sliding: Literal["compressed", "bf16"] = "compressed"
+    scale: kvq.ScaleKind = "lsq"
+    sign_seed: int = 0
+    page_tokens: int = 4096  # packed tokens per page of a full-attention layer
+
+    def __post_init__(self) -> None:
+        if self.bits not in kvq.KV_BITS:
+            raise ValueError(f"kv_cache.bits must be one of {kvq.KV_BITS}, got {self.bits}")
+        if self.residual < 0 or self.block < 1 or self.page_tokens < self.block:
+            raise ValueError("kv_cache: residual must be >= 0, block >= 1, page_tokens >= block")
+        if self.sliding not in ("compressed", "bf16") or self.scale not in ("l2", "lsq"):
+            raise ValueError("kv_cache: sliding must be 'compressed' or 'bf16', scale 'l2' or 'lsq'")
+
+
+@dataclass
+class _Page:
+    start: int  # absolute position of its first token
+    k: kvq.PackedKV
+    v: kvq.PackedKV
+
+    @property
+    def length(self) -> int:
+        return int(self.k.scales.shape[-1])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in (self.k, self.v) for t in (p.codes, p.scales))
+
+
+def _cat_packed(a: kvq.PackedKV, b: kvq.PackedKV) -> kvq.PackedKV:
+    return kvq.PackedKV(torch.cat([a.codes, b.codes], dim=-2), torch.cat([a.scales, b.scales], dim=-1), a.bits,
+                        a.head_dim)  # fmt: skip
+
+
+def _slice_packed(p: kvq.PackedKV, a: int, b: int) -> kvq.PackedKV:
+    return kvq.PackedKV(p.codes[..., a:b, :], p.scales[..., a:b], p.bits, p.head_dim)
+
+
+class HLWQKVLayer(DynamicLayer):
+    """One layer's cache: packed pages [B, H, T, d*bits/8] + float16 scales [B, H, T], and a residual in `keys` /
+    `values` [B, H, r, d]. `window` set: a sliding-window layer (positions older than the window are dropped)."""
+
+    keys: torch.Tensor  # set by lazy_initialization before any use (None only before the first update)
+    values: torch.Tensor
+
+    def __init__(self, kv: KVCacheConfig, streaming: bool, window: int | None = None):
+        super().__init__()
+        self.kv = kv
+        self.streaming = streaming
+        self.window = window
+        self.is_sliding = window is not None
+        # A sliding layer drops whole pages, so its pages are small; a full layer's are large (fewer slices).
+        self.page_tokens = kv.block if window is not None else kv.page_tokens
+        self.pages: list[_Page] = []
+        self.cumulative_length = 0
+        self.signs: torch.Tensor | None = None
+        self.codebook: torch.Tensor | None = None
+
+    # -- storage ---------------------------------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.signs = kvq.kv_signs(d, self.kv.sign_seed, key_states.device)
+        self.codebook = lloyd_max.gaussian_codebook(self.kv.bits, key_states.device)
+
+    def _first_live(self, cum: int) -> int:
+        """Oldest position a forward starting at `cum` can attend to."""
+        return 0 if self.window is None else max(0, cum - self.window + 1)
+
+    def _start(self) -> int:
+        """Absolute position of the oldest stored token."""
+        if self.pages:
+            return self.pages[0].start
+        return self.cumulative_length - self.keys.shape[-2] if self.keys is not None else 0
+
+    def _evict(self) -> None:
+        live = self._first_live(self.cumulative_length)
+        while self.pages and self.pages[0].end <= live:
+            self.pages.pop(0)
+        r = self.keys.shape[-2]
+        dead = min(r, live - (self.cumulative_length - r))
+        if dead > 0:  # residual tokens that no query can see any more are never quantized
+            self.keys, self.values = self.keys[..., dead:, :], self.values[..., dead:, :]
+
+    def _flush(self) -> None:
+        r = self.keys.shape[-2]
+        n = (r - self.kv.residual) // self.kv.block * self.kv.block
+        if n <= 0:
+            return
+        assert self.signs is not None
+        start = self.cumulative_length - r
+        k, v = self._quantize(self.keys[..., :n, :]), self._quantize(self.values[..., :n, :])
+        self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
+        pos = 0
+        while pos < n:  # top up the last page, then open new ones: a copy is bounded by one page
+            last = self.pages[-1] if self.pages else None
+            if last is not None and last.length < self.page_tokens:
+                take = min(self.page_tokens - last.length, n - pos)
+                last.k = _cat_packed(last.k, _slice_packed(k, pos, pos + take))
+                last.v = _cat_packed(last.v, _slice_packed(v, pos, pos + take))
+            else:
+                take = min(self.page_tokens, n - pos)
+                self.pages.append(_Page(start + pos, _slice_packed(k, pos, pos + take),
+                                        _slice_packed(v, pos, pos + take)))  # fmt: skip
+            pos += take
+
+    def _quantize(self, x: torch.Tensor) -> kvq.PackedKV:
+        assert self.signs is not None
+        return kvq.quantize_kv(x, self.kv.bits, self.signs, self.kv.scale, self.codebook)
+
+    def _dequantize(self, p: kvq.PackedKV, rotated: bool = False) -> torch.Tensor:
+        """float32 vectors, in the rotated basis (streaming) or the original one."""
+        assert self.signs is not None
+        return kvq.dequantize_kv(p, self.signs, rotated=rotated, codebook=self.codebook)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # Eviction and flushing act on what the previous forwards left, so this forward attends to its own new
+        # tokens unquantized and to exactly the positions get_mask_sizes announced.
+        self._evict()
+        self._flush()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        if self.streaming:
+            return _tagged(self, key_states), _tagged(self, value_states)
+        return self.dequantized()
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything stored, in the original basis and the compute dtype (the reference read-back)."""
+        ks = [self._dequantize(p.k).to(self.keys.dtype) for p in self.pages]
+        vs = [self._dequantize(p.v).to(self.values.dtype) for p in self.pages]
+        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of what the next forward attends to: stored tokens that survive eviction + new."""
+        if not self.is_initialized:
+            return query_length, 0
+        live = self._first_live(self.cumulative_length)
+        start = next((p.start for p in self.pages if p.end > live), None)
+        if start is None:
+            start = max(live, self.cumulative_length - self.keys.shape[-2])
+        return self.cumulative_length + query_length - start, start
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window
+
+    def nbytes(self) -> int:
+        res = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return res + sum(p.nbytes() for p in self.pages)
+
+    def reset(self) -> None:
+        self.pages = []
+        self.cumulative_length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the HLWQ KV cache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("the HLWQ KV cache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the HLWQ KV cache does not support batch expansion")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("the HLWQ KV cache does not support batch selection")
+
+    # -- streaming attention ---------------------------------------------------------------------------------------
+
+    def _segments(self, step: int) -> Iterator[tuple[int, kvq.PackedKV, kvq.PackedKV]]:
+        """The packed tokens in runs of <= step (pages are consecutive in position): small pages are joined (a copy
+        of packed bytes) so a decode step reads a layer in one go, large ones are sliced (views)."""
+        parts: list[tuple[kvq.PackedKV, kvq.PackedKV]] = []
+        pos = have = 0
+        for page in self.pages:
+            a = 0
+            while a < page.length:
+                if not parts:
+                    pos = page.start + a
+                z = min(page.length, a + step - have)
+                parts.append((_slice_packed(page.k, a, z), _slice_packed(page.v, a, z)))
+                have += z - a
+                a = z
+                if have == step:
+                    yield pos, *_join(parts)
+                    parts, have = [], 0
+        if parts:
+            yield pos, *_join(parts)
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+               softcap: float | None) -> torch.Tensor:  # fmt: skip
+        """softmax(q kᵀ·scaling) v over every stored token, with `mask` [B|1, 1, Lq, kv_len] (True = attend) laid
+        over positions [kv_offset, kv_offset + kv_len); returns [B, Lq, Hq, d] in query's dtype."""
+        assert self.signs is not None
+        b, hq, lq, d = query.shape
+        hkv = self.keys.shape[1]
+        g = hq // hkv
+        q = query.to(torch.float32).reshape(b, hkv, g, lq, d)
+        qr = kvq.rotate(q, self.signs)
+        offset = self._start()
+        total = self.cumulative_length - offset
+        if mask is None:  # no mask given: causal (and windowed) over the positions this layer holds
+            q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device)
+            k_pos = torch.arange(offset, self.cumulative_length, device=query.device)
+            mask = k_pos <= q_pos.unsqueeze(-1)
+            if self.window is not None:
+                mask &= k_pos > q_pos.unsqueeze(-1) - self.window
+        elif mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
+            mask = mask == 0
+        m5 = mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
+        step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
+        run_max = q.new_full((b, hkv, g, lq), _NEG)
+        run_sum = q.new_zeros((b, hkv, g, lq))
+        acc_rot = q.new_zeros((b, hkv, g, lq, d))
+        acc = q.new_zeros((b, hkv, g, lq, d))
+
+        def segment(qq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, out: torch.Tensor) -> None:
+            nonlocal run_max, run_sum
+            # matmul over [B, Hkv, G*Lq, d]: one batched GEMM per slice (einsum took a slow path on the CPU)
+            s = (qq.reshape(b, hkv, g * lq, d) @ k.transpose(-1, -2)).view(b, hkv, g, lq, -1) * scaling
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            s = s.masked_fill(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
+            new_max = torch.maximum(run_max, s.amax(-1))
+            fix = torch.exp(run_max - new_max)
+            p = torch.exp(s - new_max.unsqueeze(-1))
+            run_sum = run_sum * fix + p.sum(-1)
+            acc_rot.mul_(fix.unsqueeze(-1))
+            acc.mul_(fix.unsqueeze(-1))
+            out.add_((p.reshape(b, hkv, g * lq, -1) @ v).view(b, hkv, g, lq, d))
+            run_max = new_max
+
+        for pos, pk, pv in self._segments(step):
+            segment(qr, self._dequantize(pk, rotated=True), self._dequantize(pv, rotated=True), pos, acc_rot)
+        r0 = self.cumulative_length - self.keys.shape[-2]
+        for a in range(0, self.keys.shape[-2], step):
+            z = min(a + step, self.keys.shape[-2])
+            k = self.keys[..., a:z, :].to(torch.float32)
+            v = self.values[..., a:z, :].to(torch.float32)
+            segment(q, k, v, r0 + a, acc)
+        out = (kvq.unrotate(acc_rot, self.signs) + acc) / run_sum.unsqueeze(-1)
+        return out.reshape(b, hq, lq, d).transpose(1, 2).to(query.dtype)
+
+
+def _join(parts: list[tuple[kvq.PackedKV, kvq.PackedKV]]) -> tuple[kvq.PackedKV, kvq.PackedKV]:
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ps: list[kvq.PackedKV]) -> kvq.PackedKV:
+        return kvq.PackedKV(torch.cat([p.codes for p in ps], -2), torch.cat([p.scales for p in ps], -1), ps[0].bits,
+                            ps[0].head_dim)  # fmt: skip
+
+    return cat([k for k, _ in parts]), cat([v for _, v in parts])
+
+
+def _tagged(layer: HLWQKVLayer, like: torch.Tensor) -> torch.Tensor:
+    """A zero-length stand-in for the states: it carries the layer to `hlwq_kv_attention` (and through Gemma-4's
+    KV sharing to the layers that reuse these states) instead of a dequantized copy of the cache."""
+    t = like.new_empty(*like.shape[:2], 0, like.shape[-1])
+    t._hlwq_kv = layer  # type: ignore[attr-defined]
+    return t
+
+
+class HLWQKVCache(Cache):
+    """The per-layer caches for a model's decoder, chosen from its config like transformers' DynamicCache."""
+
+    def __init__(self, config: Any, kv: KVCacheConfig | None = None, streaming: bool = False):
+        self.kv = kv or KVCacheConfig()
+        text = config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(text)
+        layers: list[Any] = []
+        for t, kw in zip(types, kwargs, strict=True):
+            if t == "full_attention":
+                layers.append(HLWQKVLayer(self.kv, streaming))
+            elif t == "sliding_attention" and self.kv.sliding == "compressed":
+                layers.append(HLWQKVLayer(self.kv, streaming, window=kw["sliding_window"]))
+            elif t in ("sliding_attention", "chunked_attention"):
+                layers.append(DynamicSlidingWindowLayer(**kw))
+            elif t == "dummy":
+                layers.append(DummyLayer())
+            else:
+                raise ValueError(f"the HLWQ KV cache does not support layer type {t!r}")
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scales + residuals (+ BF16 sliding layers)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, HLWQKVLayer):
+                total += layer.nbytes()
+            elif isinstance(layer, DynamicLayer):
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        return total
+
+
+def hlwq_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      softcap: float | None = None, fallback: str = "sdpa",
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """Attention over a tagged HLWQ layer; any other call (BF16 sliding layers, a plain cache, the vision tower)
+    goes to transformers' `fallback` implementation unchanged."""
+    layer = getattr(key, "_hlwq_kv", None)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn: Any = sdpa_attention_forward if fallback == "sdpa" else ALL_ATTENTION_FUNCTIONS.get(fallback)
+        if fn is None:  # eager lives in each model file: use the model's own module-level function
+            import sys
+
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        if fallback == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        extra = {"softcap": softcap} if softcap is not None else {}
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **extra, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return layer.attend(query, attention_mask, scaling, softcap), None
+
+
+def _register(fallback: str) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = ATTN_PREFIX + fallback
+
+    def attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return hlwq_kv_attention(*args, **{**kwargs, "fallback": fallback})
+
+    def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+        # Always a materialized boolean mask: the streaming attention slices it per page.
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    return name
+
+
+def use_streaming_attention(model: Any) -> None:
+    """Route the model's attention through `hlwq_kv_attention` (other calls fall back to its current one)."""
+    current = model.config.get_text_config(decoder=True)._attn_implementation or "sdpa"
+    if current.startswith(ATTN_PREFIX):
+        return
+    fallback = current if current in ("sdpa", "eager") else "sdpa"
+    model.set_attn_implementation(_register(fallback))
+
+
+def make_cache(model: Any, bits: int | KVCacheConfig = 3, residual: int = 128, **options: Any) -> HLWQKVCache:
+    """The compressed cache for `model`, with its attention switched to the streaming path; pass it to generate:
+    `model.generate(**inputs, past_key_values=make_cache(model, bits=3))`."""
+    kv = bits if isinstance(bits, KVCacheConfig) else KVCacheConfig(bits=bits, residual=residual, **options)
+    use_streaming_attention(model)
+    return HLWQKVCache(model.config, kv, streaming=True)
+
+
+def config_from_manifest(section: Any) -> KVCacheConfig | None:
+    """manifest `load_check.kv_cache` ({bits, residual} or null) -> the cache config (None: BF16 DynamicCache)."""
+    return None if section is None else KVCacheConfig(bits=section.bits, residual=section.residual)
+
+
+def cache_bytes_per_token(kv: KVCacheConfig, head_dim: int, kv_heads: int) -> float:
+    """Packed bytes per token of one layer (K and V): codes + float16 scales."""
+    return 2 * kv_heads * (head_dim * kv.bits / 8 + 2)
+
+
+__all__ = ["HLWQKVCache", "HLWQKVLayer", "KVCacheConfig", "cache_bytes_per_token", "config_from_manifest", "make_cache"]

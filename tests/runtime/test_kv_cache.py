@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+from pipeline.quant import kv as kvq
+from pipeline.runtime.kv_cache import HLWQKVCache, HLWQKVLayer, KVCacheConfig, make_cache
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny ops: on a shared 2-core machine extra threads only add contention (10x here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def states(n: int, heads: int = 2, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, heads, n, d, generator=g), torch.randn(1, heads, n, d, generator=g)
+
+
+def test_appends_and_flushes_keep_exact_codes_and_residual():
+    kv = KVCacheConfig(bits=3, residual=4, block=4, page_tokens=8)
+    layer = HLWQKVLayer(kv, streaming=False)
+    k, v = states(23)
+    seen = 0
+    for n in (5, 1, 1, 7, 1, 1, 1, 6):  # a prefill, decode steps, more chunks
+        keys, _ = layer.update(k[..., seen : seen + n, :], v[..., seen : seen + n, :])
+        seen += n
+        assert keys.shape[-2] == seen and layer.get_seq_length() == seen
+    # Flushing happens at the start of each update: what earlier forwards left beyond residual, in whole blocks.
+    packed = sum(p.length for p in layer.pages)
+    assert packed % 4 == 0 and 4 <= seen - packed - 6 < 8
+    assert [(p.start, p.length) for p in layer.pages] == [(0, 8), (8, 4)]
+    assert torch.equal(layer.keys, k[..., packed:seen, :])  # the residual is the newest tokens, untouched
+    signs = kvq.kv_signs(32, kv.sign_seed)
+    for p in layer.pages:
+        ref = kvq.quantize_kv(k[..., p.start : p.end, :], 3, signs)
+        assert torch.equal(p.k.codes, ref.codes) and torch.equal(p.k.scales, ref.scales)
+        assert p.k.codes.shape == (1, 2, p.length, 32 * 3 // 8)
+    keys, _ = layer.dequantized()
+    assert torch.equal(keys[..., packed:, :], k[..., packed:seen, :])
+    rel = (keys[..., :packed, :] - k[..., :packed, :]).pow(2).sum() / k[..., :packed, :].pow(2).sum()
+    assert 0.01 < rel < 0.05  # 3-bit error on the packed part only
+    dense = 2 * 2 * seen * 32 * 4
+    assert layer.nbytes() < dense
+
+
+def test_sliding_layer_drops_old_pages_and_announces_its_range():
+    kv = KVCacheConfig(bits=4, residual=4, block=4)
+    layer = HLWQKVLayer(kv, streaming=False, window=10)
+    k, v = states(60)
+    for t in range(60):
+        length, offset = layer.get_mask_sizes(1)
+        keys, _ = layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        assert keys.shape[-2] == length and t + 1 - offset == length
+        assert offset <= max(0, t - 9)  # every position the window needs is still there
+        assert length <= 10 + 4 + 4  # and not many more
+    assert layer.get_seq_length() == 60
+
+
+def dense_attention(q, k, v, mask, scaling):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypatch):
+    monkeypatch.setattr("pipeline.runtime.kv_cache._SCORE_BUDGET", 64)  # many slices, to test the online softmax
+    kv = KVCacheConfig(bits=2, residual=8, block=8, page_tokens=16)
+    stream, ref = HLWQKVLayer(kv, streaming=True), HLWQKVLayer(kv, streaming=False)
+    k, v = states(70, heads=2, d=64)
+    for a, b in ((0, 40), (40, 60), (60, 61), (61, 70)):
+        length, offset = stream.get_mask_sizes(b - a)
+        tk, _ = stream.update(k[..., a:b, :], v[..., a:b, :])
+        assert tk.shape[-2] == 0 and tk._hlwq_kv is stream
+        rk, rv = ref.update(k[..., a:b, :], v[..., a:b, :])
+        q = torch.randn(1, 4, b - a, 64)
+        pos_q = torch.arange(a, b).unsqueeze(-1)
+        mask = (torch.arange(offset, offset + length) <= pos_q).expand(1, 1, -1, -1)
+        out = stream.attend(q, mask, 0.125, None)
+        assert out.shape == (1, b - a, 4, 64)
+        torch.testing.assert_close(out, dense_attention(q, rk, rv, mask, 0.125), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(stream.attend(q, None, 0.125, None), out)  # no mask given: causal
+
+
+def tiny_gemma():
+    from transformers import Gemma4ForConditionalGeneration
+
+    from pipeline.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(tiny_config()).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "sliding"),
+    [(tiny_gemma, "compressed"), (tiny_gemma, "bf16"), (tiny_llama, "compressed")],
+    ids=["gemma4", "gemma4-bf16-sliding", "llama"],
+)
+def test_generate_matches_reference_dequantization(build, sliding):
+    """generate with the streaming cache = generate with a cache that dequantizes the same codes into the model's
+    own attention: the same tokens, and logits within 1e-3 (float32; only summation order differs)."""
+    model = build()
+    kv = KVCacheConfig(bits=3, residual=16, block=16, sliding=sliding)
+    ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+    gen = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref_cache = HLWQKVCache(model.config, kv, streaming=False)
+        ref = model.generate(input_ids=ids, past_key_values=ref_cache, **gen)
+        cache = make_cache(model, kv)
+        out = model.generate(input_ids=ids, past_key_values=cache, **gen)
+        plain = model.generate(input_ids=ids, **gen)
+    assert model.config.get_text_config(decoder=True)._attn_implementation.startswith("hlwq_kv_")
+    assert torch.equal(out.sequences, ref.sequences)
+    diff = max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits, strict=True))
+    assert diff < 1e-3
+    # The cache really is quantized: packed pages exist and the logits differ from the uncompressed model's.
+    full = [layer for layer in cache.layers if isinstance(layer, HLWQKVLayer) and layer.window is None]
+    assert full and all(sum(p.length for p in layer.pages) >= 150 for layer in full)
+    assert max(float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits, strict=True)) > 1e-3
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="bits"):
+        KVCacheConfig(bits=5)
+    with pytest.raises(ValueError, match="residual"):
+        KVCacheConfig(residual=-1)
+
+
+def test_manifest_key_becomes_the_cache_config():
+    from pipeline.errors import ManifestError
+    from pipeline.manifest import parse_manifest
+    from pipeline.runtime.kv_cache import config_from_manifest
+
+    base = {"name": "m", "source": {"path": "."}, "destination": {"path": "."}}
+    m = parse_manifest({**base, "load_check": {"kv_cache": {"bits": 4, "residual": 64}}})
+    assert config_from_manifest(m.load_check.kv_cache) == KVCacheConfig(bits=4, residual=64)
+    assert config_from_manifest(parse_manifest(base).load_check.kv_cache) is None
+    with pytest.raises(ManifestError, match=r"load_check\.kv_cache\.bits"):
+        parse_manifest({**base, "load_check": {"kv_cache": {"bits": 5}}})
+    with pytest.raises(ManifestError, match=r"load_check\.kv_cache\.block: unknown key"):
+        parse_manifest({**base, "load_check": {"kv_cache": {"block": 5}}})
+
+
+@pytest.mark.slow
+def test_31b_script_runs_on_the_tiny_shape(tmp_path):
+    """The H200 script's whole code path on the CPU (its memory figures there are stand-ins, not checked)."""
+    import json
+
+    from bench import kv_cache_31b
+
+    out = tmp_path / "kv.json"
+    out.write_text(json.dumps({"kl_q3": 0.01}))  # a quality figure already there is kept (merge, not overwrite)
+    args = ["--tiny", "--out", str(out), "--kinds", "bf16,q3", "--probes", "3", "--speed-contexts", "1024",
+            "--steps", "2", "--check-context", "1024"]  # fmt: skip
+    assert kv_cache_31b.main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kl_q3"] == 0.01
+    run = doc["gpu_31b_tiny"]
+    assert run["last_step"] == "done" and run["max_context_tokens_22gb_int4_bf16"] is not None
+    assert run["decode_tok_s_1k_q3"] > 0 and "max_context_tokens_22gb_int4_q3" not in doc  # headline keys: GPU only
