@@ -63,6 +63,21 @@ def asym_minmax_int4(w: torch.Tensor, group: int = 128) -> Dequantized:
     return _per_segment(w, group, one), w.numel() * 4 + _n_groups(w, group) * 32
 
 
+def rotated_int4(w: torch.Tensor, block: int = 128, seed: int = 0) -> Dequantized:
+    """INT4 laid over HLWQ's rotated basis (runtime "int4-rotated"): rotate each 128-block of a row (the signed
+    Hadamard, seed 0), torchao's asymmetric int4 with one group per rotation block, rotate back. Applied to an HLWQ
+    artifact's weights this is the rotated-INT4 runtime's weight (up to the BF16 rounding of the dequantized weight
+    it starts from); the activation rotation it implies is exact."""
+    from pipeline.quant import hadamard
+
+    signs = hadamard.sign_vector(hadamard.sign_bits(block, seed), block)
+    rows, cols = w.shape
+    y = hadamard.rotate(w.float(), signs).reshape(rows, -1)
+    q, _ = asym_minmax_int4(y, block)
+    out = hadamard.unrotate(q.reshape(rows, -1, block), signs, cols)
+    return out, y.numel() * 4 + _n_groups(y, block) * 32
+
+
 def hqq(w: torch.Tensor, bits: int, group: int = 128) -> Dequantized:
     """HQQ (half-quadratic proximal optimization of zero/scale, calibration-free), axis=1, fp16 scale and zero."""
     from hqq.core.quantize import BaseQuantizeConfig, Quantizer

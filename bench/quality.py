@@ -152,6 +152,8 @@ def method_list() -> list[Method]:
                peer=peers.asym_minmax_int4),
         Method("hlwq-q5>torchao-int4", "peer", 4, "torchao int4 of the hlwq-q5 artifact (the seed's runtime path)",
                peer=peers.asym_minmax_int4, base="hlwq-q5"),
+        Method("hlwq-q5>int4-rotated", "peer", 4, "torchao int4 of the hlwq-q5 artifact in its rotated basis "
+               "(runtime int4-rotated)", peer=peers.rotated_int4, base="hlwq-q5"),
         Method("hqq-4-g128", "peer", 4, "HQQ 0.2.8, axis 1, fp16 scale/zero", peer=lambda w: peers.hqq(w, 4)),
         Method("hqq-5-g128", "peer", 5, "HQQ 0.2.8, axis 1, fp16 scale/zero", peer=lambda w: peers.hqq(w, 5)),
         Method("gguf-Q4_0", "peer", 4, "llama.cpp Q4_0 (gguf numpy)", peer=lambda w: peers.gguf_quant(w, "Q4_0")),
@@ -238,7 +240,9 @@ def quantized_names(folder: Path, manifest_quantize: dict[str, Any] | None = Non
     from pipeline.shards import load_index, read_header
     from stages.quantize import bits_for
 
-    m = parse_manifest({"name": "bench", "source": {"path": str(folder)}, "destination": {"path": str(folder)},
+    # Only the quantize rules are used; the destination is never written (it must not be the source, though).
+    m = parse_manifest({"name": "bench", "source": {"path": str(folder)},
+                        "destination": {"path": str(folder.parent / "unused-destination")},
                         "quantize": manifest_quantize or {}})  # fmt: skip
     names, n_q, n_all = [], 0, 0
     for shard in load_index(folder):
