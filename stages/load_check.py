@@ -23,9 +23,10 @@ def run(ctx: Context) -> dict[str, Any]:
         log.info("load_check skipped: no CUDA GPU on this host")
         return {"info": {"status": "skipped", "reason": "no CUDA GPU on the host that built this artifact"}}
     from pipeline.runtime import load_check
+    from pipeline.runtime.kv_cache import config_from_manifest
 
     figures = load_check(ctx.staging, runtime=cfg.runtime, context_tokens=cfg.context_tokens,
-                         host_embed=cfg.host_embedding)  # fmt: skip
+                         host_embed=cfg.host_embedding, kv_cache=config_from_manifest(cfg.kv_cache))  # fmt: skip
     if figures["peak_vram_gb"] > cfg.max_vram_gb:
         raise StageError(
             f"load_check: peak GPU memory {figures['peak_vram_gb']:.2f} GB > max_vram_gb {cfg.max_vram_gb}"

@@ -19,8 +19,8 @@ from pipeline.runtime.measure import Memory, measure, sync, versions
 
 def load_and_measure(artifact_dir: str | Path, runtime: str = "int4", context_tokens: int = 4096, *,
                      device: str | torch.device | None = None, compiled: bool = True, chunk: int | None = 512,
-                     deadline: float | None = None,
-                     host_embed: bool = False) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+                     deadline: float | None = None, host_embed: bool = False,
+                     kv_cache: Any = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """load_check's work, returning the loaded model too (the 31B bench measures more on it)."""
     folder = skeleton.resolve(artifact_dir)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,7 +34,7 @@ def load_and_measure(artifact_dir: str | Path, runtime: str = "int4", context_to
     load_s = time.perf_counter() - t0
     fig: dict[str, Any] = {"runtime": runtime, "host_embedding": host,
                            "load_s": round(load_s, 2), "peak_vram_load_gb": memory.peak()}  # fmt: skip
-    fig.update(measure(model, folder, memory, context_tokens, compiled, chunk, deadline))
+    fig.update(measure(model, folder, memory, context_tokens, compiled, chunk, deadline, kv_cache))
     if memory.cuda:
         fig["peak_vram_gb"] = max(fig["peak_vram_load_gb"], fig["peak_vram_no_cache_gb"], fig["peak_vram_context_gb"])
         fig["peak_vram_no_cache_gb"] = max(fig["peak_vram_load_gb"], fig["peak_vram_no_cache_gb"])
@@ -50,10 +50,11 @@ def load_and_measure(artifact_dir: str | Path, runtime: str = "int4", context_to
 
 def load_check(artifact_dir: str | Path, runtime: str = "int4", context_tokens: int = 4096, *,
                device: str | torch.device | None = None, compiled: bool = True, chunk: int | None = 512,
-               deadline: float | None = None, host_embed: bool = False) -> dict[str, Any]:  # fmt: skip
+               deadline: float | None = None, host_embed: bool = False,
+               kv_cache: Any = None) -> dict[str, Any]:  # fmt: skip
     """Load the artifact and measure it; peak_vram_gb covers the load and a generate that fills a context_tokens
     KV cache (torch.cuda.max_memory_allocated, above what was allocated before)."""
     model, fig = load_and_measure(artifact_dir, runtime, context_tokens, device=device, compiled=compiled,
-                                  chunk=chunk, deadline=deadline, host_embed=host_embed)  # fmt: skip
+                                  chunk=chunk, deadline=deadline, host_embed=host_embed, kv_cache=kv_cache)  # fmt: skip
     del model
     return fig

@@ -46,6 +46,8 @@ def sync(device: torch.device) -> None:
 
 
 def _cache_bytes(cache: Any) -> int:
+    if hasattr(cache, "nbytes"):  # the compressed cache counts its packed pages and residual itself
+        return int(cache.nbytes())
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -56,16 +58,23 @@ def _cache_bytes(cache: Any) -> int:
 
 @torch.inference_mode()
 def fill_context(model: Any, context_tokens: int, new_tokens: int = 32, chunk: int | None = 512,
-                 seed: int = 3) -> dict[str, Any]:  # fmt: skip
+                 seed: int = 3, kv_cache: Any = None) -> dict[str, Any]:  # fmt: skip
     """Prefill a (context_tokens - new_tokens)-token prompt, then greedy-generate new_tokens: the KV cache ends
     holding context_tokens positions. chunk: prefill in chunks of that many tokens (None: one forward, as plain
-    `generate` does). Only the last position's logits are ever computed."""
+    `generate` does). Only the last position's logits are ever computed. kv_cache: a KVCacheConfig (the compressed
+    cache of pipeline.runtime.kv_cache) instead of transformers' BF16 DynamicCache."""
     from transformers import DynamicCache
 
     dev = device_of(model)
     prompt = max(1, context_tokens - new_tokens)
     ids = synthetic_ids(model, prompt, seed).to(dev)
-    cache = DynamicCache(config=text_config(model))
+    cache: Any
+    if kv_cache is not None:
+        from pipeline.runtime.kv_cache import make_cache
+
+        cache = make_cache(model, kv_cache)
+    else:
+        cache = DynamicCache(config=text_config(model))
     t0 = time.perf_counter()
     if chunk is not None:
         # All but the last prompt token go in chunks; generate then feeds the last one and decodes.
@@ -74,7 +83,9 @@ def fill_context(model: Any, context_tokens: int, new_tokens: int = 32, chunk: i
     out = greedy(model, new_tokens, input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
     sync(dev)
     return {"context_tokens": int(out.shape[1]), "prefill_chunk": chunk, "seconds": round(time.perf_counter() - t0, 3),
-            "kv_cache_gb": gb(_cache_bytes(cache))}  # fmt: skip
+            "kv_cache_gb": gb(_cache_bytes(cache)),
+            "kv_cache": None if kv_cache is None else {"bits": kv_cache.bits,
+                                                       "residual": kv_cache.residual}}  # fmt: skip
 
 
 def decode_speed(model: Any, tokens: int = 64, prompt: int = 32, static: bool = False,
@@ -123,7 +134,8 @@ def versions() -> dict[str, str | None]:
 
 
 def measure(model: Any, folder: Path, memory: Memory, context_tokens: int = 4096, compiled: bool = True,
-            chunk: int | None = 512, deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
+            chunk: int | None = 512, deadline: float | None = None,
+            kv_cache: Any = None) -> dict[str, Any]:  # fmt: skip
     """Figures for a loaded model: answers, peak memory without and with a filled KV cache, decode speed."""
     fig: dict[str, Any] = {"resident_gb": memory.now()}
     memory.reset_peak()
@@ -132,7 +144,7 @@ def measure(model: Any, folder: Path, memory: Memory, context_tokens: int = 4096
         fig["image_answer"] = image_answer(model, folder)
     fig["peak_vram_no_cache_gb"] = memory.peak()
     memory.reset_peak()
-    fig["context"] = fill_context(model, context_tokens, chunk=chunk)
+    fig["context"] = fill_context(model, context_tokens, chunk=chunk, kv_cache=kv_cache)
     fig["peak_vram_context_gb"] = memory.peak()
     eager = decode_speed(model, tokens=32, repeats=2, static=False)
     fig["decode_eager"] = eager

@@ -171,3 +171,14 @@ def test_31b_script_runs_on_the_tiny_shape(tmp_path):
     run = doc["gpu_31b_tiny"]
     assert run["last_step"] == "done" and run["max_context_tokens_22gb_int4_bf16"] is not None
     assert run["decode_tok_s_1k_q3"] > 0 and "max_context_tokens_22gb_int4_q3" not in doc  # headline keys: GPU only
+
+
+def test_load_check_fills_the_compressed_cache(tiny_artifact) -> None:  # type: ignore[no-untyped-def]
+    """manifest load_check.kv_cache reaches the measurement: the context is filled through the compressed cache."""
+    from pipeline.runtime import load
+    from pipeline.runtime.kv_cache import KVCacheConfig
+    from pipeline.runtime.measure import fill_context
+
+    model = load(tiny_artifact, "reference", "cpu")
+    fig = fill_context(model, 300, new_tokens=4, chunk=64, kv_cache=KVCacheConfig(bits=3, residual=128))
+    assert fig["context_tokens"] == 300 and fig["kv_cache"] == {"bits": 3, "residual": 128}
