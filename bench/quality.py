@@ -268,7 +268,7 @@ def convert_artifact(source: Path, workdir: Path, name: str, quantize: dict[str,
     manifest = {
         "name": name,
         "source": {"path": str(source.resolve())},
-        "destination": {"path": str((workdir / "published").resolve())},
+        "destination": {"path": str((workdir.parent / f"{workdir.name}-published").resolve())},
         "quantize": quantize,
         "load_check": {"enabled": False},
         "verify": {"min_cos_sim": 0.95},  # 3-bit tensors sit near 0.98; the bench judges by output KL

@@ -97,8 +97,11 @@ def check_shard_params(ctx: Context, unit: str, tensors: dict[str, TensorInfo], 
     if got != (lay.block_size, lay.signs_hex, lay.scale, lay.codebook):
         raise IntegrityError(f"{where} (block size, signs, scale or codebook); {redo}")
     kept = {n: t for n, t in tensors.items() if not n.endswith(fmt.SUFFIXES)}
-    want = {n: quantize.bits_for(m, TensorInfo(n, r["dtype"], tuple(r["shape"]), 0)) for n, r in records.items()}
-    want |= {n: quantize.bits_for(m, t) for n, t in kept.items()}
+    # Widths allocated from the stats pass (quantize.target_bpw) are part of what this manifest asks for.
+    alloc = quantize.allocation(m, quantize.load_stats(ctx))
+    want = {n: quantize.bits_for(m, TensorInfo(n, r["dtype"], tuple(r["shape"]), 0), alloc)
+            for n, r in records.items()}  # fmt: skip
+    want |= {n: quantize.bits_for(m, t, alloc) for n, t in kept.items()}
     have = {n: r["bits"] for n, r in records.items()} | dict.fromkeys(kept)
     bad = sorted(n for n in want if want[n] != have[n])
     if bad:
