@@ -144,7 +144,7 @@ def test_manifest_key_becomes_the_cache_config():
     from pipeline.manifest import parse_manifest
     from pipeline.runtime.kv_cache import config_from_manifest
 
-    base = {"name": "m", "source": {"path": "."}, "destination": {"path": "."}}
+    base = {"name": "m", "source": {"path": "src"}, "destination": {"path": "out"}}
     m = parse_manifest({**base, "load_check": {"kv_cache": {"bits": 4, "residual": 64}}})
     assert config_from_manifest(m.load_check.kv_cache) == KVCacheConfig(bits=4, residual=64)
     assert config_from_manifest(parse_manifest(base).load_check.kv_cache) is None
