@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import statistics
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.quant.codec import QuantParams, dequantize, quantize
 from pipeline.runtime import kernels
+from pipeline.shards import atomic_write_json
 
 SHAPES = {"gate_up": (21504, 5376), "down": (5376, 21504), "q_global": (16384, 5376), "o_sliding": (5376, 8192)}
 L2_BYTES = 60 << 20
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peers'].get('torchao_int4', {}).get('1', {})} | batches {r['batches']}",
                   flush=True)  # fmt: skip
             if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
+                atomic_write_json(Path(args.out), result)
     return 0
 
 

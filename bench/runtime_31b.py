@@ -17,12 +17,14 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bench.load_check_31b import build_bf16, config_31b
+from pipeline.shards import atomic_write_json
 
 CONTEXT = 4096
 NEW_TOKENS = 128
@@ -190,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:400]}  # fmt: skip
         print(name, json.dumps(result[name]), flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+            atomic_write_json(Path(args.out), result)
     return 0
 
 
