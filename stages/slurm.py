@@ -139,12 +139,24 @@ def _script(header: str, options: list[str], command: str) -> str:
     return "\n".join([*lines, f"exec {command}", ""])
 
 
-def array_script(plan: Plan, spec: str, begin: str | None = None) -> str:
-    m = plan.manifest
-    opts = [f"--job-name=hlwq-{m.name}", f"--array={spec}", f"--chdir={plan.cwd}",
-            f"--output={plan.log_dir}/%A_%a.out", *resource_lines(m)]  # fmt: skip
+def _array_opts(plan: Plan, spec: str, begin: str | None, suffix: str, log_prefix: str) -> list[str]:
+    opts = [f"--job-name=hlwq-{plan.manifest.name}{suffix}", f"--array={spec}", f"--chdir={plan.cwd}",
+            f"--output={plan.log_dir}/{log_prefix}%A_%a.out", *resource_lines(plan.manifest)]  # fmt: skip
     if begin:
         opts.append(f"--begin={_checked(begin, '--begin')}")
+    return opts
+
+
+def _job_opts(plan: Plan, step: str) -> list[str]:
+    # kill-on-invalid-dep: when a job this one waits for fails, it is cancelled instead of pending forever.
+    return [f"--job-name=hlwq-{plan.manifest.name}-{step}", f"--chdir={plan.cwd}",
+            f"--output={plan.log_dir}/{step}-%j.out", "--kill-on-invalid-dep=yes",
+            *resource_lines(plan.manifest)]  # fmt: skip
+
+
+def array_script(plan: Plan, spec: str, begin: str | None = None) -> str:
+    m = plan.manifest
+    opts = _array_opts(plan, spec, begin, "", "")
     header = (f"hlwq {m.name}: one array task per source shard (task id = shard index): download, quantize, verify.\n"
               "Written by `hlwq slurm submit`; tasks share the workdir through its run state and locks.")  # fmt: skip
     cmd = hlwq_command(plan, '--shard "$SLURM_ARRAY_TASK_ID"', "--no-finalize")
@@ -153,10 +165,7 @@ def array_script(plan: Plan, spec: str, begin: str | None = None) -> str:
 
 def download_script(plan: Plan, spec: str, begin: str | None = None) -> str:
     m = plan.manifest
-    opts = [f"--job-name=hlwq-{m.name}-download", f"--array={spec}", f"--chdir={plan.cwd}",
-            f"--output={plan.log_dir}/download-%A_%a.out", *resource_lines(m)]  # fmt: skip
-    if begin:
-        opts.append(f"--begin={_checked(begin, '--begin')}")
+    opts = _array_opts(plan, spec, begin, "-download", "download-")
     header = (f"hlwq {m.name}: one array task per source shard: download only (the stats job needs every shard).\n"
               "Written by `hlwq slurm submit`.")  # fmt: skip
     return _script(header, opts, hlwq_command(plan, '--shard "$SLURM_ARRAY_TASK_ID"', "--until download"))
@@ -164,8 +173,7 @@ def download_script(plan: Plan, spec: str, begin: str | None = None) -> str:
 
 def stats_script(plan: Plan) -> str:
     m = plan.manifest
-    opts = [f"--job-name=hlwq-{m.name}-stats", f"--chdir={plan.cwd}", f"--output={plan.log_dir}/stats-%j.out",
-            "--kill-on-invalid-dep=yes", *resource_lines(m)]  # fmt: skip
+    opts = _job_opts(plan, "stats")
     header = (f"hlwq {m.name}: the stats stage (float model on seeded random tokens, one layer in memory).\n"
               "Submitted by `hlwq slurm submit` with --dependency=afterok:<download array job id>.")  # fmt: skip
     return _script(header, opts, hlwq_command(plan, "--until stats"))
@@ -179,9 +187,7 @@ def _with_stats(plan: Plan) -> bool:
 
 def finalize_script(plan: Plan) -> str:
     m = plan.manifest
-    # kill-on-invalid-dep: when a shard task fails, this job is cancelled instead of pending forever.
-    opts = [f"--job-name=hlwq-{m.name}-finalize", f"--chdir={plan.cwd}", f"--output={plan.log_dir}/finalize-%j.out",
-            "--kill-on-invalid-dep=yes", *resource_lines(m)]  # fmt: skip
+    opts = _job_opts(plan, "finalize")
     header = (f"hlwq {m.name}: finalize -> load_check -> card -> publish -> upload, once every shard is verified.\n"
               "Submitted by `hlwq slurm submit` with --dependency=afterok:<array job id>.")  # fmt: skip
     return _script(header, opts, hlwq_command(plan))
