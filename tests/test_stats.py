@@ -134,3 +134,22 @@ def test_slurm_plan_puts_a_stats_job_between_downloads_and_quantize(tiny_src: Pa
     lines = text.split("==> submitted with <==\n")[1].splitlines()
     assert [ln.split(" --dependency=")[-1].split()[0] if "--dependency" in ln else "" for ln in lines] == [
         "", "afterok:<download", "afterok:<stats", "afterok:<array"]  # fmt: skip
+
+
+def test_smoothed_artifact_runs_the_same_in_every_runtime(smoothed):  # type: ignore[no-untyped-def]
+    """A v2 artifact through the runtime: HLWQLinear (reference; the native kernels take the same smooth buffer)
+    and the plain dequantized model give the same logits, and both differ from ignoring the smoothing vectors."""
+    from pipeline.runtime import load
+    from pipeline.runtime.linear import HLWQLinear
+
+    ids = torch.tensor([[2, 10, 11, 12, 13, 40, 41]])
+    hlwq = load(smoothed.artifact, "reference", "cpu", dtype=torch.float32)
+    dense = load(smoothed.artifact, "dequantize", "cpu", dtype=torch.float32)
+    smoothed_layers = [m for m in hlwq.modules() if isinstance(m, HLWQLinear) and m.smooth is not None]
+    assert smoothed_layers
+    with torch.inference_mode():
+        a, b = hlwq(input_ids=ids).logits, dense(input_ids=ids).logits
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        for m in smoothed_layers:
+            m.smooth = None  # what a runtime that dropped the vectors would compute
+        assert not torch.allclose(hlwq(input_ids=ids).logits, b, rtol=1e-3, atol=1e-3)
