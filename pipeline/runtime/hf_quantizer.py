@@ -32,8 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from pipeline import format as fmt
 from pipeline.errors import FormatError
-from pipeline.quant import Quantized
-from pipeline.runtime.skeleton import SMOOTH
+from pipeline.quant import Quantized, dequantize
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "reference", "native", "int4", "dequantize")
@@ -170,24 +169,23 @@ class HlwqHfQuantizer(HfQuantizer):
             if hlwq_modules:
                 new = HLWQLinear(module.in_features, module.out_features, rec["bits"], self.layout.block_size,
                                  bias=module.bias is not None, runtime=self.module_runtime,
-                                 smooth=name + SMOOTH in stored, device="meta",
+                                 smooth=name + fmt.SMOOTH in stored, device="meta",
                                  dtype=module.weight.dtype)  # fmt: skip
                 parent, _, child = name.removesuffix(".weight").rpartition(".")
                 model.get_submodule(parent).register_module(child, new)
 
     def update_weight_conversions(self, weight_conversions: list[Any], model: Any) -> list[Any]:
         if self.quantization_config.runtime in ("int4", "dequantize"):
-            sources = [fmt.CODES, fmt.SCALES, fmt.CODEBOOK, SMOOTH]
+            sources = [fmt.CODES, fmt.SCALES, fmt.CODEBOOK, fmt.SMOOTH]
             collect = WeightConverter([r"\.weight" + s.replace(".", r"\.") + "$" for s in sources], ".weight",
                                       [HlwqDequantize(self)])  # fmt: skip
             return [*weight_conversions, collect]
         ours = [WeightRenaming(r"\.weight" + s.replace(".", r"\.") + "$", "." + buf)
                 for s, buf in ((fmt.CODES, "codes"), (fmt.SCALES, "scales"), (fmt.CODEBOOK, "codebook"),
-                               (SMOOTH, "smooth"))]  # fmt: skip
+                               (fmt.SMOOTH, "smooth"))]  # fmt: skip
         return [*ours, *weight_conversions]
 
     def dequantize_entries(self, model: Any, name: str, entries: dict[str, Any]) -> torch.Tensor:
-        from pipeline.runtime.backends.dequantize import reference_weight
         from pipeline.runtime.backends.int4 import int4_eligible, to_int4
 
         def one(suffix: str) -> torch.Tensor | None:
@@ -202,9 +200,9 @@ class HlwqHfQuantizer(HfQuantizer):
         if codes is None or scales is None or codebook is None:
             raise FormatError(f"artifact lacks an entry of quantized tensor {name}")
         q = Quantized(codes, scales, codebook, tuple(rec["shape"]), fmt.DTYPES[rec["dtype"]], rec["bits"],
-                      layout.block_size)  # fmt: skip
+                      layout.block_size, one(fmt.SMOOTH))  # fmt: skip
         module = _module_of(model, name)
-        w = reference_weight(q, layout.sign_bits(), one(SMOOTH), module.weight.dtype)  # type: ignore[arg-type]
+        w = dequantize(q, layout.sign_bits(), module.weight.dtype)  # type: ignore[arg-type]
         if self.ao_config is not None and int4_eligible(module, "weight"):
             return to_int4(w, self.ao_config)
         return w

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.quant import Quantized
+from pipeline.quant import Quantized, dequantize
 from pipeline.quant.bitpack import packed_block_bytes
 from pipeline.quant.hadamard import sign_vector
-from pipeline.runtime.backends.dequantize import reference_weight
 
 RUNTIMES = ("reference", "native")
 
@@ -51,15 +50,16 @@ class HLWQLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, q: Quantized, signs: list[int] | None, bias: nn.Parameter | None = None,
-                       smooth: torch.Tensor | None = None, runtime: str = "reference") -> HLWQLinear:  # fmt: skip
-        """A module around tensors already read (no copies); `bias` is taken over as it is (it may still be meta)."""
+                       runtime: str = "reference") -> HLWQLinear:  # fmt: skip
+        """A module around tensors already read (no copies), q.smooth included; `bias` is taken over as it is (it may
+        still be meta)."""
         if len(q.shape) != 2:
             raise ValueError(f"HLWQLinear needs a 2-D weight, got shape {q.shape}")
         out_f, in_f = q.shape
         m = cls(in_f, out_f, q.bits, q.block_size, bias=False, runtime=runtime, smooth=False, device="meta")
         m.codes, m.scales, m.codebook = q.codes, q.scales, q.codebook.to(torch.float32)
         m.signs = sign_vector(signs, q.block_size, q.codes.device)
-        m.smooth = None if smooth is None else smooth.to(torch.float32)  # type: ignore[assignment]
+        m.smooth = None if q.smooth is None else q.smooth.to(torch.float32)  # type: ignore[assignment]
         m.bias = bias
         return m
 
@@ -68,14 +68,13 @@ class HLWQLinear(nn.Module):
         return [int(v) for v in (signs < 0).tolist()]
 
     def quantized(self) -> Quantized:
-        """The stored weight as the codec's record (views, no copies)."""
+        """The stored weight as the codec's record (views, no copies), its smoothing vector included."""
         return Quantized(self.codes, self.scales, self.codebook, (self.out_features, self.in_features),  # type: ignore[arg-type]
-                         torch.bfloat16, self.bits, self.block_size)  # fmt: skip
+                         torch.bfloat16, self.bits, self.block_size, self.smooth)  # type: ignore[arg-type]  # fmt: skip
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The reference dequantization of W (what runtime "dequantize" would have placed), in `dtype`."""
-        smooth: torch.Tensor | None = self.smooth  # type: ignore[assignment]
-        return reference_weight(self.quantized(), self.sign_bits(), smooth, dtype)
+        return dequantize(self.quantized(), self.sign_bits(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runtime == "native" and x.is_cuda:

@@ -21,8 +21,6 @@ from pipeline import format as fmt
 from pipeline.errors import FormatError
 from pipeline.quant import Quantized
 
-SMOOTH = ".hlwq_smooth"  # FORMAT v2's optional per-input-channel multipliers of a quantized tensor (issue 14)
-
 
 def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local artifact folder as is; anything else is taken as a Hub repo id and downloaded (cached)."""
@@ -147,8 +145,8 @@ class Backend:
 
     name = "base"
 
-    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None,
-                        smooth: torch.Tensor | None) -> str:  # fmt: skip
+    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None) -> str:
+        """`q` carries its FORMAT v2 smoothing vector (q.smooth) when it has one."""
         raise NotImplementedError
 
 
@@ -161,7 +159,7 @@ def stream(model: Any, folder: Path, device: torch.device, backend: Backend) -> 
         for name in reader.names():  # a quantized tensor's smoothing vector comes with it (q.smooth)
             if name in reader.quantized:
                 q = reader.get_quantized(name, device)
-                kind = backend.place_quantized(model, name, q, signs, q.smooth)
+                kind = backend.place_quantized(model, name, q, signs)
                 counts["quantized"] += 1
                 counts[kind] = counts.get(kind, 0) + 1
             else:

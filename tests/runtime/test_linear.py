@@ -3,6 +3,8 @@ with and without bias, a padded last block, and FORMAT v2 column smoothing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -33,7 +35,7 @@ def test_smooth_divides_the_columns() -> None:
     s = torch.rand(256, generator=g) + 0.5
     qp = QuantParams()
     q = quantize(w * s, qp)
-    lin = HLWQLinear.from_quantized(q, qp.sign_bits(), smooth=s)
+    lin = HLWQLinear.from_quantized(dataclasses.replace(q, smooth=s), qp.sign_bits())
     x = torch.randn(2, 256, generator=g)
     expected = F.linear(x, dequantize(q, qp.sign_bits(), torch.float32) / s)
     assert torch.equal(lin(x), expected)

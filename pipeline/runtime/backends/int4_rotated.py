@@ -69,14 +69,13 @@ class Int4RotatedBackend(DequantizeBackend):
     def __init__(self, ao_config: Any):
         self.ao_config = ao_config
 
-    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None,
-                        smooth: torch.Tensor | None) -> str:  # fmt: skip
+    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None) -> str:
         module, attr = skeleton.owner(model, name)
         padded = q.scales.shape[1] * q.block_size
         eligible = (type(module) is nn.Linear and attr == "weight" and len(q.shape) == 2
                     and padded % INT4_GROUP == 0 and q.shape[0] % 8 == 0)  # fmt: skip
         if not eligible:
-            return super().place_quantized(model, name, q, signs, smooth)
+            return super().place_quantized(model, name, q, signs)
         dtype = skeleton.target_dtype(module, attr, torch.empty(0, dtype=q.dtype))
         assert isinstance(module, nn.Linear)
         inner = nn.Linear(padded, q.shape[0], bias=module.bias is not None, device="meta")
@@ -84,6 +83,6 @@ class Int4RotatedBackend(DequantizeBackend):
         inner.bias = module.bias
         sign_vec = hadamard.sign_vector(signs, q.block_size, q.codes.device)
         parent, _, child = name.removesuffix(".weight").rpartition(".")
-        new = RotatedInt4Linear(inner, module.in_features, sign_vec, smooth)
+        new = RotatedInt4Linear(inner, module.in_features, sign_vec, q.smooth)
         model.get_submodule(parent).register_module(child, new)
         return self.name

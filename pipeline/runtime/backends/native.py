@@ -39,15 +39,14 @@ class NativeBackend(skeleton.Backend):
         self.runtime = runtime
         self.fallback = DequantizeBackend()
 
-    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None,
-                        smooth: torch.Tensor | None) -> str:  # fmt: skip
+    def place_quantized(self, model: Any, name: str, q: Quantized, signs: list[int] | None) -> str:
         module, attr = skeleton.owner(model, name)
         if type(module) is not nn.Linear or attr != "weight":
-            return self.fallback.place_quantized(model, name, q, signs, smooth)
+            return self.fallback.place_quantized(model, name, q, signs)
         if tuple(q.shape) != (module.out_features, module.in_features):
             raise FormatError(f"{name}: artifact shape {tuple(q.shape)} != model shape "
                                        f"{(module.out_features, module.in_features)}")  # fmt: skip
         parent, _, child = name.removesuffix(".weight").rpartition(".")
-        new = HLWQLinear.from_quantized(q, signs, module.bias, smooth, self.runtime)  # type: ignore[arg-type]
+        new = HLWQLinear.from_quantized(q, signs, module.bias, self.runtime)  # type: ignore[arg-type]
         model.get_submodule(parent).register_module(child, new)
         return self.name
