@@ -137,20 +137,26 @@ def quantize(w: torch.Tensor, params: QuantParams, smooth_vec: torch.Tensor | No
     return Quantized(torch.cat(codes), scale16, codebook.clone(), shape, dtype, params.bits, b, smooth_vec)
 
 
+def rotated_blocks(q: Quantized, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the weight in the rotated basis: float32 [rows, n_blocks, B] = level · scale / √B (the
+    blocks before the inverse transform; padding columns included, smoothing not undone)."""
+    b = q.block_size
+    n_blocks = q.scales.shape[1]
+    codebook = q.codebook.to(device=q.codes.device, dtype=torch.float32)
+    packed = q.codes[start:stop].reshape(-1, n_blocks, bitpack.packed_block_bytes(q.bits, b))
+    levels = lloyd_max.lookup(bitpack.unpack(packed, q.bits, b), codebook)
+    return levels * (q.scales[start:stop].to(torch.float32) * (1.0 / math.sqrt(b))).unsqueeze(-1)
+
+
 def dequantize(q: Quantized, sign_bits: list[int] | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference dequantization: codes + scales + codebook -> tensor of the original shape (and dtype by default)."""
     b = q.block_size
     rows = q.shape[0]
     cols = math.prod(q.shape[1:])
     signs = hadamard.sign_vector(sign_bits, b, q.codes.device)
-    codebook = q.codebook.to(device=q.codes.device, dtype=torch.float32)
     out = torch.empty(rows, cols, dtype=dtype or q.dtype, device=q.codes.device)
-    n_blocks = q.scales.shape[1]
-    step = _chunk_rows(n_blocks * b, q.codes.device)
+    step = _chunk_rows(q.scales.shape[1] * b, q.codes.device)
     for start in range(0, rows, step):
-        packed = q.codes[start : start + step].reshape(-1, n_blocks, bitpack.packed_block_bytes(q.bits, b))
-        levels = lloyd_max.lookup(bitpack.unpack(packed, q.bits, b), codebook)
-        y = levels * (q.scales[start : start + step].to(torch.float32) * (1.0 / math.sqrt(b))).unsqueeze(-1)
-        x = hadamard.unrotate(y, signs, cols)
+        x = hadamard.unrotate(rotated_blocks(q, start, start + step), signs, cols)
         out[start : start + step] = x if q.smooth is None else smooth.unapply(x, q.smooth.to(x.device))
     return out.reshape(q.shape)

@@ -175,8 +175,9 @@ def test_int4_rotated_loads_every_quantized_linear(tiny: tuple[Path, Path]) -> N
 def test_rotated_basis_is_the_same_linear_map() -> None:
     """Without the INT4 step, W_rot · rotate(x / s) equals the reference dequantization's W · x (smoothing too)."""
     from pipeline.quant import QuantParams, dequantize, quantize
+    from pipeline.quant.codec import rotated_blocks
     from pipeline.quant.hadamard import sign_vector
-    from pipeline.runtime.backends.int4_rotated import RotatedInt4Linear, rotated_weight
+    from pipeline.runtime.backends.int4_rotated import RotatedInt4Linear
 
     torch.manual_seed(0)
     w, x = torch.randn(48, 200), torch.randn(3, 200)
@@ -184,7 +185,7 @@ def test_rotated_basis_is_the_same_linear_map() -> None:
     params = QuantParams(bits=5)
     q = quantize(w * smooth, params)
     inner = torch.nn.Linear(256, 48, bias=False)
-    inner.weight.data = rotated_weight(q)
+    inner.weight.data = rotated_blocks(q).reshape(48, 256)
     layer = RotatedInt4Linear(inner, 200, sign_vector(params.sign_bits(), 128), smooth)
     ref = x @ (dequantize(q, params.sign_bits(), torch.float32) / smooth).t()
     assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)

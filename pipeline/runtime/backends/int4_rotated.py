@@ -8,27 +8,16 @@ kernels apply to the activation, so the only new error is INT4's on near-Gaussia
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.quant import Quantized, bitpack, hadamard, lloyd_max
+from pipeline.quant import Quantized, hadamard
+from pipeline.quant.codec import rotated_blocks
 from pipeline.runtime import skeleton
 from pipeline.runtime.backends.dequantize import DequantizeBackend
 from pipeline.runtime.backends.int4 import INT4_GROUP, to_int4
-
-
-def rotated_weight(q: Quantized) -> torch.Tensor:
-    """float32 [rows, NB*B]: each block's levels × scale / √B, i.e. the weight in the rotated basis (no inverse
-    transform, padding columns included)."""
-    b = q.block_size
-    n_blocks = q.scales.shape[1]
-    packed = q.codes.reshape(q.codes.shape[0], n_blocks, bitpack.packed_block_bytes(q.bits, b))
-    levels = lloyd_max.lookup(bitpack.unpack(packed, q.bits, b), q.codebook.to(q.codes.device, torch.float32))
-    y = levels * (q.scales.to(torch.float32) * (1.0 / math.sqrt(b))).unsqueeze(-1)
-    return y.reshape(q.codes.shape[0], n_blocks * b)
 
 
 def rotate_activation(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
@@ -79,7 +68,7 @@ class Int4RotatedBackend(DequantizeBackend):
         dtype = skeleton.target_dtype(module, attr, torch.empty(0, dtype=q.dtype))
         assert isinstance(module, nn.Linear)
         inner = nn.Linear(padded, q.shape[0], bias=module.bias is not None, device="meta")
-        inner.weight = to_int4(rotated_weight(q).to(dtype), self.ao_config)
+        inner.weight = to_int4(rotated_blocks(q).reshape(q.shape[0], padded).to(dtype), self.ao_config)
         inner.bias = module.bias
         sign_vec = hadamard.sign_vector(signs, q.block_size, q.codes.device)
         parent, _, child = name.removesuffix(".weight").rpartition(".")
