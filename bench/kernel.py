@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipeline.quant import hadamard
 from pipeline.quant.codec import QuantParams, dequantize, quantize
 from pipeline.runtime import kernels
 from pipeline.shards import atomic_write_json
@@ -65,7 +66,7 @@ def quantized(rows: int, cols: int, bits: int, device: torch.device, seed: int) 
     w = torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
     params = QuantParams(bits=bits)
     q = quantize(w, params)
-    signs = torch.tensor([1.0 - 2.0 * b for b in params.sign_bits() or []], device=device)
+    signs = hadamard.sign_vector(params.sign_bits(), params.block_size, device)
     return {"w": w, "q": q, "signs": signs, "sign_bits": params.sign_bits()}
 
 
@@ -112,7 +113,7 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
     for n in (1, 2, 4):
         xr = torch.ops.hlwq.rotate(torch.randn(n, cols, device=device, dtype=torch.bfloat16), d["signs"], None)
         variants = {}
-        for rpw, wpc in VARIANTS if not quick else [kernels.launch_shape(bits, n)]:
+        for rpw, wpc in VARIANTS if not quick else [kernels.LAUNCH[n]]:
             calls = [
                 (
                     lambda c=c, s=s, rpw=rpw, wpc=wpc, xr=xr: torch.ops.hlwq.gemv(

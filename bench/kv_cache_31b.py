@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,10 @@ import torch
 
 from bench import load_check_31b as lc
 from bench.kv_cache import DEFAULT_OUT, merge_json
-from pipeline.runtime.kv_cache import HLWQKVCache, KVCacheConfig, make_cache
+from pipeline.runtime.embedding import host_embedding
+from pipeline.runtime.kv_cache import KVCacheConfig, make_cache
+from pipeline.runtime.measure import cache_bytes, sync, versions
+from pipeline.runtime.probes import synthetic_ids
 
 KINDS: dict[str, KVCacheConfig | None] = {
     "bf16": None,
@@ -41,24 +43,6 @@ KINDS: dict[str, KVCacheConfig | None] = {
     "q2": KVCacheConfig(bits=2),
 }
 FILL_CHUNK = 4096
-
-
-def _runtime(name: str) -> Any:
-    """A helper of the loader, which is moving from pipeline.loader into pipeline.runtime.* (either works)."""
-    for module in ("pipeline.runtime.embedding", "pipeline.runtime.probes", "pipeline.runtime.measure",
-                   "pipeline.loader"):  # fmt: skip
-        try:
-            found = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    raise ImportError(f"no loader helper {name!r} in pipeline.runtime or pipeline.loader")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Memory:
@@ -84,13 +68,6 @@ class Memory:
 
     def now_gb(self) -> float:
         return torch.cuda.memory_allocated(self.device) / 1e9 if self.cuda else self.weights / 1e9
-
-
-def cache_bytes(cache: Any) -> int:
-    if isinstance(cache, HLWQKVCache):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))  # fmt: skip
 
 
 def new_cache(model: Any, kind: str) -> Any:
@@ -135,7 +112,7 @@ def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch
 
 
 def _ids(model: Any, n: int, device: torch.device, seed: int) -> torch.Tensor:
-    return _runtime("synthetic_ids")(model, n, seed=seed).to(device)
+    return synthetic_ids(model, n, seed=seed).to(device)
 
 
 @torch.inference_mode()
@@ -222,11 +199,11 @@ def decode_speed(model: Any, kind: str, context: int, device: torch.device, step
     tok = _ids(model, 1, device, 6)
     for _ in range(3):  # warm-up (and the first flushes)
         tok = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         tok = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     del cache
     gc.collect()
@@ -274,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     res: dict[str, Any] = {"model": "Gemma-4-31B shapes (random BF16 weights -> torchao INT4 in place), text+vision",
-                           "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": _runtime("versions")(),
+                           "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
                            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                            "tiny": args.tiny, "budget_gb": args.budget_gb, "prefill_chunk": args.chunk,
                            "host_embedding": not args.no_host_embed, "method": __doc__}  # fmt: skip
@@ -296,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     model = lc.build_bf16(lc.config_31b(args.tiny), dev)
     lc.baseline_int4(model, dev)
     if not args.no_host_embed:
-        _runtime("host_embedding")(model, dev)
+        host_embedding(model, dev)
     model._hlwq_stock_attn = model.config.get_text_config(decoder=True)._attn_implementation or "sdpa"
     mem = Memory(model, dev)
     mem.reset()

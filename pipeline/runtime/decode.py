@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.runtime.measure import sync
+
 
 def text_parts(model: Any) -> tuple[Any, Any, Any]:
     """(decoder stack with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a causal or multimodal LM."""
@@ -238,7 +240,7 @@ class LeanDecoder:
             raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache ({self.max_len} tokens)")
         ids = input_ids.to(self.device)
         self.slot_pos.fill_(-1)
-        self._sync()
+        sync(self.device)
         t0 = time.perf_counter()
         logits = None
         for s in range(0, n, self.chunk):
@@ -251,22 +253,18 @@ class LeanDecoder:
         self.ids.copy_(first.view(1, 1))
         self.pos.fill_(n)
         self.step.fill_(1)
-        self._sync()
+        sync(self.device)
         t1 = time.perf_counter()
         if self.graph_enabled and self._graph is None and new_tokens > 1:
             self._capture()
-        self._sync()
+        sync(self.device)
         t2 = time.perf_counter()
         for _ in range(new_tokens - 1):
             if self._graph is not None:
                 self._graph.replay()
             else:
                 self._decode_body()
-        self._sync()
+        sync(self.device)
         t3 = time.perf_counter()
         return DecodeResult(self.out[:new_tokens].tolist(), t1 - t0, t3 - t2, new_tokens, self._graph is not None,
                             self.cache.nbytes(), {"capture_s": t2 - t1})  # fmt: skip
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

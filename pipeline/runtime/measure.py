@@ -45,7 +45,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_bytes(cache: Any) -> int:
+def cache_bytes(cache: Any) -> int:
+    """Bytes a KV cache holds: a transformers cache's key/value tensors, or the compressed cache's own count."""
     if hasattr(cache, "nbytes"):  # the compressed cache counts its packed pages and residual itself
         return int(cache.nbytes())
     total = 0
@@ -83,7 +84,7 @@ def fill_context(model: Any, context_tokens: int, new_tokens: int = 32, chunk: i
     out = greedy(model, new_tokens, input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
     sync(dev)
     return {"context_tokens": int(out.shape[1]), "prefill_chunk": chunk, "seconds": round(time.perf_counter() - t0, 3),
-            "kv_cache_gb": gb(_cache_bytes(cache)),
+            "kv_cache_gb": gb(cache_bytes(cache)),
             "kv_cache": None if kv_cache is None else {"bits": kv_cache.bits,
                                                        "residual": kv_cache.residual}}  # fmt: skip
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.quant.codec import QuantParams, dequantize, quantize
+from pipeline.quant.hadamard import sign_vector
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -22,7 +23,7 @@ def test_native_linear_matches_reference(bits: int, rows: int, cols: int, n: int
     w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
     params = QuantParams(bits=bits)
     q = quantize(w, params)
-    signs = 1.0 - 2.0 * torch.tensor(params.sign_bits(), dtype=torch.float32, device="cuda")
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
     x = torch.randn(n, cols, generator=g, device="cuda").to(torch.bfloat16)
     ref = x.double() @ dequantize(q, params.sign_bits(), torch.float64).t()
     y = hlwq_linear(x, q.codes, q.scales, q.codebook, signs, bits)

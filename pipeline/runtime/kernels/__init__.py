@@ -20,10 +20,6 @@ SUPPORTED_BITS = (4, 5, 6)
 LAUNCH: dict[int, tuple[int, int]] = {1: (8, 8), 2: (8, 8), 3: (8, 4), 4: (8, 4)}
 
 
-def launch_shape(bits: int, n: int) -> tuple[int, int]:
-    return LAUNCH[n]
-
-
 def check_supported(bits: int, block_size: int) -> None:
     if block_size != BLOCK or bits not in SUPPORTED_BITS:
         raise RuntimeBackendError(
@@ -48,7 +44,7 @@ def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, code
             inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
     xr = torch.ops.hlwq.rotate(x2, signs, inv_smooth)
     if x2.shape[0] <= ops.MAX_GEMV_BATCH:
-        rows, wpc = launch_shape(bits, x2.shape[0])
+        rows, wpc = LAUNCH[x2.shape[0]]
         y = torch.ops.hlwq.gemv(xr, codes, scales, codebook, bits, x.dtype, rows, wpc)
     else:
         w = torch.ops.hlwq.dequant(codes, scales, codebook, bits)
