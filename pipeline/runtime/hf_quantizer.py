@@ -217,6 +217,8 @@ class HlwqHfQuantizer(HfQuantizer):
             if isinstance(m, HLWQLinear):
                 codes: torch.Tensor = m.codes  # type: ignore[assignment]
                 m.signs = sign_vector(self.layout.sign_bits(), m.block_size, codes.device)
+                if self.module_runtime == "native":
+                    m.tile_for_kernels()
         _refuse_unloaded(model)
         if self.quantization_config.host_embedding:
             host_embedding(model, _head_device(model))

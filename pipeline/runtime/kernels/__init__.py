@@ -1,8 +1,10 @@
 """Native GPU kernels for HLWQ artifacts: y = W·x computed in the rotated basis straight from the packed codes.
 
-Decode (≤ 4 tokens): rotate x once (128-block signed Hadamard, fp32), then one matvec over the packed codes with the
-levels in shared memory and each block's scale applied once. Longer inputs (prefill): dequantize the weight into the
-rotated basis (bf16, no inverse transform) and let cuBLAS multiply the rotated activations on tensor cores.
+4- and 5-bit weights (symmetric codebooks; all that `hlwq convert` writes) are repacked at load into the tiled layout
+of layout.py. Decode (≤ 8 tokens): rotate x once into bf16 pairs, then one tensor-core matvec (gemv_tc) that looks
+up two weights per shared-memory load and applies each block's scale once. Other widths keep FORMAT v1's codes and a
+CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs (prefill): dequantize the weight into the rotated basis
+(bf16, no inverse transform) and let cuBLAS multiply the rotated activations on tensor cores.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ BLOCK = 128
 SUPPORTED_BITS = (4, 5, 6)
 # Launch shape per batch size (rows per CTA, most warps splitting K), chosen by bench/kernel.py on the H200.
 LAUNCH: dict[int, tuple[int, int]] = {1: (8, 8), 2: (8, 8), 3: (8, 4), 4: (8, 4)}
+TC_MAX_BATCH = 8
+
+
+def tc_launch(k: int, warps: int = 8, prefetch: int | None = None, balanced: bool = False) -> int:
+    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp (deeper for long rows), balanced grid; the
+    defaults are the fastest that bench/kernel.py measured on the H200."""
+    pf = prefetch if prefetch is not None else (1 if k <= 8192 else 2)
+    return warps | pf << 8 | int(balanced) << 12
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -54,6 +64,30 @@ def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, code
     return y.reshape(*lead, codes.shape[0])
 
 
+def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
+                 rows: int, inv_smooth: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """hlwq_linear for a weight in the tiled layout (layout.py): x [..., in] -> [..., rows] in x's dtype."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    padded = tiles.shape[1] * BLOCK
+    if padded != k:
+        x2 = F.pad(x2, (0, padded - k))
+        if inv_smooth is not None:
+            inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
+    if x2.shape[0] <= TC_MAX_BATCH:
+        xp = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
+        y = torch.ops.hlwq.gemv_tc(xp, tiles, codebook, bits, rows, x.dtype, tc_launch(padded))
+    else:
+        xr = torch.ops.hlwq.rotate(x2, signs, inv_smooth)
+        w = torch.ops.hlwq.dequant_tiles(tiles, codebook, bits, rows)
+        y = (xr.to(torch.bfloat16) @ w.t()).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, rows)
+
+
 def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
     """HLWQLinear.forward for runtime "native" (buffers per the module contract; 1/smooth cached on the module)."""
     check_supported(module.bits, module.block_size)
@@ -62,5 +96,8 @@ def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
     if smooth is not None and (inv is None or inv.device != smooth.device):
         inv = (1.0 / smooth.float()).contiguous()
         module._hlwq_inv_smooth = inv
+    if module.tiles is not None:
+        return tiled_linear(x, module.tiles, module.codebook, module.signs, module.bits, module.out_features, inv,
+                            getattr(module, "bias", None))  # fmt: skip
     return hlwq_linear(x, module.codes, module.scales, module.codebook, module.signs, module.bits, inv,
                        getattr(module, "bias", None))  # fmt: skip

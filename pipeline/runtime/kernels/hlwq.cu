@@ -191,6 +191,181 @@ __global__ void __launch_bounds__(256) gemv_kernel(const uint8_t* __restrict__ c
   }
 }
 
+// ---- tensor-core matvec from the tiled layout (4- and 5-bit, batch 1-8) -------------------------------------------
+// The codes are repacked at load time (pipeline/runtime/kernels/layout.py says how) into units of 16 rows x one
+// 128-block, contiguous per 16-row tile. Byte j of a row's 64-byte nibble plane indexes a pair table (levels of codes j
+// and j+64 as bf16x2), so one shared-memory load yields two weights; 5-bit codes are sign + 4-bit magnitude (the
+// Lloyd-Max codebooks are symmetric) and the sign plane is XORed in. The pairs feed mma.m16n8k16 directly as its A
+// fragment: the k order inside a block is free, because the activation is laid out in the same pair order
+// (rotate_pairs). The table has one copy per lane (address idx*128 + lane*4), so lookups never conflict on banks.
+template <int BITS> struct Unit {
+  static constexpr int NIB = 1024;                   // [half h][lane] 16 bytes: row g+8h, pairs 16q..16q+15
+  static constexpr int SGN = BITS == 5 ? 256 : 0;    // [half h][lane] u32: bit 15-k / 31-k = sign of j / j+64
+  static constexpr int SC = 32;                      // [g] half2: scales of rows g and g+8
+  static constexpr int BYTES = NIB + SGN + SC;
+};
+#define TC_TABLE_WORDS (256 * 32)
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int BITS>
+struct TcRegs {
+  uint4 n0, n1;
+  uint32_t s0, s1, sc;
+};
+
+template <int BITS>
+__device__ __forceinline__ void tc_load(TcRegs<BITS>& r, const uint8_t* __restrict__ u, int lane) {
+  r.n0 = __ldg(reinterpret_cast<const uint4*>(u) + lane);
+  r.n1 = __ldg(reinterpret_cast<const uint4*>(u + 512) + lane);
+  if (BITS == 5) {
+    r.s0 = __ldg(reinterpret_cast<const uint32_t*>(u + 1024) + lane);
+    r.s1 = __ldg(reinterpret_cast<const uint32_t*>(u + 1024 + 128) + lane);
+  } else {
+    r.s0 = r.s1 = 0;
+  }
+  r.sc = __ldg(reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN) + (lane >> 2));
+}
+
+template <int BITS, int K>
+__device__ __forceinline__ uint32_t tc_pair(uint32_t lb, uint4 n, uint32_t s) {
+  const uint32_t w = K < 4 ? n.x : K < 8 ? n.y : K < 12 ? n.z : n.w;
+  const uint32_t idx = __byte_perm(w, 0u, 0x4440u + (K & 3));
+  uint32_t v;
+  // A 32-bit shared address (one LEA from the byte): the generic-pointer form costs an extra add per lookup.
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lb + (idx << 7)));
+  if (BITS == 5) v ^= (s << K) & 0x80008000u;
+  return v;
+}
+
+// One block of one 16-row tile: 8 mma steps over the lane's 16 pairs of rows g and g+8, then the block's scales.
+template <int BITS>
+__device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cur, uint32_t lb,
+                                         const uint4* __restrict__ xp, int n, int n_blocks, int b, int g, int q) {
+  // Activation pairs for batch row g (lanes of absent rows feed zeros): block b, pairs 16q..16q+15.
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+  if (g < n) {
+    const uint4* p = xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
+    x0 = __ldg(p); x1 = __ldg(p + 1); x2 = __ldg(p + 2); x3 = __ldg(p + 3);
+  }
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#define HLWQ_STEP(S, XA, XB)                                                                            \
+  mma_bf16_16816(c, tc_pair<BITS, 2 * S>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S>(lb, cur.n1, cur.s1), \
+                 tc_pair<BITS, 2 * S + 1>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S + 1>(lb, cur.n1, cur.s1), XA, XB)
+  HLWQ_STEP(0, x0.x, x0.y); HLWQ_STEP(1, x0.z, x0.w); HLWQ_STEP(2, x1.x, x1.y); HLWQ_STEP(3, x1.z, x1.w);
+  HLWQ_STEP(4, x2.x, x2.y); HLWQ_STEP(5, x2.z, x2.w); HLWQ_STEP(6, x3.x, x3.y); HLWQ_STEP(7, x3.z, x3.w);
+#undef HLWQ_STEP
+  const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&cur.sc));
+  acc[0] = fmaf(c[0], sc.x, acc[0]); acc[1] = fmaf(c[1], sc.x, acc[1]);
+  acc[2] = fmaf(c[2], sc.y, acc[2]); acc[3] = fmaf(c[3], sc.y, acc[3]);
+}
+
+template <int BITS, int PF, typename T>
+__global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict__ tiles,
+                                                      const float* __restrict__ codebook,
+                                                      const uint4* __restrict__ xp, T* __restrict__ y, int n, int R,
+                                                      int n_blocks, int n_tiles) {
+  extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
+  float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
+  for (int i = threadIdx.x; i < TC_TABLE_WORDS; i += blockDim.x) {
+    const int idx = i >> 5;
+    const int lo = idx & 15, hi = idx >> 4;
+    // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
+    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
+    __nv_bfloat162 v = __floats2bfloat162_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
+    tab[i] = *reinterpret_cast<uint32_t*>(&v);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
+  constexpr int UB = Unit<BITS>::BYTES;
+
+  for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint8_t* base = tiles + (size_t)t * n_blocks * UB;
+    // PF + 1 register sets in turn: the codes of the next PF blocks are in flight while this one computes.
+    TcRegs<BITS> r[PF + 1];
+    int b = warp;
+#pragma unroll
+    for (int i = 0; i < PF; ++i)
+      if (b + i * KS < n_blocks) tc_load<BITS>(r[i], base + (size_t)(b + i * KS) * UB, lane);
+    bool more = b < n_blocks;
+    while (more) {
+#pragma unroll
+      for (int i = 0; i <= PF; ++i) {
+        if (more) {
+          if (b + PF * KS < n_blocks) tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane);
+          tc_block<BITS>(acc, r[i], lb, xp, n, n_blocks, b, g, q);
+          b += KS;
+          more = b < n_blocks;
+        }
+      }
+    }
+    // c0/c1: row g, batch 2q/2q+1; c2/c3: row g+8. Warps met in shared memory, one thread per (row, batch) writes.
+    red[warp][g * 8 + 2 * q] = acc[0]; red[warp][g * 8 + 2 * q + 1] = acc[1];
+    red[warp][(g + 8) * 8 + 2 * q] = acc[2]; red[warp][(g + 8) * 8 + 2 * q + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+      const int row = threadIdx.x >> 3, col = threadIdx.x & 7;
+      float v = 0.f;
+      for (int w = 0; w < KS; ++w) v += red[w][threadIdx.x];
+      const int r = t * 16 + row;
+      if (col < n && r < R) y[(size_t)col * R + r] = from_f32<T>(v);
+    }
+    __syncthreads();
+  }
+}
+
+// ---- rotation into the pair layout: xp[n, b, j] = bf16x2((H·D·x)[b*128+j], (H·D·x)[b*128+j+64]), j < 64 --------
+template <typename T>
+__global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
+                                    const float* __restrict__ inv_smooth, __nv_bfloat162* __restrict__ out, int rows,
+                                    int K, int n_blocks) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int row = warp / n_blocks, blk = warp % n_blocks;
+  if (row >= rows) return;
+  const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
+  float v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float s = signs[lane * 4 + i];
+    if (inv_smooth) s *= inv_smooth[blk * B + lane * 4 + i];
+    v[i] = to_f32<T>(x[base + i]) * s;
+  }
+  float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
+  v[0] = a0 + a2; v[2] = a0 - a2; v[1] = a1 + a3; v[3] = a1 - a3;
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float p = __shfl_xor_sync(0xffffffffu, v[i], m);
+      v[i] = (lane & m) ? p - v[i] : v[i] + p;
+    }
+  }
+  const float norm = 0.08838834764831845f;
+  float hi[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) hi[i] = __shfl_down_sync(0xffffffffu, v[i], 16);
+  if (lane < 16) {
+    __nv_bfloat162* o = out + ((size_t)row * n_blocks + blk) * 64 + lane * 4;
+    uint4 pk;
+    __nv_bfloat162 p0 = __floats2bfloat162_rn(v[0] * norm, hi[0] * norm), p1 = __floats2bfloat162_rn(v[1] * norm, hi[1] * norm);
+    __nv_bfloat162 p2 = __floats2bfloat162_rn(v[2] * norm, hi[2] * norm), p3 = __floats2bfloat162_rn(v[3] * norm, hi[3] * norm);
+    pk.x = *reinterpret_cast<uint32_t*>(&p0); pk.y = *reinterpret_cast<uint32_t*>(&p1);
+    pk.z = *reinterpret_cast<uint32_t*>(&p2); pk.w = *reinterpret_cast<uint32_t*>(&p3);
+    *reinterpret_cast<uint4*>(o) = pk;
+  }
+}
+
 // ---- dequantize to the rotated basis: w[r, b*128+i] = LUT[code]·scale/√B (bf16), for the tensor-core prefill ------
 template <int BITS>
 __global__ void dequant_kernel(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
@@ -358,6 +533,128 @@ int hlwq_dequant(const uint8_t* codes, const void* scales, const float* codebook
     case 6: dequant_kernel<6><<<grid, threads, 0, stream>>>(codes, s, codebook, o, R, n_blocks); break;
     default: return (int)cudaErrorInvalidValue;
   }
+  return (int)cudaGetLastError();
+}
+
+}  // extern "C"
+
+// ---- dequantize the tiled layout to the rotated basis (prefill: bf16 [R, K] for cuBLAS) ----------------------------
+// One thread per (tile, block, half, lane): 32 weights of row 16t + g + 8h, positions 16q..16q+15 and +64.
+template <int BITS>
+__global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const float* __restrict__ codebook,
+                                     __nv_bfloat16* __restrict__ w, int R, int n_blocks, long units) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = codebook[BITS == 5 ? 16 + threadIdx.x : threadIdx.x] * 0.08838834764831845f;
+  __syncthreads();
+  const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= units * 64) return;
+  const int lane = t & 31, h = (t >> 5) & 1;
+  const long unit = t >> 6;  // tile * n_blocks + block
+  const int blk = unit % n_blocks, tile = unit / n_blocks;
+  const int g = lane >> 2, q = lane & 3;
+  const int row = tile * 16 + g + 8 * h;
+  if (row >= R) return;
+  const uint8_t* u = tiles + unit * Unit<BITS>::BYTES;
+  const uint4 nb = __ldg(reinterpret_cast<const uint4*>(u + h * 512) + lane);
+  const uint32_t sg = BITS == 5 ? __ldg(reinterpret_cast<const uint32_t*>(u + 1024 + h * 128) + lane) : 0u;
+  const __half2 sc2 = *reinterpret_cast<const __half2*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN + g * 4);
+  const float sc = h ? __high2float(sc2) : __low2float(sc2);
+  const uint32_t words[4] = {nb.x, nb.y, nb.z, nb.w};
+  uint32_t lo[8], hi[8];
+#pragma unroll
+  for (int k = 0; k < 16; k += 2) {
+    const uint32_t b0 = (words[k >> 2] >> (8 * (k & 3))) & 0xFF, b1 = (words[k >> 2] >> (8 * ((k + 1) & 3))) & 0xFF;
+    float a0 = lut[b0 & 15] * sc, c0 = lut[b0 >> 4] * sc, a1 = lut[b1 & 15] * sc, c1 = lut[b1 >> 4] * sc;
+    if (BITS == 5) {
+      if ((sg >> (15 - k)) & 1) a0 = -a0;
+      if ((sg >> (31 - k)) & 1) c0 = -c0;
+      if ((sg >> (14 - k)) & 1) a1 = -a1;
+      if ((sg >> (30 - k)) & 1) c1 = -c1;
+    }
+    __nv_bfloat162 pa = __floats2bfloat162_rn(a0, a1), pc = __floats2bfloat162_rn(c0, c1);
+    lo[k >> 1] = *reinterpret_cast<uint32_t*>(&pa);
+    hi[k >> 1] = *reinterpret_cast<uint32_t*>(&pc);
+  }
+  uint4* o = reinterpret_cast<uint4*>(w + (size_t)row * n_blocks * B + (size_t)blk * B + 16 * q);
+  o[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  o[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
+  o[8] = make_uint4(hi[0], hi[1], hi[2], hi[3]);  // +64 elements
+  o[9] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+}
+
+// ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
+template <int BITS, int PF, typename T>
+static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R, int n_blocks,
+                     int warps, bool balanced, cudaStream_t stream) {
+  const int n_tiles = (R + 15) / 16;
+  const int threads = 32 * warps;
+  const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
+  static int resident[17] = {0};
+  if (!resident[warps]) {
+    int per_sm = 0, dev = 0, sms = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tc_gemv_kernel<BITS, PF, T>, threads, smem);
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    resident[warps] = per_sm * sms > 0 ? per_sm * sms : 1;
+  }
+  int grid = n_tiles < resident[warps] ? n_tiles : resident[warps];
+  // Every CTA the same number of tiles: a last round that only some CTAs run costs a whole tile's latency.
+  if (balanced) { const int rounds = (n_tiles + grid - 1) / grid; grid = (n_tiles + rounds - 1) / rounds; }
+  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, (T*)y, n, R,
+                                                               n_blocks, n_tiles);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R,
+                   int n_blocks, int warps, int pf, bool balanced, cudaStream_t stream) {
+  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
+  return (int)cudaErrorInvalidValue;
+}
+
+extern "C" {
+
+// out: bfloat16 pairs [rows, K/128, 64, 2] (see rotate_pairs_kernel).
+int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth, void* out, int rows, int K, int dtype,
+                      cudaStream_t stream) {
+  const int n_blocks = K / B;
+  const long warps = (long)rows * n_blocks;
+  const int threads = 256;
+  const unsigned grid = (unsigned)((warps * 32 + threads - 1) / threads);
+  __nv_bfloat162* o = (__nv_bfloat162*)out;
+  if (dtype == 0) rotate_pairs_kernel<float><<<grid, threads, 0, stream>>>((const float*)x, signs, inv_smooth, o, rows, K, n_blocks);
+  else if (dtype == 1) rotate_pairs_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>((const __nv_bfloat16*)x, signs, inv_smooth, o, rows, K, n_blocks);
+  else rotate_pairs_kernel<__half><<<grid, threads, 0, stream>>>((const __half*)x, signs, inv_smooth, o, rows, K, n_blocks);
+  return (int)cudaGetLastError();
+}
+
+// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input.
+int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R, int K, int bits,
+                 int launch, int dtype, cudaStream_t stream) {
+  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), balanced grid (bit 12).
+  const int warps = launch & 255, pf = (launch >> 8) & 15;
+  const bool balanced = (launch >> 12) & 1;
+  if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > 2) return (int)cudaErrorInvalidValue;
+  const int n_blocks = K / B;
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
+  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
+}
+
+// w: bfloat16 [R, K] in the rotated basis, from the tiled layout.
+int hlwq_dequant_tiles(const uint8_t* tiles, const float* codebook, void* w, int R, int K, int bits,
+                       cudaStream_t stream) {
+  const int n_blocks = K / B;
+  const long units = (long)((R + 15) / 16) * n_blocks;
+  const int threads = 256;
+  const unsigned grid = (unsigned)((units * 64 + threads - 1) / threads);
+  __nv_bfloat16* o = (__nv_bfloat16*)w;
+  if (bits == 4) dequant_tiles_kernel<4><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+  else if (bits == 5) dequant_tiles_kernel<5><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+  else return (int)cudaErrorInvalidValue;
   return (int)cudaGetLastError();
 }
 
