@@ -1,6 +1,8 @@
 """Native kernel microbench on one GPU: correctness against the reference dequantization, then batch 1–16 timings
 on Gemma-4-31B shapes next to cuBLAS BF16 and torchao INT4, all by CUDA-graph replay with the weights cycled over
-enough copies that L2 cannot serve them.
+enough copies that L2 cannot serve them. 4/5-bit weights run the tensor-core path from the tiled layout (what the
+runtime uses for them); the CUDA-core kernel over FORMAT v1 codes is timed beside it at batch 1, and is the path of
+6-bit weights.
 
     python -m bench.kernel --out bench/results/kernel.json [--quick]
 
@@ -24,9 +26,17 @@ import torch
 from pipeline.quant import hadamard
 from pipeline.quant.codec import QuantParams, dequantize, quantize
 from pipeline.runtime import kernels
+from pipeline.runtime.kernels import layout
 from pipeline.shards import atomic_write_json
 
-SHAPES = {"gate_up": (21504, 5376), "down": (5376, 21504), "q_global": (16384, 5376), "o_sliding": (5376, 8192)}
+SHAPES = {
+    "gate_up": (21504, 5376),
+    "down": (5376, 21504),
+    "q_global": (16384, 5376),
+    "o_sliding": (5376, 8192),
+    "o_global": (5376, 16384),
+}
+TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]
 
@@ -93,7 +103,12 @@ def check(device: torch.device) -> list[dict[str, Any]]:
                 ref = x.double() @ ref_w.t()
                 y = kernels.hlwq_linear(x, q.codes, q.scales, q.codebook.to(device), d["signs"], bits)
                 err = float((y.double() - ref).norm() / ref.norm())
-                rows_out.append({"bits": bits, "shape": [rows, cols], "batch": n, "rel_err": err})
+                rows_out.append({"bits": bits, "shape": [rows, cols], "batch": n, "rel_err": err, "path": "cuda_core"})
+                if layout.tileable(bits, 128, q.codebook):
+                    t = layout.to_tiles(q.codes, q.scales, bits)
+                    y = kernels.tiled_linear(x, t, q.codebook.to(device), d["signs"], bits, rows)
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    rows_out.append({"bits": bits, "shape": [rows, cols], "batch": n, "rel_err": err, "path": "tiled"})
     return rows_out
 
 
@@ -107,6 +122,60 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
     codebook = q.codebook.to(device)
     out: dict[str, Any] = {"shape": [rows, cols], "bits": bits, "weight_bytes": qbytes, "copies": n_copies}
 
+    if layout.tileable(bits, 128, q.codebook):
+        out.update(bench_tiled(codes, scales, codebook, d["signs"], rows, cols, bits, qbytes, device, quick))
+    else:
+        out.update(bench_cuda_core(codes, scales, codebook, d["signs"], cols, bits, qbytes, device, quick))
+    out["peers"] = peers(d["w"], rows, cols, device)
+    us1, bf16 = out["batches"]["1"]["native_us"], out["peers"]["bf16"]["1"]
+    out["batch1"] = {"hlwq_us": us1, "hlwq_tb_s": round(qbytes / us1 / 1e6, 3),
+                     "bf16_us": bf16["us"], "bf16_tb_s": bf16["tb_s"]}  # fmt: skip
+    return out
+
+
+def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook: torch.Tensor, signs: torch.Tensor,
+                rows: int, cols: int, bits: int, qbytes: int, device: torch.device,
+                quick: bool) -> dict[str, Any]:  # fmt: skip
+    """The tensor-core path: launch variants at batch 1 and 8, then batches 1-8 (gemv_tc, default launch) and 16
+    (dequant_tiles + cuBLAS); the CUDA-core kernel's batch-1 time beside it."""
+    tiles = [layout.to_tiles(c, s, bits) for c, s in zip(codes, scales, strict=True)]
+    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.tc_launch(cols)}
+    variants: dict[str, Any] = {}
+    for n in (1, 8) if not quick else ():
+        xp = torch.ops.hlwq.rotate_pairs(torch.randn(n, cols, device=device, dtype=torch.bfloat16), signs, None)
+        for warps, pf in TC_VARIANTS:
+            code = kernels.tc_launch(cols, warps, pf)
+            calls = [functools.partial(torch.ops.hlwq.gemv_tc, xp, t, codebook, bits, rows, torch.bfloat16, code)
+                     for t in tiles]  # fmt: skip
+            us = graph_time_us(calls)
+            variants.setdefault(str(n), {})[f"w{warps}_pf{pf}"] = {
+                "us": round(us, 2),
+                "tb_s": round(qbytes / us / 1e6, 3),
+            }
+    out["tc_variants"] = variants
+    batches: dict[str, Any] = {}
+    for n in (1, 2, 4, 8, 16):
+        x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
+        calls = [functools.partial(kernels.tiled_linear, x, t, codebook, signs, bits, rows) for t in tiles]
+        us = graph_time_us(calls, reps=20 if n <= kernels.TC_MAX_BATCH else 5)
+        batches[str(n)] = {"native_us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
+    xr = torch.ops.hlwq.rotate(torch.randn(1, cols, device=device, dtype=torch.bfloat16), signs, None)
+    rpw, wpc = kernels.LAUNCH[1]
+    calls = [functools.partial(torch.ops.hlwq.gemv, xr, c, s, codebook, bits, torch.bfloat16, rpw, wpc)
+             for c, s in zip(codes, scales, strict=True)]  # fmt: skip
+    batches["1"]["cuda_core_gemv_us"] = round(graph_time_us(calls), 2)
+    out["batches"] = batches
+    x1 = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+    out["rotate_pairs_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate_pairs, x1, signs, None)]), 2)
+    return out
+
+
+def bench_cuda_core(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook: torch.Tensor,
+                    signs: torch.Tensor, cols: int, bits: int, qbytes: int, device: torch.device,
+                    quick: bool) -> dict[str, Any]:  # fmt: skip
+    """The CUDA-core kernel over FORMAT v1 codes (6-bit weights): launch shapes, then batches 1-16."""
+    out: dict[str, Any] = {"path": "cuda core (FORMAT v1 codes)"}
+    d = {"signs": signs}
     # Launch shapes (rows per CTA, max warps splitting K) swept at batch 1, 2 and 4; the best one times each batch.
     best: dict[int, tuple[int, int]] = {}
     out["gemv_variants"] = {}
@@ -150,19 +219,23 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
         xb = xr.to(torch.bfloat16)
         calls = [functools.partial(_dequant_mm, xb, c, s, codebook, bits) for c, s in zip(codes, scales, strict=True)]
         row["dequant_cublas_us"] = round(graph_time_us(calls, reps=5), 2)
+        row["native_us"] = row.get("gemv_us", row["dequant_cublas_us"])
         batches[str(n)] = row
     out["batches"] = batches
     out["rotate_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate, x[:1], d["signs"], None)]), 2)
+    return out
 
-    # Peers on the same shape and the same cycling: cuBLAS BF16 and torchao INT4 (tile_packed_to_4d).
-    wb = d["w"]
+
+def peers(wb: torch.Tensor, rows: int, cols: int, device: torch.device) -> dict[str, Any]:
+    """The same shape and the same cycling through cuBLAS BF16 and torchao INT4 (tile_packed_to_4d)."""
     nb = copies_for(wb.numel() * 2)
     ws = [wb.clone() for _ in range(nb)]
-    peers: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for n in (1, 2, 4, 8, 16):
         x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
         us = graph_time_us([functools.partial(torch.nn.functional.linear, x, w) for w in ws])
-        peers.setdefault("bf16", {})[str(n)] = {"us": round(us, 2), "tb_s": round(wb.numel() * 2 / us / 1e6, 3)}
+        out.setdefault("bf16", {})[str(n)] = {"us": round(us, 2), "tb_s": round(wb.numel() * 2 / us / 1e6, 3)}
+    del ws
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
@@ -176,13 +249,9 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
         for n in (1, 2, 4, 8, 16):
             x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
             us = graph_time_us([functools.partial(m, x) for m in mods])
-            peers.setdefault("torchao_int4", {})[str(n)] = {"us": round(us, 2), "tb_s": round(ibytes / us / 1e6, 3)}
+            out.setdefault("torchao_int4", {})[str(n)] = {"us": round(us, 2), "tb_s": round(ibytes / us / 1e6, 3)}
     except Exception as exc:  # torchao missing or unable on this GPU: recorded, not fatal
-        peers["torchao_int4"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    out["peers"] = peers
-    us1 = batches["1"]["gemv_us"]
-    out["batch1"] = {"hlwq_us": us1, "hlwq_tb_s": round(qbytes / us1 / 1e6, 3),
-                     "bf16_us": peers["bf16"]["1"]["us"], "bf16_tb_s": peers["bf16"]["1"]["tb_s"]}  # fmt: skip
+        out["torchao_int4"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return out
 
 
@@ -205,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     checks = check(device)
     result["check_max_rel_err_gemv"] = max(c["rel_err"] for c in checks if c["batch"] <= 4)
-    result["check_max_rel_err_prefill"] = max(c["rel_err"] for c in checks if c["batch"] > 4)
+    result["check_max_rel_err_tiled_tc"] = max(
+        (c["rel_err"] for c in checks if c["path"] == "tiled" and c["batch"] <= kernels.TC_MAX_BATCH), default=None
+    )
+    result["check_max_rel_err_prefill"] = max(c["rel_err"] for c in checks if c["batch"] > kernels.TC_MAX_BATCH)
     result["checks"] = checks
     print(f"check: gemv max rel err {result['check_max_rel_err_gemv']:.2e}, "
+          f"tiled {result['check_max_rel_err_tiled_tc']:.2e}, "
           f"prefill {result['check_max_rel_err_prefill']:.2e}", flush=True)  # fmt: skip
     result["shapes"] = {}
     for bits in (int(b) for b in args.bits.split(",")):
@@ -217,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             result["shapes"][f"{name}_q{bits}"] = r
             b1 = r["batch1"]
             print(f"{name:10s} q{bits} {rows}x{cols}: hlwq {b1['hlwq_us']:7.2f} us {b1['hlwq_tb_s']:.2f} TB/s "
-                  f"{r['best_variant']}"
+                  f"{r['path']}"
                   f" | bf16 {b1['bf16_us']:7.2f} us {b1['bf16_tb_s']:.2f} TB/s | int4 "
                   f"{r['peers'].get('torchao_int4', {}).get('1', {})} | batches {r['batches']}",
                   flush=True)  # fmt: skip
