@@ -115,13 +115,13 @@ def measure(model: nn.Module, device: torch.device, tiny: bool, compile_layers: 
     return fig
 
 
-def profile_step(model: nn.Module, device: torch.device) -> dict[str, Any]:
-    """GPU time per kernel of one eager decode step (what a graph replay runs), top entries."""
+def profile_step(model: nn.Module, device: torch.device, compile_layers: bool = False) -> dict[str, Any]:
+    """GPU time per kernel of decode steps run without graph capture (the kernels a replay runs), top entries."""
     from torch.profiler import ProfilerActivity, profile
 
     from pipeline.runtime.decode import LeanDecoder
 
-    dec = LeanDecoder(model, max_len=200, graph=False)
+    dec = LeanDecoder(model, max_len=200, graph=False, compile_layers=compile_layers)
     ids = torch.randint(10, 400, (1, 32))
     dec.generate(ids, 4)
     acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
@@ -148,7 +148,7 @@ def run_variant(
     elif variant == "int4":
         fig.update(to_int4(model))
     if prof:
-        fig.update(profile_step(model, device))
+        fig.update(profile_step(model, device, compile_layers))
         return fig
     fig.update(measure(model, device, tiny, compile_layers), compiled_layers=compile_layers)
     return fig
