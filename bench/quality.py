@@ -290,13 +290,17 @@ def read_artifact(folder: Path, names: list[str]) -> tuple[Weights, int]:
     for shard in load_index(folder):
         reader = fmt.ShardReader(folder / shard)
         for name in reader.quantized:
-            q = reader.get_quantized(name)
-            bits += 8 * (q.codes.numel() + 2 * q.scales.numel() + 4 * q.codebook.numel())
-            bits += 32 * q.smooth.numel() if q.smooth is not None else 0  # FORMAT v2: F32 [C] per smoothed tensor
+            bits += stored_bits(reader.get_quantized(name))
             out[name] = dequantize_f32(reader, name)
     if sorted(out) != sorted(names):
         raise PipelineError(f"bench: artifact {folder} quantized other tensors than expected")
     return out, bits
+
+
+def stored_bits(q: Any) -> int:
+    """What one quantized tensor stores: U8 codes, F16 scales, F32 codebook, and FORMAT v2's F32 smoothing vector."""
+    bits = 8 * (q.codes.numel() + 2 * q.scales.numel() + 4 * q.codebook.numel())
+    return bits + (32 * q.smooth.numel() if q.smooth is not None else 0)
 
 
 def artifact_names(folder: Path) -> tuple[list[str], int]:
@@ -427,13 +431,14 @@ class Setup:
     artifact: Path | None = None  # MODEL_OR_ARTIFACT was an HLWQ artifact of `folder`
 
 
-def prepare(target: str, cache: Path, tokens: int) -> Setup:
-    """Resolve MODEL_OR_ARTIFACT to a float safetensors folder and tokenize the text."""
+def prepare(target: str, cache: Path, tokens: int, text_file: Path | None = None, gguf: Path | None = None) -> Setup:
+    """Resolve MODEL_OR_ARTIFACT to a float safetensors folder and tokenize the text (`text_file`, `gguf`: the
+    packaged text and model given as plain files, see lm_source)."""
     from transformers import AutoTokenizer
 
-    text = lm_source.load_text(cache)
+    text = lm_source.load_text(cache, text_file)
     if target == lm_source.SMOLLM2:
-        folder = lm_source.prepare_smollm2(cache, text)
+        folder = lm_source.prepare_smollm2(cache, text, gguf)
         info = lm_source.source_info(folder)
         change = info.get("perm_max_logit_change", 0.0)
         label = (
