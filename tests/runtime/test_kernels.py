@@ -52,6 +52,6 @@ def test_tiled_linear_matches_reference(bits: int, rows: int, cols: int, n: int)
     inv = (1.0 / q.smooth).float()
     y = tiled_linear(x, tiles, q.codebook, signs, bits, rows, inv)
     err = float((y.double() - ref).norm() / ref.norm())
-    # bf16 activations and levels on tensor cores, fp32 accumulation, bf16 output: ~3e-3.
+    # fp16 activations (block-scaled) and levels on tensor cores, fp32 accumulation, bf16 output rounding.
     assert torch.isfinite(y).all()
-    assert err < 6e-3
+    assert err < 3e-3

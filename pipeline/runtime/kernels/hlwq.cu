@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const uint8_t* __restrict__ c
 // ---- tensor-core matvec from the tiled layout (4- and 5-bit, batch 1-8) -------------------------------------------
 // The codes are repacked at load time (pipeline/runtime/kernels/layout.py says how) into units of 16 rows x one
 // 128-block, contiguous per 16-row tile. Byte j of a row's 64-byte nibble plane indexes a pair table (levels of codes j
-// and j+64 as bf16x2), so one shared-memory load yields two weights; 5-bit codes are sign + 4-bit magnitude (the
+// and j+64 as fp16x2), so one shared-memory load yields two weights; 5-bit codes are sign + 4-bit magnitude (the
 // Lloyd-Max codebooks are symmetric) and the sign plane is XORed in. The pairs feed mma.m16n8k16 directly as its A
 // fragment: the k order inside a block is free, because the activation is laid out in the same pair order
 // (rotate_pairs). The table has one copy per lane (address idx*128 + lane*4), so lookups never conflict on banks.
@@ -206,10 +206,11 @@ template <int BITS> struct Unit {
 };
 #define TC_TABLE_WORDS (256 * 32)
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
+// fp16 operands (11-bit significands; bf16's 8 cost ~2e-4 KL on the bench model), fp32 accumulation.
+__device__ __forceinline__ void mma_f16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -248,7 +249,8 @@ __device__ __forceinline__ uint32_t tc_pair(uint32_t lb, uint4 n, uint32_t s) {
 // One block of one 16-row tile: 8 mma steps over the lane's 16 pairs of rows g and g+8, then the block's scales.
 template <int BITS>
 __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cur, uint32_t lb,
-                                         const uint4* __restrict__ xp, int n, int n_blocks, int b, int g, int q) {
+                                         const uint4* __restrict__ xp, const float* __restrict__ xs, int n,
+                                         int n_blocks, int b, int g, int q) {
   // Activation pairs for batch row g (lanes of absent rows feed zeros): block b, pairs 16q..16q+15.
   uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
   if (g < n) {
@@ -257,20 +259,24 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
   }
   float c[4] = {0.f, 0.f, 0.f, 0.f};
 #define HLWQ_STEP(S, XA, XB)                                                                            \
-  mma_bf16_16816(c, tc_pair<BITS, 2 * S>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S>(lb, cur.n1, cur.s1), \
+  mma_f16_16816(c, tc_pair<BITS, 2 * S>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S>(lb, cur.n1, cur.s1), \
                  tc_pair<BITS, 2 * S + 1>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S + 1>(lb, cur.n1, cur.s1), XA, XB)
   HLWQ_STEP(0, x0.x, x0.y); HLWQ_STEP(1, x0.z, x0.w); HLWQ_STEP(2, x1.x, x1.y); HLWQ_STEP(3, x1.z, x1.w);
   HLWQ_STEP(4, x2.x, x2.y); HLWQ_STEP(5, x2.z, x2.w); HLWQ_STEP(6, x3.x, x3.y); HLWQ_STEP(7, x3.z, x3.w);
 #undef HLWQ_STEP
+  // Block scales of the weight rows (g, g+8) times those of the activation rows (2q, 2q+1) this lane's C holds.
   const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&cur.sc));
-  acc[0] = fmaf(c[0], sc.x, acc[0]); acc[1] = fmaf(c[1], sc.x, acc[1]);
-  acc[2] = fmaf(c[2], sc.y, acc[2]); acc[3] = fmaf(c[3], sc.y, acc[3]);
+  const float x0s = 2 * q < n ? __ldg(xs + (size_t)(2 * q) * n_blocks + b) : 0.f;
+  const float x1s = 2 * q + 1 < n ? __ldg(xs + (size_t)(2 * q + 1) * n_blocks + b) : 0.f;
+  acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
+  acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
 
 template <int BITS, int PF, typename T>
 __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict__ tiles,
                                                       const float* __restrict__ codebook,
-                                                      const uint4* __restrict__ xp, T* __restrict__ y, int n, int R,
+                                                      const uint4* __restrict__ xp, const float* __restrict__ xs,
+                                                      T* __restrict__ y, int n, int R,
                                                       int n_blocks, int n_tiles) {
   extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
   float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
@@ -279,7 +285,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
     const int lo = idx & 15, hi = idx >> 4;
     // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
     const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
-    __nv_bfloat162 v = __floats2bfloat162_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
+    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
     tab[i] = *reinterpret_cast<uint32_t*>(&v);
   }
   __syncthreads();
@@ -303,7 +309,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
       for (int i = 0; i <= PF; ++i) {
         if (more) {
           if (b + PF * KS < n_blocks) tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane);
-          tc_block<BITS>(acc, r[i], lb, xp, n, n_blocks, b, g, q);
+          tc_block<BITS>(acc, r[i], lb, xp, xs, n, n_blocks, b, g, q);
           b += KS;
           more = b < n_blocks;
         }
@@ -324,11 +330,13 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
   }
 }
 
-// ---- rotation into the pair layout: xp[n, b, j] = bf16x2((H·D·x)[b*128+j], (H·D·x)[b*128+j+64]), j < 64 --------
+// ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
+// z = H·D·(x / s) per block; xs[n, b] is a power of two that puts the block's largest |z| in [2^13, 2^14): exact to
+// undo, and fp16 keeps its 11-bit significand for any activation range.
 template <typename T>
 __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
-                                    const float* __restrict__ inv_smooth, __nv_bfloat162* __restrict__ out, int rows,
-                                    int K, int n_blocks) {
+                                    const float* __restrict__ inv_smooth, __half2* __restrict__ out,
+                                    float* __restrict__ xs, int rows, int K, int n_blocks) {
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int row = warp / n_blocks, blk = warp % n_blocks;
@@ -351,19 +359,27 @@ __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __rest
       v[i] = (lane & m) ? p - v[i] : v[i] + p;
     }
   }
-  const float norm = 0.08838834764831845f;
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  amax *= 0.08838834764831845f;
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e
+  const float scale = amax > 0.f ? ldexpf(1.f, e - 14) : 1.f;
+  const float f = 0.08838834764831845f / scale;
   float hi[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) hi[i] = __shfl_down_sync(0xffffffffu, v[i], 16);
   if (lane < 16) {
-    __nv_bfloat162* o = out + ((size_t)row * n_blocks + blk) * 64 + lane * 4;
+    __half2* o = out + ((size_t)row * n_blocks + blk) * 64 + lane * 4;
     uint4 pk;
-    __nv_bfloat162 p0 = __floats2bfloat162_rn(v[0] * norm, hi[0] * norm), p1 = __floats2bfloat162_rn(v[1] * norm, hi[1] * norm);
-    __nv_bfloat162 p2 = __floats2bfloat162_rn(v[2] * norm, hi[2] * norm), p3 = __floats2bfloat162_rn(v[3] * norm, hi[3] * norm);
+    __half2 p0 = __floats2half2_rn(v[0] * f, hi[0] * f), p1 = __floats2half2_rn(v[1] * f, hi[1] * f);
+    __half2 p2 = __floats2half2_rn(v[2] * f, hi[2] * f), p3 = __floats2half2_rn(v[3] * f, hi[3] * f);
     pk.x = *reinterpret_cast<uint32_t*>(&p0); pk.y = *reinterpret_cast<uint32_t*>(&p1);
     pk.z = *reinterpret_cast<uint32_t*>(&p2); pk.w = *reinterpret_cast<uint32_t*>(&p3);
     *reinterpret_cast<uint4*>(o) = pk;
   }
+  if (lane == 0) xs[(size_t)row * n_blocks + blk] = scale;
 }
 
 // ---- dequantize to the rotated basis: w[r, b*128+i] = LUT[code]·scale/√B (bf16), for the tensor-core prefill ------
@@ -538,11 +554,11 @@ int hlwq_dequant(const uint8_t* codes, const void* scales, const float* codebook
 
 }  // extern "C"
 
-// ---- dequantize the tiled layout to the rotated basis (prefill: bf16 [R, K] for cuBLAS) ----------------------------
+// ---- dequantize the tiled layout to the rotated basis (prefill: fp16 [R, K] for cuBLAS) ----------------------------
 // One thread per (tile, block, half, lane): 32 weights of row 16t + g + 8h, positions 16q..16q+15 and +64.
 template <int BITS>
 __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const float* __restrict__ codebook,
-                                     __nv_bfloat16* __restrict__ w, int R, int n_blocks, long units) {
+                                     __half* __restrict__ w, int R, int n_blocks, long units) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = codebook[BITS == 5 ? 16 + threadIdx.x : threadIdx.x] * 0.08838834764831845f;
   __syncthreads();
@@ -571,7 +587,7 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
       if ((sg >> (14 - k)) & 1) a1 = -a1;
       if ((sg >> (30 - k)) & 1) c1 = -c1;
     }
-    __nv_bfloat162 pa = __floats2bfloat162_rn(a0, a1), pc = __floats2bfloat162_rn(c0, c1);
+    __half2 pa = __floats2half2_rn(a0, a1), pc = __floats2half2_rn(c0, c1);
     lo[k >> 1] = *reinterpret_cast<uint32_t*>(&pa);
     hi[k >> 1] = *reinterpret_cast<uint32_t*>(&pc);
   }
@@ -584,8 +600,8 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
 
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
 template <int BITS, int PF, typename T>
-static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R, int n_blocks,
-                     int warps, bool balanced, cudaStream_t stream) {
+static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
+                     int n_blocks, int warps, bool balanced, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const int threads = 32 * warps;
   const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
@@ -600,58 +616,60 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
   int grid = n_tiles < resident[warps] ? n_tiles : resident[warps];
   // Every CTA the same number of tiles: a last round that only some CTAs run costs a whole tile's latency.
   if (balanced) { const int rounds = (n_tiles + grid - 1) / grid; grid = (n_tiles + rounds - 1) / rounds; }
-  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, (T*)y, n, R,
+  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n, R,
                                                                n_blocks, n_tiles);
   return (int)cudaGetLastError();
 }
 
 template <typename T>
-static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R,
+static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
+                   int R,
                    int n_blocks, int warps, int pf, bool balanced, cudaStream_t stream) {
-  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
+  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
   return (int)cudaErrorInvalidValue;
 }
 
 extern "C" {
 
-// out: bfloat16 pairs [rows, K/128, 64, 2] (see rotate_pairs_kernel).
-int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth, void* out, int rows, int K, int dtype,
-                      cudaStream_t stream) {
+// out: fp16 pairs [rows, K/128, 64, 2] and xs: float32 block scales [rows, K/128] (see rotate_pairs_kernel).
+int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth, void* out, float* xs, int rows, int K,
+                      int dtype, cudaStream_t stream) {
   const int n_blocks = K / B;
   const long warps = (long)rows * n_blocks;
   const int threads = 256;
   const unsigned grid = (unsigned)((warps * 32 + threads - 1) / threads);
-  __nv_bfloat162* o = (__nv_bfloat162*)out;
-  if (dtype == 0) rotate_pairs_kernel<float><<<grid, threads, 0, stream>>>((const float*)x, signs, inv_smooth, o, rows, K, n_blocks);
-  else if (dtype == 1) rotate_pairs_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>((const __nv_bfloat16*)x, signs, inv_smooth, o, rows, K, n_blocks);
-  else rotate_pairs_kernel<__half><<<grid, threads, 0, stream>>>((const __half*)x, signs, inv_smooth, o, rows, K, n_blocks);
+  __half2* o = (__half2*)out;
+  if (dtype == 0) rotate_pairs_kernel<float><<<grid, threads, 0, stream>>>((const float*)x, signs, inv_smooth, o, xs, rows, K, n_blocks);
+  else if (dtype == 1) rotate_pairs_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>((const __nv_bfloat16*)x, signs, inv_smooth, o, xs, rows, K, n_blocks);
+  else rotate_pairs_kernel<__half><<<grid, threads, 0, stream>>>((const __half*)x, signs, inv_smooth, o, xs, rows, K, n_blocks);
   return (int)cudaGetLastError();
 }
 
 // y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input.
-int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, void* y, int n, int R, int K, int bits,
+int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
+                 int K, int bits,
                  int launch, int dtype, cudaStream_t stream) {
   // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), balanced grid (bit 12).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool balanced = (launch >> 12) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > 2) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
-  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, y, n, R, n_blocks, warps, pf, balanced, stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
+  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
 }
 
-// w: bfloat16 [R, K] in the rotated basis, from the tiled layout.
+// w: float16 [R, K] in the rotated basis, from the tiled layout.
 int hlwq_dequant_tiles(const uint8_t* tiles, const float* codebook, void* w, int R, int K, int bits,
                        cudaStream_t stream) {
   const int n_blocks = K / B;
   const long units = (long)((R + 15) / 16) * n_blocks;
   const int threads = 256;
   const unsigned grid = (unsigned)((units * 64 + threads - 1) / threads);
-  __nv_bfloat16* o = (__nv_bfloat16*)w;
+  __half* o = (__half*)w;
   if (bits == 4) dequant_tiles_kernel<4><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
   else if (bits == 5) dequant_tiles_kernel<5><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
   else return (int)cudaErrorInvalidValue;

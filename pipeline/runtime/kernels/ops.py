@@ -5,9 +5,9 @@ captures: each op launches on the current stream through the ctypes library and 
     gemv(xr, codes, scales, codebook, …) float32 [n, K] (n <= 4) -> [n, R] in out_dtype, straight from packed codes
     dequant(codes, scales, codebook, …)  -> bfloat16 [R, K], the weight in the rotated basis (for prefill on cuBLAS)
     gather_pinned(table, ids)            rows of an embedding table kept in pinned host memory, graph-capturable
-    rotate_pairs(x, signs, inv_smooth)   x [n, K] -> bfloat16 [n, K]: the rotation in gemv_tc's pair order
-    gemv_tc(xp, tiles, codebook, …)      [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py)
-    dequant_tiles(tiles, codebook, …)    -> bfloat16 [R, K] in the rotated basis, from the tiled layout
+    rotate_pairs(x, signs, inv_smooth)   x [n, K] -> (fp16 [n, K] in gemv_tc's pair order, fp32 block scales)
+    gemv_tc(xp, xs, tiles, codebook, …)  [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py)
+    dequant_tiles(tiles, codebook, …)    -> float16 [R, K] in the rotated basis, from the tiled layout
 """
 
 from __future__ import annotations
@@ -103,45 +103,49 @@ def _(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @custom_op("hlwq::rotate_pairs", mutates_args=())
-def rotate_pairs(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
-    """x [n, K] -> bfloat16 [n, K]: the rotation, written as (x_j, x_j+64) pairs per block for gemv_tc."""
+def rotate_pairs(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> list[torch.Tensor]:
+    """x [n, K] -> [float16 [n, K] in gemv_tc's pair order, float32 [n, K/128] power-of-two block scales]."""
     n, k = x.shape
     x2 = x.contiguous()
-    out = torch.empty(n, k, dtype=torch.bfloat16, device=x.device)
-    rc = library().hlwq_rotate_pairs(x2.data_ptr(), signs.data_ptr(), _ptr(inv_smooth), out.data_ptr(), n, k,
-                                     _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
+    out = torch.empty(n, k, dtype=torch.float16, device=x.device)
+    xs = torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)
+    rc = library().hlwq_rotate_pairs(x2.data_ptr(), signs.data_ptr(), _ptr(inv_smooth), out.data_ptr(), xs.data_ptr(),
+                                     n, k, _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
     _check(rc, "rotate_pairs")
-    return out
+    return [out, xs]
 
 
 @rotate_pairs.register_fake
-def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> list[torch.Tensor]:
+    n, k = x.shape
+    return [torch.empty(n, k, dtype=torch.float16, device=x.device),
+            torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)]  # fmt: skip
 
 
 @custom_op("hlwq::gemv_tc", mutates_args=())
-def gemv_tc(xp: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
-            out_dtype: torch.dtype, warps: int) -> torch.Tensor:  # fmt: skip
-    """rotate_pairs output [n <= 8, K] x tiled codes (layout.py) -> [n, rows] on tensor cores."""
+def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+            out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
+    """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
+    kernels.tc_launch's word."""
     n, k = xp.shape
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
-    rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), y.data_ptr(), n, rows, k, bits,
-                                warps, _DTYPE_CODES[out_dtype], _stream())  # fmt: skip
+    rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(), n,
+                                rows, k, bits, launch, _DTYPE_CODES[out_dtype], _stream())  # fmt: skip
     _check(rc, "gemv_tc")
     return y
 
 
 @gemv_tc.register_fake
-def _(xp: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int, out_dtype: torch.dtype,
-      warps: int) -> torch.Tensor:  # fmt: skip
+def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+      out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
 
 
 @custom_op("hlwq::dequant_tiles", mutates_args=())
 def dequant_tiles(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """The tiled weight -> bfloat16 [rows, K] in the rotated basis (for prefill on cuBLAS)."""
+    """The tiled weight -> float16 [rows, K] in the rotated basis (for prefill on cuBLAS)."""
     k = tiles.shape[1] * BLOCK
-    w = torch.empty(rows, k, dtype=torch.bfloat16, device=tiles.device)
+    w = torch.empty(rows, k, dtype=torch.float16, device=tiles.device)
     _check(library().hlwq_dequant_tiles(tiles.data_ptr(), codebook.data_ptr(), w.data_ptr(), rows, k, bits,
                                         _stream()), "dequant_tiles")  # fmt: skip
     return w
@@ -149,4 +153,4 @@ def dequant_tiles(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: 
 
 @dequant_tiles.register_fake
 def _(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    return torch.empty(rows, tiles.shape[1] * BLOCK, dtype=torch.bfloat16, device=tiles.device)
+    return torch.empty(rows, tiles.shape[1] * BLOCK, dtype=torch.float16, device=tiles.device)
