@@ -55,8 +55,9 @@ def to_native(model: nn.Module, bits: int) -> dict[str, Any]:
     emb = text.embed_tokens
     model.lm_head = native(emb.weight.data, None)
     emb.to("cpu")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return {"quantized_linears": n, "convert_s": round(time.perf_counter() - t0, 2), "bits": bits}
 
 

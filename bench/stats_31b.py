@@ -78,7 +78,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.monotonic()
-    st = stats.collect(config, src, lambda n, shape: ".layers." in n, cfg, device)
+    last = [t0]
+
+    def progress(done: int, total: int) -> None:
+        # On stderr, flushed: a run killed by a timeout still shows how far it got and the time per layer.
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.monotonic()
+        print(f"[{now - t0:8.1f}s] layer {done}/{total} (+{now - last[0]:.1f}s)", file=sys.stderr, flush=True)
+        last[0] = now
+
+    print(f"stats: {text.num_hidden_layers} layers on {device}, {cfg.sequences} x {cfg.length} tokens",
+          file=sys.stderr, flush=True)  # fmt: skip
+    st = stats.collect(config, src, lambda n, shape: ".layers." in n, cfg, device, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.monotonic() - t0

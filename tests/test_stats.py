@@ -153,3 +153,15 @@ def test_smoothed_artifact_runs_the_same_in_every_runtime(smoothed):  # type: ig
         for m in smoothed_layers:
             m.smooth = None  # what a runtime that dropped the vectors would compute
         assert not torch.allclose(hlwq(input_ids=ids).logits, b, rtol=1e-3, atol=1e-3)
+
+
+def test_31b_bench_reports_each_layer_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.stats_31b (here on the tiny shape) prints one flushed stderr line per finished layer, so a run killed
+    by a timeout shows how far it got."""
+    from bench import stats_31b
+
+    out = tmp_path / "stats.json"
+    assert stats_31b.main(["--tiny", "--device", "cpu", "--sequences", "2", "--length", "16", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "] layer " in line]
+    assert [line.split("] layer ")[1].split()[0] for line in lines] == [f"{i}/6" for i in range(1, 7)]
+    assert json.loads(out.read_text())["layers"] == 6

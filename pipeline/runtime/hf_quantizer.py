@@ -174,7 +174,8 @@ class HlwqHfQuantizer(HfQuantizer):
                 parent, _, child = name.removesuffix(".weight").rpartition(".")
                 model.get_submodule(parent).register_module(child, new)
 
-    def update_weight_conversions(self, weight_conversions: list[Any], model: Any) -> list[Any]:
+    # `model` unused; optional because transformers 5.17 calls this hook with the conversions alone
+    def update_weight_conversions(self, weight_conversions: list[Any], model: Any = None) -> list[Any]:
         if self.quantization_config.runtime in ("int4", "dequantize"):
             sources = [fmt.CODES, fmt.SCALES, fmt.CODEBOOK, fmt.SMOOTH]
             collect = WeightConverter([r"\.weight" + s.replace(".", r"\.") + "$" for s in sources], ".weight",

@@ -11,7 +11,8 @@ Two ways to read it back:
   basis, as transformers' own QuantizedCache does.
 Layers: full attention compressed; sliding-window layers compressed too (`sliding="compressed"`, pages older than the
 window dropped) or kept as transformers' BF16 sliding layer (`sliding="bf16"`); Gemma-4's KV-sharing layers hold
-nothing (transformers' DummyLayer), they read the tagged states of the layer they share.
+nothing (transformers' DummyLayer; releases without it leave them out of the cache), they read the tagged states of
+the layer they share.
 """
 
 from __future__ import annotations
@@ -21,13 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from transformers.cache_utils import (
-    Cache,
-    DummyLayer,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    get_layer_types_and_kwargs,
-)
+from transformers import cache_utils
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
@@ -210,6 +206,9 @@ class HLWQKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.pages = []
         self.cumulative_length = 0
+        # Dropped, not zeroed, as update concatenates (transformers 5.17's reset only zeroes them, keeping their bytes)
+        self.keys = self.values = None  # type: ignore[assignment]
+        self.is_initialized = False
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -327,6 +326,8 @@ class HLWQKVCache(Cache):
         self.kv = kv or KVCacheConfig()
         text = config.get_text_config(decoder=True)
         types, kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(kwargs, dict):  # transformers 5.17 gives one kwargs dict for every layer, not one per layer
+            kwargs = [kwargs] * len(types)
         layers: list[Any] = []
         for t, kw in zip(types, kwargs, strict=True):
             if t == "full_attention":
@@ -335,8 +336,8 @@ class HLWQKVCache(Cache):
                 layers.append(HLWQKVLayer(self.kv, streaming, window=kw["sliding_window"]))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))
-            elif t == "dummy":
-                layers.append(DummyLayer())
+            elif t == "dummy":  # named only where DummyLayer exists (5.17 leaves shared layers out of the cache)
+                layers.append(cache_utils.DummyLayer())
             else:
                 raise ValueError(f"the HLWQ KV cache does not support layer type {t!r}")
         super().__init__(layers=layers)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from pipeline.quant import kv as kvq
 from pipeline.runtime.kv_cache import HLWQKVCache, HLWQKVLayer, KVCacheConfig, make_cache
@@ -44,6 +45,25 @@ def test_appends_and_flushes_keep_exact_codes_and_residual():
     assert 0.01 < rel < 0.05  # 3-bit error on the packed part only
     dense = 2 * 2 * seen * 32 * 4
     assert layer.nbytes() < dense
+
+
+def test_reset_empties_the_layer_like_a_new_one():
+    """reset drops pages and residual (as transformers' DynamicLayer.reset does in newer releases, not zeroing them in
+    place as older ones do), and the layer then fills exactly as a new one."""
+    kv = KVCacheConfig(bits=3, residual=4, block=4, page_tokens=8)
+    layer = HLWQKVLayer(kv, streaming=False)
+    k, v = states(23)
+    layer.update(k[..., :13, :], v[..., :13, :])
+    layer.update(k[..., 13:14, :], v[..., 13:14, :])
+    assert layer.pages and layer.nbytes() > 0
+    layer.reset()
+    assert not layer.pages and layer.nbytes() == 0 and layer.get_seq_length() == 0 and not layer.is_initialized
+    assert layer.get_mask_sizes(5) == (5, 0)
+    fresh = HLWQKVLayer(kv, streaming=False)
+    for a, b in ((0, 9), (9, 10), (10, 23)):
+        got, want = layer.update(k[..., a:b, :], v[..., a:b, :]), fresh.update(k[..., a:b, :], v[..., a:b, :])
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    assert [(p.start, p.length) for p in layer.pages] == [(p.start, p.length) for p in fresh.pages]
 
 
 def test_sliding_layer_drops_old_pages_and_announces_its_range():
@@ -95,6 +115,20 @@ def tiny_gemma():
     return Gemma4ForConditionalGeneration(tiny_config()).eval()
 
 
+def tiny_gemma_kv_shared():
+    """Gemma-4 with KV sharing: its last two layers read the states of the last full and sliding layers before them
+    (transformers with DummyLayer gives those two a DummyLayer, older releases leave them out of the cache)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from pipeline.tiny import SPECIAL, TEXT, VISION
+
+    text = {**TEXT, "num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2, "hidden_size_per_layer_input": 16}  # fmt: skip
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=VISION, audio_config=None,
+                                                       **SPECIAL)).eval()  # fmt: skip
+
+
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -106,8 +140,13 @@ def tiny_llama():
 
 @pytest.mark.parametrize(
     ("build", "sliding"),
-    [(tiny_gemma, "compressed"), (tiny_gemma, "bf16"), (tiny_llama, "compressed")],
-    ids=["gemma4", "gemma4-bf16-sliding", "llama"],
+    [
+        (tiny_gemma, "compressed"),
+        (tiny_gemma, "bf16"),
+        (tiny_gemma_kv_shared, "compressed"),
+        (tiny_llama, "compressed"),
+    ],
+    ids=["gemma4", "gemma4-bf16-sliding", "gemma4-kv-shared", "llama"],
 )
 def test_generate_matches_reference_dequantization(build, sliding):
     """generate with the streaming cache = generate with a cache that dequantizes the same codes into the model's
@@ -127,6 +166,9 @@ def test_generate_matches_reference_dequantization(build, sliding):
     diff = max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits, strict=True))
     assert diff < 1e-3
     # The cache really is quantized: packed pages exist and the logits differ from the uncompressed model's.
+    text = model.config.get_text_config(decoder=True)
+    owners = text.num_hidden_layers - (getattr(text, "num_kv_shared_layers", 0) or 0)
+    assert sum(isinstance(layer, DynamicLayer) for layer in cache.layers) == owners  # shared layers hold nothing
     full = [layer for layer in cache.layers if isinstance(layer, HLWQKVLayer) and layer.window is None]
     assert full and all(sum(p.length for p in layer.pages) >= 150 for layer in full)
     assert max(float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits, strict=True)) > 1e-3
