@@ -39,20 +39,26 @@ def check_supported(bits: int, block_size: int) -> None:
         )
 
 
+def _rows_padded(x: torch.Tensor, inv_smooth: torch.Tensor | None,
+                 padded: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """x [..., k] -> [rows, padded] (zero columns up to whole blocks) and 1/s padded with ones to match."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if padded != k:
+        x2 = F.pad(x2, (0, padded - k))
+        if inv_smooth is not None:
+            inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
+    return x2, inv_smooth
+
+
 def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor,
                 signs: torch.Tensor, bits: int, inv_smooth: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """x [..., in] -> [..., out] in x's dtype; `inv_smooth` (1/s per input column) is applied before the rotation."""
     from pipeline.runtime.kernels import ops
 
-    k = x.shape[-1]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    padded = scales.shape[1] * BLOCK
-    if padded != k:
-        x2 = F.pad(x2, (0, padded - k))
-        if inv_smooth is not None:
-            inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
+    x2, inv_smooth = _rows_padded(x, inv_smooth, scales.shape[1] * BLOCK)
     xr = torch.ops.hlwq.rotate(x2, signs, inv_smooth)
     if x2.shape[0] <= ops.MAX_GEMV_BATCH:
         rows, wpc = LAUNCH[x2.shape[0]]
@@ -71,14 +77,9 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     """hlwq_linear for a weight in the tiled layout (layout.py): x [..., in] -> [..., rows] in x's dtype."""
     from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.*)
 
-    k = x.shape[-1]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
     padded = tiles.shape[1] * BLOCK
-    if padded != k:
-        x2 = F.pad(x2, (0, padded - k))
-        if inv_smooth is not None:
-            inv_smooth = F.pad(inv_smooth, (0, padded - k), value=1.0)
+    x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
     if x2.shape[0] <= TC_MAX_BATCH:
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, x.dtype, tc_launch(padded))

@@ -21,22 +21,16 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
-// ---- rotation: out[n, k] = (H·D·(x ⊙ inv_smooth))[n, k] per 128-block, float32 -----------------------------------
-// One warp per (row, block); lane l holds elements 4l..4l+3: strides 1 and 2 inside the lane, 4..64 by shuffles.
+// One warp, one 128-block: lane l gets elements 4l..4l+3 of H·D·(x ⊙ inv_smooth) (unnormalized): strides 1 and 2
+// inside the lane, 4..64 by shuffles. `xb` points at the lane's first element.
 template <typename T>
-__global__ void rotate_kernel(const T* __restrict__ x, const float* __restrict__ signs,
-                              const float* __restrict__ inv_smooth, float* __restrict__ out, int rows, int K, int n_blocks) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int row = warp / n_blocks, blk = warp % n_blocks;
-  if (row >= rows) return;
-  const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
-  float v[4];
+__device__ __forceinline__ void warp_fwht128(const T* __restrict__ xb, const float* __restrict__ signs,
+                                             const float* __restrict__ inv_smooth, int blk, int lane, float (&v)[4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     float s = signs[lane * 4 + i];
     if (inv_smooth) s *= inv_smooth[blk * B + lane * 4 + i];
-    v[i] = to_f32<T>(x[base + i]) * s;
+    v[i] = to_f32<T>(xb[i]) * s;
   }
   float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
   v[0] = a0 + a2; v[2] = a0 - a2; v[1] = a1 + a3; v[3] = a1 - a3;
@@ -48,6 +42,20 @@ __global__ void rotate_kernel(const T* __restrict__ x, const float* __restrict__
       v[i] = (lane & m) ? p - v[i] : v[i] + p;
     }
   }
+}
+
+// ---- rotation: out[n, k] = (H·D·(x ⊙ inv_smooth))[n, k] per 128-block, float32 -----------------------------------
+// One warp per (row, block) (warp_fwht128).
+template <typename T>
+__global__ void rotate_kernel(const T* __restrict__ x, const float* __restrict__ signs,
+                              const float* __restrict__ inv_smooth, float* __restrict__ out, int rows, int K, int n_blocks) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int row = warp / n_blocks, blk = warp % n_blocks;
+  if (row >= rows) return;
+  const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
+  float v[4];
+  warp_fwht128<T>(x + base, signs, inv_smooth, blk, lane, v);
   const float norm = 0.08838834764831845f;  // 1/sqrt(128)
   float4 o = make_float4(v[0] * norm, v[1] * norm, v[2] * norm, v[3] * norm);
   *reinterpret_cast<float4*>(out + base) = o;
@@ -343,22 +351,7 @@ __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __rest
   if (row >= rows) return;
   const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
   float v[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float s = signs[lane * 4 + i];
-    if (inv_smooth) s *= inv_smooth[blk * B + lane * 4 + i];
-    v[i] = to_f32<T>(x[base + i]) * s;
-  }
-  float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
-  v[0] = a0 + a2; v[2] = a0 - a2; v[1] = a1 + a3; v[3] = a1 - a3;
-#pragma unroll
-  for (int m = 1; m < 32; m <<= 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float p = __shfl_xor_sync(0xffffffffu, v[i], m);
-      v[i] = (lane & m) ? p - v[i] : v[i] + p;
-    }
-  }
+  warp_fwht128<T>(x + base, signs, inv_smooth, blk, lane, v);
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
