@@ -3,14 +3,16 @@ BF16, host embedding as in the load_check anchors) + the HLWQ cache vs transform
 
     python -m bench.kv_cache_31b                      # on the H200: ~3-5 min; merges into bench/results/kv_cache.json
     python -m bench.kv_cache_31b --tiny --out /tmp/kv_tiny.json    # the same code path on the CPU, in seconds
+    python -m bench.kv_cache_31b --weights native5 --kinds q4,bf16 --budget-gb 25   # native Q5 weights, 24 GB card
 
 Figures:
-- max_context_tokens_22gb_int4_<kind>: the longest context whose peak GPU memory (torch.cuda.max_memory_allocated,
-  the whole process: weights, cache, transients) stays <= --budget-gb while the model runs the last prefill chunk
-  (--chunk tokens) and two decode steps on top of it. The cache is filled to the context with random keys/values
-  through the cache's own update (codes, pages and residual exactly as a real prefill leaves them), so a probe costs
-  seconds instead of a 100k-token prefill; the last chunk is where a chunked prefill peaks (largest cache, widest
-  attention). `check_real_prefill` compares this with a real chunked prefill at --check-context tokens.
+- max_context_tokens_<budget>gb_<weights>_<kind> (e.g. _22gb_int4_q3): the longest context whose peak GPU memory
+  (torch.cuda.max_memory_allocated, the whole process: weights, cache, transients) stays <= --budget-gb while the
+  model runs the last prefill chunk (--chunk tokens) and two decode steps on top of it. The cache is filled to the
+  context with random keys/values through the cache's own update (codes, pages and residual exactly as a real prefill
+  leaves them), so a probe costs seconds instead of a 100k-token prefill; the last chunk is where a chunked prefill
+  peaks (largest cache, widest attention). `check_real_prefill` compares this with a real chunked prefill at --check-
+  context tokens.
 - decode_tok_s_<ctx>_<kind>: batch-1 decode steps (model forward + greedy pick, eager) on a cache holding ctx tokens.
 Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too), q3_sliding_bf16 (HLWQ Q3 on the global
 layers only), q2 (HLWQ Q2).
@@ -41,6 +43,7 @@ KINDS: dict[str, KVCacheConfig | None] = {
     "q3": KVCacheConfig(bits=3),
     "q3_sliding_bf16": KVCacheConfig(bits=3, sliding="bf16"),
     "q2": KVCacheConfig(bits=2),
+    "q4": KVCacheConfig(bits=4),
 }
 FILL_CHUNK = 4096
 
@@ -230,6 +233,19 @@ def real_prefill_peak(model: Any, kind: str, context: int, chunk: int, mem: Memo
     return res
 
 
+def native_weights(model: Any, device: torch.device, bits: int) -> None:
+    """The native runtime's model as bench.runtime_31b builds it (every text linear and the tied head as tiled HLWQ
+    codes), with the embedding in host RAM behind HostEmbedding so the HF forward can gather from it."""
+    from bench.runtime_31b import to_native
+    from pipeline.runtime.embedding import HostEmbedding
+
+    emb = model.get_input_embeddings()
+    to_native(model, bits)
+    model.set_input_embeddings(HostEmbedding(emb, device))
+    for cfg in (model.config, model.config.get_text_config()):
+        cfg.tie_word_embeddings = False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -243,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-host-embed", action="store_true", help="keep the BF16 embedding on the GPU")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start after this")
     ap.add_argument("--tiny", action="store_true", help="the tiny Gemma-4 config on the CPU (a smoke test)")
+    ap.add_argument("--weights", choices=("int4", "native5", "native4"), default="int4",
+                    help="torchao INT4 (the load check's) or the native HLWQ runtime at 5 / 4 bits (host embedding, "
+                         "quantized head); native: e.g. --weights native5 --kinds q4 --budget-gb 25")  # fmt: skip
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
     if any(k not in KINDS for k in kinds):
@@ -262,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(step: str) -> None:
         res["elapsed_s"] = round(time.monotonic() - start, 1)
         res["last_step"] = step
-        key = "gpu_31b_tiny" if args.tiny else "gpu_31b"
+        key = ("gpu_31b_tiny" if args.tiny else "gpu_31b") + ("" if args.weights == "int4" else f"_{args.weights}")
         update: dict[str, Any] = {key: res}
         if not args.tiny:  # the headline keys only from the real run
             heads = ("max_context_tokens_", "decode_tok_s_", "decode_speed_ratio_")
@@ -271,14 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         log(step)
 
     model = lc.build_bf16(lc.config_31b(args.tiny), dev)
-    lc.baseline_int4(model, dev)
-    if not args.no_host_embed:
-        host_embedding(model, dev)
+    if args.weights == "int4":
+        lc.baseline_int4(model, dev)
+        if not args.no_host_embed:
+            host_embedding(model, dev)
+    else:
+        native_weights(model, dev, int(args.weights[-1]))
+        res["model"] = f"Gemma-4-31B shapes (random BF16 weights -> HLWQ Q{args.weights[-1]} native), text+vision"
     model._hlwq_stock_attn = model.config.get_text_config(decoder=True)._attn_implementation or "sdpa"
     mem = Memory(model, dev)
     mem.reset()
     res["resident_gb"] = round(mem.now_gb(), 3)
-    save("built INT4 model")
+    save(f"built {args.weights} model")
 
     text = model.config.get_text_config(decoder=True)
     hi = (text.max_position_embeddings - args.chunk) // 1024 * 1024
@@ -299,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = max_context(model, kind, budget, args.chunk, lo, hi, mem, dev, args.probes, log)
         res["memory"][kind] = r
-        res[f"max_context_tokens_22gb_int4_{kind}"] = r["max_context_tokens"]
+        res[f"max_context_tokens_{args.budget_gb:g}gb_{args.weights}_{kind}"] = r["max_context_tokens"]
         save(f"memory {kind}")
     if args.check_context and not out_of_time("real prefill check"):
         ctx = min(args.check_context, hi)
