@@ -11,8 +11,8 @@ Figures:
   model runs the last prefill chunk (--chunk tokens) and two decode steps on top of it. The cache is filled to the
   context with random keys/values through the cache's own update (codes, pages and residual exactly as a real prefill
   leaves them), so a probe costs seconds instead of a 100k-token prefill; the last chunk is where a chunked prefill
-  peaks (largest cache, widest attention). `check_real_prefill` compares this with a real chunked prefill at --check-
-  context tokens.
+  peaks (largest cache, widest attention). `check_real_prefill` compares this with a real chunked prefill at
+  --check-context tokens.
 - decode_tok_s_<ctx>_<kind>: batch-1 decode steps (model forward + greedy pick, eager) on a cache holding ctx tokens.
 Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too), q3_sliding_bf16 (HLWQ Q3 on the global
 layers only), q2 (HLWQ Q2).
