@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = config_for(args)
     text = config.get_text_config(decoder=True)
-    cfg = Smooth(sequences=args.sequences, length=args.length, probe_sequences=args.probe_sequences)
+    cfg = Smooth(sequences=args.sequences, length=args.length, probe_sequences=args.probe_sequences, probe=args.probe)
     skeleton = stats.build_decoder(config, torch.bfloat16)
     prefix = "model.language_model."
     src = RandomSource(skeleton, prefix, device)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fig: dict[str, Any] = {
         "shape": "tiny Gemma 4" if args.tiny else "Gemma-4-31B text decoder (random BF16 weights)",
         "layers": layers, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
-        "sequences": cfg.sequences, "length": cfg.length, "probe_sequences": cfg.probe_sequences,
+        "sequences": cfg.sequences, "length": cfg.length, "probe": cfg.probe, "probe_sequences": cfg.probe_sequences,
         "linears": len(st.tensors), "linear_params_per_layer": int(per_layer_params),
         "device": str(device), "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
         "seconds_per_layer": round(seconds / layers, 3),
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequences", type=int, default=Smooth.sequences)
     p.add_argument("--length", type=int, default=Smooth.length)
     p.add_argument("--probe-sequences", type=int, default=Smooth.probe_sequences)
+    p.add_argument("--probe", action="store_true",
+                   help="also the sensitivity probe (the pipeline runs it only with quantize.target_bpw; the shipped "
+                        "Gemma manifest has none)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)

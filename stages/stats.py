@@ -18,7 +18,7 @@ import math
 import typing
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -378,8 +378,11 @@ def needed(manifest: Manifest) -> bool:
 
 
 def settings(manifest: Manifest) -> Smooth:
-    """Smoothing settings; allocation without smoothing still needs the pass (for the sensitivities): defaults."""
-    return manifest.quantize.smooth or Smooth()
+    """Smoothing settings; allocation without smoothing still needs the pass (for the sensitivities): defaults.
+    The sensitivities serve only quantize.target_bpw, so without it the probe (each linear's layer re-run with noise)
+    is skipped: smoothing reads E[x²] and column energies alone, and the pass costs a fraction."""
+    cfg = manifest.quantize.smooth or Smooth()
+    return cfg if manifest.quantize.target_bpw is not None else replace(cfg, probe=False)
 
 
 def fingerprint(ctx: Context) -> dict[str, str]:

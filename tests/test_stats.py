@@ -165,3 +165,15 @@ def test_31b_bench_reports_each_layer_on_stderr(tmp_path: Path, capsys: pytest.C
     lines = [line for line in capsys.readouterr().err.splitlines() if "] layer " in line]
     assert [line.split("] layer ")[1].split()[0] for line in lines] == [f"{i}/6" for i in range(1, 7)]
     assert json.loads(out.read_text())["layers"] == 6
+
+
+def test_probe_runs_only_for_target_bpw(tiny_src: Path, tmp_path: Path) -> None:
+    """Sensitivities serve only the allocation: a smoothing-only manifest skips the probe (and its fingerprint says
+    so, so adding target_bpw later re-runs the pass)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    smooth_only = _ctx(tmp_path / "a", tiny_src, smooth=SMOOTH)
+    allocating = _ctx(tmp_path / "b", tiny_src, smooth=SMOOTH, target_bpw=5.3)
+    assert stats.settings(smooth_only.manifest).probe is False
+    assert stats.settings(allocating.manifest).probe is True
+    assert stats.fingerprint(smooth_only)["params"] != stats.fingerprint(allocating)["params"]
