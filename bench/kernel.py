@@ -139,12 +139,12 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
     """The tensor-core path: launch variants at batch 1 and 8, then batches 1-8 (gemv_tc, default launch) and 16
     (dequant_tiles + cuBLAS); the CUDA-core kernel's batch-1 time beside it."""
     tiles = [layout.to_tiles(c, s, bits) for c, s in zip(codes, scales, strict=True)]
-    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.tc_launch(cols)}
+    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.tc_launch()}
     variants: dict[str, Any] = {}
     for n in (1, 8) if not quick else ():  # the kernel alone (the rotation launch is timed below)
         xp, xs = torch.ops.hlwq.rotate_pairs(torch.randn(n, cols, device=device, dtype=torch.bfloat16), signs, None)
         for warps, pf in TC_VARIANTS:
-            code = kernels.tc_launch(cols, warps, pf)
+            code = kernels.tc_launch(warps, pf)
             calls = [functools.partial(torch.ops.hlwq.gemv_tc, xp, xs, t, codebook, bits, rows, torch.bfloat16, code)
                      for t in tiles]  # fmt: skip
             us = graph_time_us(calls)

@@ -3,9 +3,9 @@
 4- and 5-bit weights (symmetric codebooks; all that `hlwq convert` writes) are repacked at load into the tiled layout
 of layout.py. Decode (≤ 8 tokens): rotate x once into fp16 pairs (a power-of-two scale per block keeps fp16 in range),
 then one tensor-core matvec (gemv_tc) that looks up two weights per shared-memory load and applies each block's
-scales once. Other widths keep FORMAT v1's codes and a
-CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs (prefill): dequantize the weight into the rotated basis
-(bf16, no inverse transform) and let cuBLAS multiply the rotated activations on tensor cores.
+scales once. Other widths keep FORMAT v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs
+(prefill): dequantize the weight into the rotated basis (no inverse transform; fp16 from tiles, bf16 otherwise) and
+let cuBLAS multiply the rotated activations on tensor cores.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ LAUNCH: dict[int, tuple[int, int]] = {1: (8, 8), 2: (8, 8), 3: (8, 4), 4: (8, 4)
 TC_MAX_BATCH = 8
 
 
-def tc_launch(k: int, warps: int = 12, prefetch: int = 1, balanced: bool = False) -> int:
-    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp, balanced grid. The defaults were the fastest
-    of bench/kernel.py's sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel.json)."""
-    del k  # one launch for every shape measured; kept so a per-shape choice stays a local change
-    return warps | prefetch << 8 | int(balanced) << 12
+def tc_launch(warps: int = 12, prefetch: int = 1) -> int:
+    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp. The defaults were the fastest of
+    bench/kernel.py's sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json)."""
+    return warps | prefetch << 8
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -82,7 +81,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
     if x2.shape[0] <= TC_MAX_BATCH:
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
-        y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, x.dtype, tc_launch(padded))
+        y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, x.dtype, tc_launch())
     else:
         # fp16 operands, each row of the rotated activation scaled by a power of two into fp16's range, fp32
         # accumulation and output: bf16 here cost ~4e-4 KL against the reference on the bench model.

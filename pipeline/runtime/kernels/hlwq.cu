@@ -44,18 +44,30 @@ __device__ __forceinline__ void warp_fwht128(const T* __restrict__ xb, const flo
   }
 }
 
+// The two rotation kernels: one warp per (row, 128-block) of x [rows, K]; false for the warps past the last row.
+// `base` is the lane's first element, v its four rotated values (unnormalized).
+template <typename T>
+__device__ __forceinline__ bool warp_rotated_block(const T* __restrict__ x, const float* __restrict__ signs,
+                                                   const float* __restrict__ inv_smooth, int rows, int K, int n_blocks,
+                                                   int& row, int& blk, int& lane, size_t& base, float (&v)[4]) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  lane = threadIdx.x & 31;
+  row = warp / n_blocks;
+  blk = warp % n_blocks;
+  if (row >= rows) return false;
+  base = (size_t)row * K + (size_t)blk * B + lane * 4;
+  warp_fwht128<T>(x + base, signs, inv_smooth, blk, lane, v);
+  return true;
+}
+
 // ---- rotation: out[n, k] = (H·D·(x ⊙ inv_smooth))[n, k] per 128-block, float32 -----------------------------------
-// One warp per (row, block) (warp_fwht128).
 template <typename T>
 __global__ void rotate_kernel(const T* __restrict__ x, const float* __restrict__ signs,
                               const float* __restrict__ inv_smooth, float* __restrict__ out, int rows, int K, int n_blocks) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int row = warp / n_blocks, blk = warp % n_blocks;
-  if (row >= rows) return;
-  const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
+  int row, blk, lane;
+  size_t base;
   float v[4];
-  warp_fwht128<T>(x + base, signs, inv_smooth, blk, lane, v);
+  if (!warp_rotated_block<T>(x, signs, inv_smooth, rows, K, n_blocks, row, blk, lane, base, v)) return;
   const float norm = 0.08838834764831845f;  // 1/sqrt(128)
   float4 o = make_float4(v[0] * norm, v[1] * norm, v[2] * norm, v[3] * norm);
   *reinterpret_cast<float4*>(out + base) = o;
@@ -345,13 +357,10 @@ template <typename T>
 __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
                                     const float* __restrict__ inv_smooth, __half2* __restrict__ out,
                                     float* __restrict__ xs, int rows, int K, int n_blocks) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int row = warp / n_blocks, blk = warp % n_blocks;
-  if (row >= rows) return;
-  const size_t base = (size_t)row * K + (size_t)blk * B + lane * 4;
+  int row, blk, lane;
+  size_t base;
   float v[4];
-  warp_fwht128<T>(x + base, signs, inv_smooth, blk, lane, v);
+  if (!warp_rotated_block<T>(x, signs, inv_smooth, rows, K, n_blocks, row, blk, lane, base, v)) return;
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
@@ -430,6 +439,22 @@ __global__ void gather_rows_kernel(const uint8_t* __restrict__ table, const int6
   }
 }
 
+// The rotation kernels' grid: one warp per (row, 128-block).
+static unsigned rotation_grid(int rows, int n_blocks, int threads) {
+  const long warps = (long)rows * n_blocks;
+  return (unsigned)((warps * 32 + threads - 1) / threads);
+}
+
+// CTAs of `kernel` that fit on the device at once: the persistent grids stride over their work with this many.
+template <typename Kernel>
+static int resident_ctas(Kernel kernel, int threads, size_t smem) {
+  int per_sm = 0, dev = 0, sms = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return per_sm * sms > 0 ? per_sm * sms : 1;
+}
+
 // ---- C ABI ----------------------------------------------------------------------------------------------------------
 // dtype codes: 0 = float32, 1 = bfloat16, 2 = float16. Every entry returns the launch's cudaError_t (0 = success).
 extern "C" {
@@ -437,9 +462,8 @@ extern "C" {
 int hlwq_rotate(const void* x, const float* signs, const float* inv_smooth, float* out, int rows, int K, int dtype,
                 cudaStream_t stream) {
   const int n_blocks = K / B;
-  const long warps = (long)rows * n_blocks;
   const int threads = 256;
-  const unsigned grid = (unsigned)((warps * 32 + threads - 1) / threads);
+  const unsigned grid = rotation_grid(rows, n_blocks, threads);
   if (dtype == 0) rotate_kernel<float><<<grid, threads, 0, stream>>>((const float*)x, signs, inv_smooth, out, rows, K, n_blocks);
   else if (dtype == 1) rotate_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>((const __nv_bfloat16*)x, signs, inv_smooth, out, rows, K, n_blocks);
   else rotate_kernel<__half><<<grid, threads, 0, stream>>>((const __half*)x, signs, inv_smooth, out, rows, K, n_blocks);
@@ -458,13 +482,7 @@ static void launch_gemv(const uint8_t* codes, const __half* scales, const float*
   const int groups = (R + ROWS - 1) / ROWS;
   // A grid of at most the CTAs that fit at once, striding over row groups: no half-empty last wave.
   static int resident[9] = {0};
-  if (!resident[ks]) {
-    int per_sm = 0, dev = 0, sms = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<BITS, ROWS, N, T>, threads, 0);
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    resident[ks] = per_sm * sms > 0 ? per_sm * sms : 1;
-  }
+  if (!resident[ks]) resident[ks] = resident_ctas(gemv_kernel<BITS, ROWS, N, T>, threads, 0);
   const unsigned grid = (unsigned)(groups < resident[ks] ? groups : resident[ks]);
   gemv_kernel<BITS, ROWS, N, T><<<grid, threads, 0, stream>>>(codes, scales, codebook, xr, (T*)y, R, K, n_blocks);
 }
@@ -594,21 +612,13 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
 template <int BITS, int PF, typename T>
 static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
-                     int n_blocks, int warps, bool balanced, cudaStream_t stream) {
+                     int n_blocks, int warps, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const int threads = 32 * warps;
   const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
   static int resident[17] = {0};
-  if (!resident[warps]) {
-    int per_sm = 0, dev = 0, sms = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tc_gemv_kernel<BITS, PF, T>, threads, smem);
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    resident[warps] = per_sm * sms > 0 ? per_sm * sms : 1;
-  }
-  int grid = n_tiles < resident[warps] ? n_tiles : resident[warps];
-  // Every CTA the same number of tiles: a last round that only some CTAs run costs a whole tile's latency.
-  if (balanced) { const int rounds = (n_tiles + grid - 1) / grid; grid = (n_tiles + rounds - 1) / rounds; }
+  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, T>, threads, smem);
+  const unsigned grid = (unsigned)(n_tiles < resident[warps] ? n_tiles : resident[warps]);
   tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n, R,
                                                                n_blocks, n_tiles);
   return (int)cudaGetLastError();
@@ -617,11 +627,11 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
                    int R,
-                   int n_blocks, int warps, int pf, bool balanced, cudaStream_t stream) {
-  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
-  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, balanced, stream);
+                   int n_blocks, int warps, int pf, cudaStream_t stream) {
+  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
+  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
+  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
+  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -631,9 +641,8 @@ extern "C" {
 int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth, void* out, float* xs, int rows, int K,
                       int dtype, cudaStream_t stream) {
   const int n_blocks = K / B;
-  const long warps = (long)rows * n_blocks;
   const int threads = 256;
-  const unsigned grid = (unsigned)((warps * 32 + threads - 1) / threads);
+  const unsigned grid = rotation_grid(rows, n_blocks, threads);
   __half2* o = (__half2*)out;
   if (dtype == 0) rotate_pairs_kernel<float><<<grid, threads, 0, stream>>>((const float*)x, signs, inv_smooth, o, xs, rows, K, n_blocks);
   else if (dtype == 1) rotate_pairs_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>((const __nv_bfloat16*)x, signs, inv_smooth, o, xs, rows, K, n_blocks);
@@ -645,14 +654,13 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
                  int K, int bits,
                  int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), balanced grid (bit 12).
+  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
-  const bool balanced = (launch >> 12) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > 2) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
-  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, balanced, stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
+  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.
