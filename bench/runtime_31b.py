@@ -39,9 +39,7 @@ def to_native(model: nn.Module, bits: int) -> dict[str, Any]:
     params = QuantParams(bits=bits)
 
     def native(weight: torch.Tensor, bias: Any) -> HLWQLinear:
-        m = HLWQLinear.from_quantized(quantize(weight, params), params.sign_bits(), bias, runtime="native")
-        m.tile_for_kernels()  # as the native backend does at load
-        return m
+        return HLWQLinear.from_quantized(quantize(weight, params), params.sign_bits(), bias, runtime="native")
 
     t0 = time.perf_counter()
     n = 0

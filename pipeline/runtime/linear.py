@@ -62,7 +62,7 @@ class HLWQLinear(nn.Module):
     def from_quantized(cls, q: Quantized, signs: list[int] | None, bias: nn.Parameter | None = None,
                        runtime: str = "reference") -> HLWQLinear:  # fmt: skip
         """A module around tensors already read (no copies), q.smooth included; `bias` is taken over as it is (it may
-        still be meta)."""
+        still be meta). For runtime "native" the codes are tiled for the kernels at once (tile_for_kernels)."""
         if len(q.shape) != 2:
             raise ValueError(f"HLWQLinear needs a 2-D weight, got shape {q.shape}")
         out_f, in_f = q.shape
@@ -71,6 +71,8 @@ class HLWQLinear(nn.Module):
         m.signs = sign_vector(signs, q.block_size, q.codes.device)
         m.smooth = None if q.smooth is None else q.smooth.to(torch.float32)  # type: ignore[assignment]
         m.bias = bias
+        if runtime == "native":
+            m.tile_for_kernels()
         return m
 
     def sign_bits(self) -> list[int]:

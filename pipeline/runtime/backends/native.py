@@ -48,7 +48,5 @@ class NativeBackend(skeleton.Backend):
                                        f"{(module.out_features, module.in_features)}")  # fmt: skip
         parent, _, child = name.removesuffix(".weight").rpartition(".")
         new = HLWQLinear.from_quantized(q, signs, module.bias, self.runtime)  # type: ignore[arg-type]
-        if self.runtime == "native":
-            new.tile_for_kernels()
         model.get_submodule(parent).register_module(child, new)
         return self.name
