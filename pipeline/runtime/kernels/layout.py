@@ -76,22 +76,30 @@ def _to_tiles(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Ten
     return torch.cat(parts, dim=-1).contiguous()
 
 
+def _sections(tiles: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A tiled tensor's three sections: nibble bytes uint8 [t, NB, h, g, q, k], negative flags bool
+    [t, NB, h, g, q, k, 2] (of pair j's two codes; None for 4 bits), scales f16 [t, NB, g, h]."""
+    t, nb, _ = tiles.shape
+    nib = tiles[..., :1024].reshape(t, nb, 2, 8, 4, 16)
+    neg = None
+    if bits == 5:
+        words = tiles[..., 1024:1280].contiguous().view(torch.int32).reshape(t, nb, 2, 8, 4, 1).to(torch.int64)
+        shifts = (15 - _K.to(tiles.device)).to(torch.int64)
+        neg = torch.stack([(words >> shifts) & 1, (words >> (shifts + 16)) & 1], dim=-1).bool()
+    scales = tiles[..., -32:].contiguous().view(torch.float16).reshape(t, nb, 8, 2)
+    return nib, neg, scales
+
+
 def from_tiles(tiles: torch.Tensor, rows: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of to_tiles: -> (codes uint8 [R, NB*B*bits/8] in FORMAT v1, scales f16 [R, NB])."""
     t, nb, _ = tiles.shape
-    nib = tiles[..., :1024].reshape(t, nb, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)  # [t, h, g, NB, q, k]
-    nib = nib.reshape(t * TILE_ROWS, nb, 64)
-    c = torch.cat([nib & 15, nib >> 4], dim=-1)
-    if bits == 5:
-        words = tiles[..., 1024:1280].contiguous().view(torch.int32).reshape(t, nb, 2, 8, 4).to(torch.int64)
-        words = words.permute(0, 2, 3, 1, 4)  # [t, h, g, NB, q]
-        shifts = (15 - _K.to(tiles.device)).to(torch.int64)
-        lo = (words[..., None] >> shifts) & 1
-        hi = (words[..., None] >> (shifts + 16)) & 1
-        neg = torch.cat([lo.reshape(t * TILE_ROWS, nb, 64), hi.reshape(t * TILE_ROWS, nb, 64)], dim=-1).bool()
+    nib, neg, sc = _sections(tiles, bits)
+    # [t, NB, h, g, q, k, (j, j+64)] -> rows [t, h, g] x [NB] x codes [(j, j+64) half, q, k]
+    c = torch.stack([nib & 15, nib >> 4], dim=-1).permute(0, 2, 3, 1, 6, 4, 5).reshape(t * TILE_ROWS, nb, BLOCK)
+    if neg is not None:
+        neg = neg.permute(0, 2, 3, 1, 6, 4, 5).reshape(t * TILE_ROWS, nb, BLOCK)
         c = torch.where(neg, 15 - c, c + 16)
-    sc = tiles[..., -32:].contiguous().view(torch.float16).reshape(t, nb, 8, 2).permute(0, 3, 2, 1)
-    scales = sc.reshape(t * TILE_ROWS, nb)[:rows].contiguous()
+    scales = sc.permute(0, 3, 2, 1).reshape(t * TILE_ROWS, nb)[:rows].contiguous()
     codes = pack(c[:rows].contiguous(), bits).reshape(rows, -1)
     return codes, scales
 
@@ -107,16 +115,14 @@ def tiled_matvec(xr: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, 
     """The kernel's arithmetic in float64 torch, from the tiled bytes alone (the CPU check of the layout): rotated
     x [n, K] -> y [n, R] = Σ_b scale · Σ_j level · x / √B, levels found the kernel's way (pair byte, sign word)."""
     t, nb, _ = tiles.shape
-    nib = tiles[..., :1024].reshape(t, nb, 2, 8, 4, 16).long()  # [t, NB, h, g, q, k]
+    nib, neg, sc = _sections(tiles, bits)
+    nib = nib.long()  # [t, NB, h, g, q, k]
     table = codebook.double()[16:] if bits == 5 else codebook.double()
     lo, hi = table[nib & 15], table[nib >> 4]
-    if bits == 5:
-        words = tiles[..., 1024:1280].contiguous().view(torch.int32).reshape(t, nb, 2, 8, 4, 1).long()
-        shifts = (15 - _K.to(tiles.device)).long()
-        lo = torch.where((words >> shifts) & 1 == 1, -lo, lo)
-        hi = torch.where((words >> (shifts + 16)) & 1 == 1, -hi, hi)
-    sc = tiles[..., -32:].contiguous().view(torch.float16).reshape(t, nb, 8, 2).double()  # [t, NB, g, h]
+    if neg is not None:
+        lo = torch.where(neg[..., 0], -lo, lo)
+        hi = torch.where(neg[..., 1], -hi, hi)
     xp = pair_order(xr.double()).reshape(xr.shape[0], nb, 4, 16, 2)  # [n, NB, q, k, (j, j+64)]
     part = torch.einsum("tbhgqk,nbqk->nthgb", lo, xp[..., 0]) + torch.einsum("tbhgqk,nbqk->nthgb", hi, xp[..., 1])
-    y = (part * sc.permute(0, 3, 2, 1)[None]).sum(-1) / BLOCK**0.5  # [n, t, h, g]
+    y = (part * sc.double().permute(0, 3, 2, 1)[None]).sum(-1) / BLOCK**0.5  # [n, t, h, g]
     return y.reshape(xr.shape[0], t * TILE_ROWS)[:, :rows]
