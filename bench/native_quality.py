@@ -146,13 +146,8 @@ def float_reference(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int]
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
                                                  attn_implementation="eager").eval().to(device)  # fmt: skip
     lps = [torch.log_softmax(lg, -1) for lg in window_logits(model, ids, spans, device)]
-    totals = Totals()
-    for (a, b), lp in zip(spans, lps, strict=True):
-        totals.add(
-            torch.zeros(b - a - 1), nll_per_position(lp, ids[a + 1 : b]), torch.ones(b - a - 1, dtype=torch.bool)
-        )
     del model
-    return lps, totals
+    return lps, quality.float_totals(ids, spans, lps)
 
 
 def artifact_bits(folder: Path, names: list[str]) -> int:

@@ -179,6 +179,14 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def float_totals(ids: torch.Tensor, spans: list[tuple[int, int]], log_probs: list[torch.Tensor]) -> Totals:
+    """The float model's own row: KL 0 and top-1 100 % by definition, its NLL over each window's next tokens."""
+    t = Totals()
+    for (a, b), lp in zip(spans, log_probs, strict=True):
+        t.add(torch.zeros(b - a - 1), nll_per_position(lp, ids[a + 1 : b]), torch.ones(b - a - 1, dtype=torch.bool))
+    return t
+
+
 class Evaluator:
     """The float model plus its reference log-probs on every window; evaluates a method's replacement weights."""
 
@@ -209,16 +217,8 @@ class Evaluator:
             return self.model(input_ids=self.ids[a:b][None], use_cache=False).logits[0, :-1].float()
 
     def reference(self) -> Totals:
-        t = Totals()
-        for a, b in self.spans:
-            lp = torch.log_softmax(self._logits(a, b), -1)
-            self.ref.append(lp)
-            t.add(
-                torch.zeros(b - a - 1),
-                nll_per_position(lp, self.ids[a + 1 : b]),
-                torch.ones(b - a - 1, dtype=torch.bool),
-            )
-        return t
+        self.ref = [torch.log_softmax(self._logits(a, b), -1) for a, b in self.spans]
+        return float_totals(self.ids, self.spans, self.ref)
 
     def evaluate(self, weights: Weights) -> Totals:
         with torch.no_grad():
