@@ -175,12 +175,11 @@ def bench_cuda_core(codes: list[torch.Tensor], scales: list[torch.Tensor], codeb
                     quick: bool) -> dict[str, Any]:  # fmt: skip
     """The CUDA-core kernel over FORMAT v1 codes (6-bit weights): launch shapes, then batches 1-16."""
     out: dict[str, Any] = {"path": "cuda core (FORMAT v1 codes)"}
-    d = {"signs": signs}
     # Launch shapes (rows per CTA, max warps splitting K) swept at batch 1, 2 and 4; the best one times each batch.
     best: dict[int, tuple[int, int]] = {}
     out["gemv_variants"] = {}
     for n in (1, 2, 4):
-        xr = torch.ops.hlwq.rotate(torch.randn(n, cols, device=device, dtype=torch.bfloat16), d["signs"], None)
+        xr = torch.ops.hlwq.rotate(torch.randn(n, cols, device=device, dtype=torch.bfloat16), signs, None)
         variants = {}
         for rpw, wpc in VARIANTS if not quick else [kernels.LAUNCH[n]]:
             calls = [
@@ -201,7 +200,7 @@ def bench_cuda_core(codes: list[torch.Tensor], scales: list[torch.Tensor], codeb
     batches: dict[str, Any] = {}
     for n in (1, 2, 4, 8, 16):
         x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
-        xr = torch.ops.hlwq.rotate(x, d["signs"], None)
+        xr = torch.ops.hlwq.rotate(x, signs, None)
         row: dict[str, Any] = {}
         rpw, wpc = best[min(n, 4) if n != 3 else 4]
         if n <= 4:
@@ -222,7 +221,7 @@ def bench_cuda_core(codes: list[torch.Tensor], scales: list[torch.Tensor], codeb
         row["native_us"] = row.get("gemv_us", row["dequant_cublas_us"])
         batches[str(n)] = row
     out["batches"] = batches
-    out["rotate_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate, x[:1], d["signs"], None)]), 2)
+    out["rotate_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate, x[:1], signs, None)]), 2)
     return out
 
 
