@@ -240,10 +240,16 @@ template <int BITS>
 struct TcRegs {
   uint4 n0, n1;
   uint32_t s0, s1, sc;
+  float x0s, x1s;  // the activation's block scales for batch rows 2q and 2q+1
 };
 
 template <int BITS>
-__device__ __forceinline__ void tc_load(TcRegs<BITS>& r, const uint8_t* __restrict__ u, int lane) {
+__device__ __forceinline__ void tc_load(TcRegs<BITS>& r, const uint8_t* __restrict__ u, int lane,
+                                        const float* __restrict__ xs, int n, int n_blocks, int b) {
+  // Prefetched with the codes: loaded at use, this small read sits on every block's critical path.
+  const int q = lane & 3;
+  r.x0s = 2 * q < n ? __ldg(xs + (size_t)(2 * q) * n_blocks + b) : 0.f;
+  r.x1s = 2 * q + 1 < n ? __ldg(xs + (size_t)(2 * q + 1) * n_blocks + b) : 0.f;
   r.n0 = __ldg(reinterpret_cast<const uint4*>(u) + lane);
   r.n1 = __ldg(reinterpret_cast<const uint4*>(u + 512) + lane);
   if (BITS == 5) {
@@ -286,8 +292,7 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
 #undef HLWQ_STEP
   // Block scales of the weight rows (g, g+8) times those of the activation rows (2q, 2q+1) this lane's C holds.
   const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&cur.sc));
-  const float x0s = 2 * q < n ? __ldg(xs + (size_t)(2 * q) * n_blocks + b) : 0.f;
-  const float x1s = 2 * q + 1 < n ? __ldg(xs + (size_t)(2 * q + 1) * n_blocks + b) : 0.f;
+  const float x0s = cur.x0s, x1s = cur.x1s;
   acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
   acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
@@ -322,13 +327,15 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
     int b = warp;
 #pragma unroll
     for (int i = 0; i < PF; ++i)
-      if (b + i * KS < n_blocks) tc_load<BITS>(r[i], base + (size_t)(b + i * KS) * UB, lane);
+      if (b + i * KS < n_blocks)
+        tc_load<BITS>(r[i], base + (size_t)(b + i * KS) * UB, lane, xs, n, n_blocks, b + i * KS);
     bool more = b < n_blocks;
     while (more) {
 #pragma unroll
       for (int i = 0; i <= PF; ++i) {
         if (more) {
-          if (b + PF * KS < n_blocks) tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane);
+          if (b + PF * KS < n_blocks)
+            tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane, xs, n, n_blocks, b + PF * KS);
           tc_block<BITS>(acc, r[i], lb, xp, xs, n, n_blocks, b, g, q);
           b += KS;
           more = b < n_blocks;
