@@ -120,17 +120,25 @@ def profile_step(model: nn.Module, device: torch.device, compile_layers: bool = 
 
     from pipeline.runtime.decode import LeanDecoder
 
+    steps = 3
     dec = LeanDecoder(model, max_len=200, graph=False, compile_layers=compile_layers)
     ids = torch.randint(10, 400, (1, 32))
     dec.generate(ids, 4)
+    dec.generate(ids, 1)  # prefill only: the profile below holds decode steps alone
     acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
-        dec.generate(ids, 3)
+    with torch.inference_mode(), profile(activities=acts) as prof:
+        for _ in range(steps):
+            dec._decode_body()
+    events = prof.key_averages()
     rows = []
-    for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:25]:
-        rows.append({"name": evt.key[:90], "calls": evt.count, "total_us": round(evt.device_time_total, 1)})
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
-    return {"profile_top": rows}
+    for evt in sorted(events, key=lambda e: -e.device_time_total)[:25]:
+        rows.append({"name": evt.key[:90], "calls_per_step": round(evt.count / steps, 1),
+                     "us_per_step": round(evt.device_time_total / steps, 1)})  # fmt: skip
+    kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    print(events.table(sort_by="device_time_total", row_limit=25), flush=True)
+    return {"profile_top": rows, "decode_steps_profiled": steps,
+            "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+            "kernel_us_per_step": round(sum(e.device_time_total for e in kernels) / steps, 1)}  # fmt: skip
 
 
 def run_variant(
