@@ -108,7 +108,7 @@ class LeanDecoder:
     """Greedy decoding of one sequence with a static cache; `graph=True` (CUDA only) replays one captured step."""
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool | None = None, prefill_chunk: int | None = None,
-                 compile_layers: bool = False):  # fmt: skip
+                 compile_layers: bool = False, fused: bool = True):  # fmt: skip
         self.model = model
         self.text, self.head, self.cfg = text_parts(model)
         self.device = next(self.text.layers[0].parameters()).device
@@ -135,15 +135,24 @@ class LeanDecoder:
         self.pad_id = getattr(self.cfg, "pad_token_id", None) or 0
         self.graph_enabled = (self.device.type == "cuda") if graph is None else graph
         self.gemma4_layers = "shared_kv_states" in inspect.signature(self.text.layers[0].forward).parameters
-        if compile_layers:
-            # Regional compilation: the layers share one compiled body (modules are graph inputs), which fuses the
-            # dozens of small elementwise kernels per layer (norms, rope, activation) that dominate a batch-1 step.
+        # Decode steps run the layers it covers through gemma4_decode's step (fewer, fused kernels; compiled with
+        # compile_layers); prefill keeps transformers' layers. fused=False: decode runs transformers' forward too.
+        self.decode_layers = None
+        if fused and self.gemma4_layers:
+            from pipeline.runtime.gemma4_decode import DecodeLayers
+
+            self.decode_layers = DecodeLayers(list(self.text.layers[:n_layers]), self.cfg, compile_step=compile_layers)
+        covered = self.decode_layers.plans if self.decode_layers is not None else {}
+        if compile_layers and len(covered) < n_layers:
+            # Regional compilation of the layers the step does not cover: they share one compiled body (modules are
+            # graph inputs), fusing the dozens of small elementwise kernels per layer that dominate a batch-1 step.
             # The cache write is a graph break and its layer index a guard: allow one entry per layer.
             dyn = torch._dynamo.config
             dyn.recompile_limit = max(dyn.recompile_limit, 4 * len(self.text.layers))
             dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * len(self.text.layers))
-            for layer in self.text.layers:
-                layer.compile(dynamic=False)
+            for i, layer in enumerate(self.text.layers):
+                if i not in covered:
+                    layer.compile(dynamic=False)
         self.cache = StaticKV(self.layer_types, max_len, self.window)
         ring = self.window or 1
         self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)
@@ -192,8 +201,12 @@ class LeanDecoder:
         if getattr(text, "hidden_size_per_layer_input", 0):
             per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
         shared: dict[str, Any] = {}
+        plans = self.decode_layers.plans if decode and self.decode_layers is not None else {}
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]
+            if i in plans and i in self.cache.keys:
+                h = self._step(i, h, rope[lt], masks[lt])
+                continue
             kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
                                       "position_ids": position_ids, "past_key_values": self.cache}  # fmt: skip
             if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
@@ -208,6 +221,16 @@ class LeanDecoder:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1]
+
+    def _step(self, i: int, h: torch.Tensor, rope: Any, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i on one token through the fused decode step, its key/value written to this cache's slot."""
+        assert self.decode_layers is not None
+        spec, w = self.decode_layers.plans[i]
+        cos, sin = rope
+        slot = self.cache.ring_idx if self.cache.sliding(i) else self.cache.full_idx
+        out = self.decode_layers.step(spec, w, h.view(1, -1), self.cache.keys[i], self.cache.values[i], slot,
+                                      mask.reshape(-1), cos.reshape(-1), sin.reshape(-1))  # fmt: skip
+        return out.view_as(h)
 
     def _decode_body(self) -> None:
         logits = self._forward(self.ids, self.pos, decode=True)

@@ -35,7 +35,7 @@ def test_native_linear_matches_reference(bits: int, rows: int, cols: int, n: int
 
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize(("rows", "cols"), [(384, 640), (1000, 576), (2048, 5376)])
-@pytest.mark.parametrize("n", [1, 2, 8, 9])
+@pytest.mark.parametrize("n", [1, 2, 8, 9, 20, 40])
 def test_tiled_linear_matches_reference(bits: int, rows: int, cols: int, n: int) -> None:
     """The tensor-core path (≤ 8 tokens) and the tiled dequantize + cuBLAS path (more), smoothing vector included."""
     from pipeline.runtime.kernels import layout, tiled_linear

@@ -21,7 +21,8 @@ BLOCK = 128
 SUPPORTED_BITS = (4, 5, 6)
 # Launch shape per batch size (rows per CTA, most warps splitting K), chosen by bench/kernel.py on the H200.
 LAUNCH: dict[int, tuple[int, int]] = {1: (8, 8), 2: (8, 8), 3: (8, 4), 4: (8, 4)}
-TC_MAX_BATCH = 8
+TC_MAX_BATCH = 8  # tokens one gemv_tc launch takes
+TC_CHUNKED_BATCH = 32  # up to this many tokens, gemv_tc launches in slices of TC_MAX_BATCH
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1) -> int:
@@ -79,9 +80,16 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     lead = x.shape[:-1]
     padded = tiles.shape[1] * BLOCK
     x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
-    if x2.shape[0] <= TC_MAX_BATCH:
+    if x2.shape[0] <= TC_CHUNKED_BATCH:
+        # Up to 8 tokens per launch; a few launches re-read the weight but still beat dequantize + cuBLAS, whose
+        # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
-        y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, x.dtype, tc_launch())
+        n = TC_MAX_BATCH
+        parts = [
+            torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, tc_launch())
+            for a in range(0, x2.shape[0], n)
+        ]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
     else:
         # fp16 operands, each row of the rotated activation scaled by a power of two into fp16's range, fp32
         # accumulation and output: bf16 here cost ~4e-4 KL against the reference on the bench model.

@@ -1,0 +1,248 @@
+"""One Gemma-4 decoder layer for one new token, in few kernels: the decode step LeanDecoder runs on this family.
+
+transformers' layer costs a 31B decode step ~6000 kernels and ~12 ms of GPU time beside the matvecs (measured:
+bench/results/runtime_31b_profile_eager.json): each RMSNorm is five casts and reductions, grouped-query attention
+copies the whole sliding cache (repeat_kv), and q, k and v each rotate the same input. Here q/k/v and gate/up are one
+projection each where the weights allow it (HLWQ tiles concatenated: one activation rotation, one matvec launch),
+query heads attend their KV head's cache in place, and the layer body is a function of tensors and a hashable spec,
+so one torch.compile graph serves every layer of a kind and fuses the norms, rope, residuals and activation.
+Layers it does not cover (per-layer inputs, MoE, KV sharing, other activations) keep transformers' forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.quant.hadamard import rotate
+from pipeline.runtime.kernels import layout
+from pipeline.runtime.linear import HLWQLinear
+
+log = logging.getLogger(__name__)
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One launch of a projection: "hlwq" (tiled codes; tensors tiles, codebook, signs) or "dense" (whatever
+    F.linear takes as weight: BF16, a torchao INT4 tensor; tensors weight[, bias])."""
+
+    kind: str
+    rows: int
+    cols: int
+    bits: int = 0
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What is static about a layer: it keys the compiled graph, so equal specs share one."""
+
+    qkv: tuple[Part, ...]
+    qkv_split: tuple[int, ...]  # q, k[, v] widths
+    mlp: tuple[Part, ...]
+    mlp_split: tuple[int, int]  # gate, up
+    o: tuple[Part, ...]
+    down: tuple[Part, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    k_eq_v: bool  # no v_proj: values are the normalized raw keys
+    scaling: float
+    eps: float
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma-4's RMSNorm (float32 inside, gain applied as is, result in x's dtype)."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return (y if weight is None else y * weight.float()).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, d] with cos/sin [d] (rotate-half convention, as transformers applies it)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scaling: float) -> torch.Tensor:  # fmt: skip
+    """One query token: q [Hq, d], cache keys/values [Hkv, L, d] read in place (query head h uses KV head h // g,
+    transformers' repeat_kv order), mask [L] True = attend -> [Hq * d]."""
+    hkv, _, d = keys.shape
+    qg = q.view(hkv, -1, d)
+    s = torch.matmul(qg, keys.transpose(1, 2)).float() * scaling
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
+    return torch.matmul(p, values).reshape(-1)
+
+
+def _hlwq_matvec(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, part: Part
+                 ) -> torch.Tensor:  # fmt: skip
+    if x.is_cuda:
+        from pipeline.runtime import kernels
+
+        return kernels.tiled_linear(x, tiles, codebook, signs, part.bits, part.rows)  # type: ignore[no-any-return]
+    # CPU: the kernel's own arithmetic from the same tiled bytes (layout.tiled_matvec), so tests cover the fusion
+    xr = rotate(x.float(), signs).reshape(x.shape[0], -1).double()
+    return layout.tiled_matvec(xr, tiles, codebook, part.rows, part.bits).to(x.dtype)
+
+
+def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tensor) -> torch.Tensor:
+    """x [1, cols] -> [1, Σ rows]: each part's launch, outputs side by side."""
+    outs = []
+    for part, ts in zip(parts, tensors, strict=True):
+        if part.kind == "hlwq":
+            outs.append(_hlwq_matvec(x, ts[0], ts[1], ts[2], part))
+        else:
+            outs.append(F.linear(x, ts[0], ts[1] if len(ts) > 1 else None))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """h [1, hidden] -> h after the layer; writes this token's key/value into keys/values [1, Hkv, L, d] at `slot`."""
+    d = spec.head_dim
+    x = rms_norm(h, w["input_norm"], spec.eps)
+    qkv = project(spec.qkv, w["qkv"], x).split(spec.qkv_split, dim=-1)
+    q = rope(rms_norm(qkv[0].view(spec.heads, d), w["q_norm"], spec.eps), cos, sin)
+    raw_k = qkv[1].view(spec.kv_heads, d)
+    k = rope(rms_norm(raw_k, w["k_norm"], spec.eps), cos, sin)
+    v = rms_norm(raw_k if spec.k_eq_v else qkv[2].view(spec.kv_heads, d), None, spec.eps)
+    keys.index_copy_(2, slot, k.view(1, spec.kv_heads, 1, d))
+    values.index_copy_(2, slot, v.view(1, spec.kv_heads, 1, d))
+    a = grouped_attention(q, keys[0], values[0], mask, spec.scaling).view(1, -1)
+    h = h + rms_norm(project(spec.o, w["o"], a), w["post_attn_norm"], spec.eps)
+    x = rms_norm(h, w["pre_ffn_norm"], spec.eps)
+    gate, up = project(spec.mlp, w["mlp"], x).split(spec.mlp_split, dim=-1)
+    y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
+    return (h + rms_norm(y, w["post_ffn_norm"], spec.eps)) * w["layer_scalar"]
+
+
+# -- building a layer's plan from the transformers modules -------------------------------------------------------
+
+
+def _fusable(mods: list[Any]) -> bool:
+    """HLWQ modules one tiled launch can serve: same input, bits, codebook and sign diagonal, no smoothing or bias,
+    whole 16-row tiles each (so their tiles concatenate along rows)."""
+    if not all(isinstance(m, HLWQLinear) and m.tiles is not None for m in mods):
+        return False
+    first = mods[0]
+    return all(
+        m.bits == first.bits and m.in_features == first.in_features and m.smooth is None and m.bias is None
+        and m.out_features % layout.TILE_ROWS == 0 and torch.equal(m.codebook, first.codebook)
+        and torch.equal(m.signs, first.signs)
+        for m in mods
+    )  # fmt: skip
+
+
+def _part(m: Any) -> tuple[Part, Tensors]:
+    if isinstance(m, HLWQLinear):
+        if m.tiles is None or m.smooth is not None or m.bias is not None:
+            raise _Unsupported(f"an HLWQLinear the decode step does not run ({m.extra_repr()})")
+        return Part("hlwq", m.out_features, m.in_features, m.bits), (m.tiles, m.codebook, m.signs)  # type: ignore[return-value]
+    if isinstance(m, nn.Linear):
+        ts = (m.weight,) if m.bias is None else (m.weight, m.bias)
+        return Part("dense", m.out_features, m.in_features), ts
+    raise _Unsupported(f"a {type(m).__name__} projection")
+
+
+def _fused_tiles(mods: list[Any]) -> torch.Tensor:
+    """One tiles buffer for the modules, rows in order: the one an earlier plan made (a second decoder on the same
+    model), else a new one; each module's tiles then become its view of it (no second copy)."""
+    base = mods[0].tiles._base
+    total = sum(m.tiles.shape[0] for m in mods)
+    if base is None or any(m.tiles._base is not base for m in mods) or base.shape[0] != total \
+            or mods[0].tiles.data_ptr() != base.data_ptr():  # fmt: skip
+        base = torch.cat([m.tiles for m in mods], dim=0)
+    at = 0
+    for m in mods:
+        n = m.tiles.shape[0]
+        m.tiles = base[at : at + n]
+        at += n
+    return base  # type: ignore[no-any-return]
+
+
+def fuse(mods: list[Any]) -> tuple[tuple[Part, ...], tuple[Tensors, ...]]:
+    """Launch parts for projections of one input: one for fusable HLWQ modules (their tiles concatenated; the modules
+    still compute and save as before), else one per module."""
+    if len(mods) > 1 and _fusable(mods):
+        first = mods[0]
+        rows = sum(m.out_features for m in mods)
+        part = Part("hlwq", rows, first.in_features, first.bits)
+        return (part,), ((_fused_tiles(mods), first.codebook, first.signs),)
+    pairs = [_part(m) for m in mods]
+    return tuple(p for p, _ in pairs), tuple(t for _, t in pairs)
+
+
+class _Unsupported(Exception):
+    """A layer the decode step does not cover (it keeps transformers' forward)."""
+
+
+def _norm_weight(norm: Any, dim: int) -> torch.Tensor | None:
+    """The gain rms_norm applies, after checking on a probe that it computes what the module computes (a release
+    whose RMSNorm differs, e.g. a (1 + w) gain, keeps transformers' forward rather than run the wrong math)."""
+    weight = getattr(norm, "weight", None) if getattr(norm, "with_scale", True) else None
+    eps = float(getattr(norm, "eps", 1e-6))
+    device = weight.device if weight is not None else torch.device("cpu")
+    probe = torch.randn(2, dim, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        if not torch.allclose(norm(probe), rms_norm(probe, weight, eps), rtol=1e-4, atol=1e-5):
+            raise _Unsupported(f"an RMSNorm ({type(norm).__name__}) that is not Gemma-4's")
+    return weight
+
+
+def plan_layer(layer: Any, cfg: Any) -> tuple[Spec, dict[str, Any]]:
+    """(spec, tensors) for one Gemma-4 decoder layer; raises _Unsupported where transformers' forward must run."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(layer, "hidden_size_per_layer_input", 0) or getattr(layer, "enable_moe_block", False):
+        raise _Unsupported("per-layer inputs or an MoE block")
+    if getattr(attn, "is_kv_shared_layer", False) or getattr(attn, "store_full_length_kv", False):
+        raise _Unsupported("KV sharing")
+    if getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh":
+        raise _Unsupported(f"activation {getattr(cfg, 'hidden_activation', None)!r}")
+    d = attn.head_dim
+    v_proj = getattr(attn, "v_proj", None)
+    qkv_mods = [attn.q_proj, attn.k_proj] + ([v_proj] if v_proj is not None else [])
+    qkv, qkv_t = fuse(qkv_mods)
+    mlp_parts, mlp_t = fuse([mlp.gate_proj, mlp.up_proj])
+    o, o_t = fuse([attn.o_proj])
+    down, down_t = fuse([mlp.down_proj])
+    hidden = attn.q_proj.in_features
+    spec = Spec(
+        qkv=qkv, qkv_split=tuple(m.out_features for m in qkv_mods), mlp=mlp_parts,
+        mlp_split=(mlp.gate_proj.out_features, mlp.up_proj.out_features), o=o, down=down,
+        heads=attn.q_proj.out_features // d, kv_heads=attn.k_proj.out_features // d, head_dim=d,
+        k_eq_v=v_proj is None, scaling=float(attn.scaling), eps=float(layer.input_layernorm.eps),
+    )  # fmt: skip
+    w = {
+        "input_norm": _norm_weight(layer.input_layernorm, hidden), "q_norm": _norm_weight(attn.q_norm, d),
+        "k_norm": _norm_weight(attn.k_norm, d), "post_attn_norm": _norm_weight(layer.post_attention_layernorm, hidden),
+        "pre_ffn_norm": _norm_weight(layer.pre_feedforward_layernorm, hidden),
+        "post_ffn_norm": _norm_weight(layer.post_feedforward_layernorm, hidden),
+        "layer_scalar": layer.layer_scalar, "qkv": qkv_t, "mlp": mlp_t, "o": o_t, "down": down_t,
+    }  # fmt: skip
+    _norm_weight(attn.v_norm, d)  # checked: the step normalizes values without a gain
+    return spec, w
+
+
+class DecodeLayers:
+    """Plans for the layers the decode step covers (index -> (spec, tensors)); equal specs are one object, so a
+    compiled step guards on few of them."""
+
+    def __init__(self, layers: list[nn.Module], cfg: Any, compile_step: bool = False):
+        self.plans: dict[int, tuple[Spec, dict[str, Any]]] = {}
+        specs: dict[Spec, Spec] = {}
+        for i, layer in enumerate(layers):
+            try:
+                spec, w = plan_layer(layer, cfg)
+            except (_Unsupported, AttributeError) as exc:
+                log.info("layer %d keeps transformers' forward: %s", i, exc)
+                continue
+            self.plans[i] = (specs.setdefault(spec, spec), w)
+        self.step = torch.compile(layer_step, dynamic=False) if compile_step else layer_step

@@ -1,0 +1,115 @@
+"""The fused Gemma-4 decode step (gemma4_decode) computes what transformers' layer computes: same greedy tokens
+through LeanDecoder, on dense and on native HLWQ weights (q/k/v and gate/up fused into one tiled launch each)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.quant.codec import QuantParams, quantize
+from pipeline.runtime import gemma4_decode as g4
+from pipeline.runtime.decode import LeanDecoder
+from pipeline.runtime.linear import HLWQLinear
+from tests.runtime.test_decode import _hf_greedy, _tiny_model
+
+
+def _to_native(model: nn.Module, bits: int = 5) -> nn.Module:
+    params = QuantParams(bits=bits)
+    text = model.model.language_model
+    for _, parent in list(text.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q = quantize(child.weight.data, params)
+                setattr(parent, name, HLWQLinear.from_quantized(q, params.sign_bits(), None, runtime="native"))
+    return model
+
+
+def test_grouped_attention_matches_sdpa_with_repeated_heads() -> None:
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, length, d = 8, 2, 11, 16
+    q = torch.randn(hq, d, generator=g)
+    k, v = torch.randn(hkv, length, d, generator=g), torch.randn(hkv, length, d, generator=g)
+    mask = torch.rand(length, generator=g) > 0.3
+    mask[0] = True
+    rep_k, rep_v = k.repeat_interleave(hq // hkv, 0)[None], v.repeat_interleave(hq // hkv, 0)[None]
+    ref = F.scaled_dot_product_attention(q.view(1, hq, 1, d), rep_k, rep_v, attn_mask=mask.view(1, length), scale=0.7)
+    got = g4.grouped_attention(q, k, v, mask, 0.7)
+    torch.testing.assert_close(got, ref.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_fused_step_same_tokens_as_transformers_layers(window: int | None) -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(window=window)
+    ids = torch.randint(10, 500, (1, 40))
+    ref = _hf_greedy(model, ids, 24)
+    dec = LeanDecoder(model, max_len=64, prefill_chunk=8)
+    assert dec.decode_layers is not None and len(dec.decode_layers.plans) == len(model.model.language_model.layers)
+    # one spec object per kind of layer (sliding, full): a compiled step guards on two, not one per layer
+    assert len({id(spec) for spec, _ in dec.decode_layers.plans.values()}) == 2
+    assert dec.generate(ids, 24).tokens == ref
+
+
+def test_native_weights_fuse_into_one_launch_per_input() -> None:
+    torch.manual_seed(0)
+    model = _to_native(_tiny_model(layers=6, window=16))
+    attn = model.model.language_model.layers[0].self_attn
+    before = {k: v.clone() for k, v in attn.state_dict().items()}
+    ids = torch.randint(10, 500, (1, 20))
+    plain = LeanDecoder(model, max_len=40, prefill_chunk=8, fused=False).generate(ids, 12)
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    spec, w = dec.decode_layers.plans[0]  # type: ignore[union-attr]
+    assert [p.kind for p in spec.qkv] == ["hlwq"] and [p.kind for p in spec.mlp] == ["hlwq"]
+    # the modules' tiles are views of the fused buffer (no second copy) and still save FORMAT v1 unchanged
+    fused = w["qkv"][0][0]
+    assert attn.q_proj.tiles.data_ptr() == fused.data_ptr() and attn.k_proj.tiles._base is fused
+    after = attn.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert dec.generate(ids, 12).tokens == plain.tokens
+    # a second decoder on the same model reuses the fused buffer
+    again = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    assert again.decode_layers.plans[0][1]["qkv"][0][0] is fused  # type: ignore[union-attr]
+
+
+def test_layers_it_does_not_cover_keep_transformers_forward() -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    cfg = model.config.get_text_config()
+    ids = torch.randint(10, 500, (1, 20))
+    ref = _hf_greedy(model, ids, 10)
+    cfg.hidden_activation = "silu"  # not what the step computes: every layer must fall back
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    assert dec.decode_layers is not None and dec.decode_layers.plans == {}
+    cfg.hidden_activation = "gelu_pytorch_tanh"
+    assert dec.generate(ids, 10).tokens == ref
+
+
+def test_a_norm_with_other_math_is_refused() -> None:
+    class OnePlusNorm(nn.Module):  # Gemma-3 style (1 + w) gain
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.full((8,), 0.5))
+            self.eps = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return g4.rms_norm(x, 1 + self.weight, self.eps)
+
+    with pytest.raises(g4._Unsupported):
+        g4._norm_weight(OnePlusNorm(), 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_step_on_the_gpu_same_tokens_as_transformers_layers(compiled: bool) -> None:
+    # float32 activations: the tokens then depend on the arithmetic, not on bf16 rounding order
+    torch.manual_seed(0)
+    model = _to_native(_tiny_model(layers=6, window=16)).cuda()
+    ids = torch.randint(10, 500, (1, 40))
+    ref = LeanDecoder(model, max_len=64, prefill_chunk=8, fused=False).generate(ids, 16)
+    dec = LeanDecoder(model, max_len=64, prefill_chunk=8, compile_layers=compiled)
+    got = dec.generate(ids, 16)
+    assert got.graphed and len(dec.decode_layers.plans) == 6  # type: ignore[union-attr]
+    assert got.tokens == ref.tokens
