@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from bench.load_check_31b import build_bf16, config_31b
+from pipeline.runtime.measure import sync
 from pipeline.shards import atomic_write_json
 
 CONTEXT = 4096
@@ -136,9 +137,27 @@ def profile_step(model: nn.Module, device: torch.device, compile_layers: bool = 
                      "us_per_step": round(evt.device_time_total / steps, 1)})  # fmt: skip
     kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     print(events.table(sort_by="device_time_total", row_limit=25), flush=True)
-    return {"profile_top": rows, "decode_steps_profiled": steps,
-            "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
-            "kernel_us_per_step": round(sum(e.device_time_total for e in kernels) / steps, 1)}  # fmt: skip
+    out = {"profile_top": rows, "decode_steps_profiled": steps,
+           "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+           "kernel_us_per_step": round(sum(e.device_time_total for e in kernels) / steps, 1)}  # fmt: skip
+    del dec
+    # One 512-token prefill chunk (the bench's chunk size), its wall time and top kernels.
+    dec = LeanDecoder(model, max_len=1100, graph=False, compile_layers=compile_layers)
+    chunk = torch.randint(10, 400, (1, 512), device=device)
+    q_pos = torch.arange(512, device=device)
+    with torch.inference_mode():
+        dec._forward(chunk, q_pos, decode=False)
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            dec._forward(chunk, q_pos, decode=False)
+            sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    out["prefill_chunk"] = {"tokens": 512, "wall_ms_profiled": round(1e3 * wall, 1), "top": [
+        {"name": e.key[:90], "calls": e.count, "us": round(e.device_time_total, 1)}
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:12]]}  # fmt: skip
+    return out
 
 
 def run_variant(

