@@ -98,6 +98,8 @@ def measure(model: nn.Module, device: torch.device, tiny: bool, compile_layers: 
     dec = LeanDecoder(model, max_len=32 + new + 8, compile_layers=compile_layers)
     covered = len(dec.decode_layers.plans) if dec.decode_layers is not None else 0
     fig["fused_decode_layers"] = f"{covered}/{len(dec.text.layers)}"
+    if dec.decode_layers is not None and dec.decode_layers.skipped:
+        fig["unfused_layers"] = dict(list(dec.decode_layers.skipped.items())[:4])
     dec.generate(short, 8)  # capture + warm-up
     fig["warmup_s"] = round(time.perf_counter() - t0, 1)
     r = dec.generate(short, new)

@@ -237,12 +237,14 @@ class DecodeLayers:
 
     def __init__(self, layers: list[nn.Module], cfg: Any, compile_step: bool = False):
         self.plans: dict[int, tuple[Spec, dict[str, Any]]] = {}
+        self.skipped: dict[int, str] = {}  # layer -> why it keeps transformers' forward
         specs: dict[Spec, Spec] = {}
         for i, layer in enumerate(layers):
             try:
                 spec, w = plan_layer(layer, cfg)
             except (_Unsupported, AttributeError) as exc:
                 log.info("layer %d keeps transformers' forward: %s", i, exc)
+                self.skipped[i] = str(exc)
                 continue
             self.plans[i] = (specs.setdefault(spec, spec), w)
         self.step = torch.compile(layer_step, dynamic=False) if compile_step else layer_step
