@@ -82,6 +82,16 @@ def _slice_packed(p: kvq.PackedKV, a: int, b: int) -> kvq.PackedKV:
     return kvq.PackedKV(p.codes[..., a:b, :], p.scales[..., a:b], p.bits, p.head_dim)
 
 
+def _owned(p: kvq.PackedKV) -> kvq.PackedKV:
+    """p with storage of its own: a page kept as a view of a larger flush would keep that whole flush alive (the
+    tokens topped up into the previous page, and for sliding layers every evicted page cut from it)."""
+    c, s = p.codes, p.scales
+    if c.untyped_storage().nbytes() == c.nbytes and s.untyped_storage().nbytes() == s.nbytes:
+        return p
+    fmt = torch.contiguous_format
+    return kvq.PackedKV(c.clone(memory_format=fmt), s.clone(memory_format=fmt), p.bits, p.head_dim)
+
+
 class HLWQKVLayer(DynamicLayer):
     """One layer's cache: packed pages [B, H, T, d*bits/8] + float16 scales [B, H, T], and a residual in `keys` /
     `values` [B, H, r, d]. `window` set: a sliding-window layer (positions older than the window are dropped)."""
@@ -149,8 +159,8 @@ class HLWQKVLayer(DynamicLayer):
                 last.v = _cat_packed(last.v, _slice_packed(v, pos, pos + take))
             else:
                 take = min(self.page_tokens, n - pos)
-                self.pages.append(_Page(start + pos, _slice_packed(k, pos, pos + take),
-                                        _slice_packed(v, pos, pos + take)))  # fmt: skip
+                self.pages.append(_Page(start + pos, _owned(_slice_packed(k, pos, pos + take)),
+                                        _owned(_slice_packed(v, pos, pos + take))))  # fmt: skip
             pos += take
 
     def _quantize(self, x: torch.Tensor) -> kvq.PackedKV:

@@ -79,6 +79,28 @@ def test_sliding_layer_drops_old_pages_and_announces_its_range():
     assert layer.get_seq_length() == 60
 
 
+def held_bytes(layer: HLWQKVLayer) -> int:
+    """Bytes of the distinct storages behind the layer's tensors (what an allocator keeps alive for it)."""
+    tensors = [layer.keys, layer.values] + [t for p in layer.pages for x in (p.k, p.v) if x is not None
+                                            for t in (x.codes, x.scales)]  # fmt: skip
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "sliding"])
+def test_layer_holds_no_storage_beyond_what_it_counts(window):
+    """After every update the storages the layer keeps alive are exactly nbytes(): pages cut from a large flush own
+    their bytes (a view would keep the whole flushed tensor, evicted or not, alive). Fill as bench.kv_cache_31b does:
+    large pieces, then small chunks, then decode steps."""
+    kv = KVCacheConfig(bits=3, residual=4, block=4, page_tokens=16)
+    layer = HLWQKVLayer(kv, streaming=True, window=window)
+    k, v = states(160)
+    seen = 0
+    for n in (64, 64, 13, 8, 8, 1, 1, 1):
+        layer.update(k[..., seen : seen + n, :], v[..., seen : seen + n, :])
+        seen += n
+        assert held_bytes(layer) == layer.nbytes(), f"after {seen} tokens"
+
+
 def dense_attention(q, k, v, mask, scaling):
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
