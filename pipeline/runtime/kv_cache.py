@@ -263,8 +263,9 @@ class HLWQKVLayer(DynamicLayer):
         b, hq, lq, d = query.shape
         hkv = self.keys.shape[1]
         g = hq // hkv
-        q = query.to(torch.float32).reshape(b, hkv, g, lq, d)
-        qr = kvq.rotate(q, self.signs)
+        # One query and one accumulator at a time (a prefill chunk's are the largest fixed transient): the residual
+        # in the original basis first, then both rotated once for the pages (the online softmax is linear in acc).
+        q = query.reshape(b, hkv, g * lq, d).to(torch.float32) * scaling
         offset = self._start()
         total = self.cumulative_length - offset
         if mask is None:  # no mask given: causal (and windowed) over the positions this layer holds
@@ -277,37 +278,39 @@ class HLWQKVLayer(DynamicLayer):
             mask = mask == 0
         m5 = mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
         step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
-        run_max = q.new_full((b, hkv, g, lq), _NEG)
-        run_sum = q.new_zeros((b, hkv, g, lq))
-        acc_rot = q.new_zeros((b, hkv, g, lq, d))
-        acc = q.new_zeros((b, hkv, g, lq, d))
+        run_max = q.new_full((b, hkv, g * lq), _NEG)
+        run_sum = q.new_zeros((b, hkv, g * lq))
+        acc = torch.zeros_like(q)
 
-        def segment(qq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, out: torch.Tensor) -> None:
+        def segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
             nonlocal run_max, run_sum
-            # matmul over [B, Hkv, G*Lq, d]: one batched GEMM per slice (einsum took a slow path on the CPU)
-            s = (qq.reshape(b, hkv, g * lq, d) @ k.transpose(-1, -2)).view(b, hkv, g, lq, -1) * scaling
+            # The scores are the largest transient: one buffer, every later step in place. matmul over
+            # [B, Hkv, G*Lq, d]: one batched GEMM per slice (einsum took a slow path on the CPU).
+            s = q @ k.transpose(-1, -2)
             if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
-            s = s.masked_fill(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
+                s.div_(softcap).tanh_().mul_(softcap)
+            s.view(b, hkv, g, lq, -1).masked_fill_(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
             new_max = torch.maximum(run_max, s.amax(-1))
             fix = torch.exp(run_max - new_max)
-            p = torch.exp(s - new_max.unsqueeze(-1))
+            p = s.sub_(new_max.unsqueeze(-1)).exp_()
             run_sum = run_sum * fix + p.sum(-1)
-            acc_rot.mul_(fix.unsqueeze(-1))
             acc.mul_(fix.unsqueeze(-1))
-            out.add_((p.reshape(b, hkv, g * lq, -1) @ v).view(b, hkv, g, lq, d))
+            acc.view(b * hkv, g * lq, d).baddbmm_(p.view(b * hkv, g * lq, -1), v.reshape(b * hkv, -1, d))
             run_max = new_max
 
-        for pos, pk, pv in self._segments(step):
-            segment(qr, self._dequantize(pk, rotated=True), self._dequantize(pv, rotated=True), pos, acc_rot)
         r0 = self.cumulative_length - self.keys.shape[-2]
         for a in range(0, self.keys.shape[-2], step):
             z = min(a + step, self.keys.shape[-2])
-            k = self.keys[..., a:z, :].to(torch.float32)
-            v = self.values[..., a:z, :].to(torch.float32)
-            segment(q, k, v, r0 + a, acc)
-        out = (kvq.unrotate(acc_rot, self.signs) + acc) / run_sum.unsqueeze(-1)
-        return out.reshape(b, hq, lq, d).transpose(1, 2).to(query.dtype)
+            segment(q, self.keys[..., a:z, :].to(torch.float32), self.values[..., a:z, :].to(torch.float32), r0 + a)
+        if self.pages:
+            q = kvq.rotate(q, self.signs)
+            acc = kvq.rotate(acc, self.signs)
+            for pos, pk, pv in self._segments(step):
+                segment(q, self._dequantize(pk, rotated=True), self._dequantize(pv, rotated=True), pos)
+            del q
+            acc = kvq.unrotate(acc, self.signs)
+        out = acc.div_(run_sum.unsqueeze(-1))
+        return out.view(b, hq, lq, d).transpose(1, 2).to(query.dtype)
 
 
 def _join(parts: list[tuple[kvq.PackedKV, kvq.PackedKV]]) -> tuple[kvq.PackedKV, kvq.PackedKV]:

@@ -128,6 +128,29 @@ def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypa
         torch.testing.assert_close(stream.attend(q, None, 0.125, None), out)  # no mask given: causal
 
 
+def test_streaming_attention_transient_is_one_score_slice_plus_fixed_buffers(monkeypatch):
+    """A prefill chunk's attention holds one score slice (every softmax step in place), one query and one accumulator
+    (the residual is attended in the original basis, then both are rotated for the pages), and a few dequantized K/V
+    slices: the bound the 31B bench's flat transient depends on (three score slices and two query/accumulator pairs
+    before)."""
+    from pipeline.runtime.measure import TensorPeak
+
+    b, hq, hkv, lq, d, step = 1, 8, 2, 64, 64, 128
+    monkeypatch.setattr("pipeline.runtime.kv_cache._SCORE_BUDGET", b * hq * lq * step)
+    layer = HLWQKVLayer(KVCacheConfig(bits=3, residual=16, block=16, page_tokens=64), streaming=True)
+    k, v = states(512 + lq, heads=hkv, d=d)
+    with torch.inference_mode():
+        layer.update(k[..., :512, :], v[..., :512, :])
+        layer.update(k[..., 512:, :], v[..., 512:, :])
+        q = torch.randn(b, hq, lq, d)
+        with TensorPeak() as tp:
+            out = layer.attend(q, None, 0.125, None)
+    f32 = 4
+    score, query, kv_slice = b * hq * lq * step * f32, b * hq * lq * d * f32, b * hkv * step * d * f32
+    assert tp.peak <= score + 2 * query + 4 * kv_slice
+    assert tp.live == out.numel() * out.element_size()  # nothing else outlives the call
+
+
 def tiny_gemma():
     from transformers import Gemma4ForConditionalGeneration
 
