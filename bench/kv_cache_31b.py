@@ -100,7 +100,8 @@ def kv_shapes(model: Any) -> list[tuple[int, int] | None]:
 @torch.inference_mode()
 def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch.dtype, chunk: int) -> None:
     """Put `tokens` positions of random keys/values into every layer through its own update(): large pieces, then
-    two of `chunk` tokens, so pages and residual end exactly as a prefill in `chunk`-token pieces leaves them. A layer
+    two of `chunk` tokens, so pages and residual end exactly as a prefill in `chunk`-token pieces leaves them (settled
+    after each piece, as the streaming attention settles them after each forward). A layer
     storing values only gets the keys its rule gives (as the model's own k_eq_v states are)."""
     g = torch.Generator(device=device).manual_seed(0)
     tail = min(tokens, 2 * chunk)
@@ -119,6 +120,8 @@ def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch
             if rule is not None:
                 k = rule.keys(v, seen).to(dtype)
             layer.update(k, v)
+            if hasattr(layer, "settle"):  # as the streaming attention does after each forward
+                layer.settle()
             seen += n
             del k, v
         if rule is not None and layer.key_from_value is None:

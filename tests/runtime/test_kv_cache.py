@@ -319,6 +319,28 @@ def test_generate_matches_reference_dequantization(build, sliding):
     assert max(float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits, strict=True)) > 1e-3
 
 
+@pytest.mark.parametrize("build", [tiny_gemma, tiny_gemma_kv_shared, tiny_llama], ids=["gemma4", "gemma4-kv-shared",
+                                                                                       "llama"])  # fmt: skip
+def test_a_prefill_leaves_its_states_as_codes(build):
+    """After a streaming forward every layer has flushed what the next update would (its residual < residual +
+    block): a chunk's new tokens do not wait in the compute dtype while the other layers run. Layers whose states
+    later layers of the same forward read (Gemma-4 KV sharing) keep them until the next update, as before."""
+    model = build()
+    kv = KVCacheConfig(bits=3, residual=16, block=16)
+    cache = make_cache(model, kv)
+    ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    attn = [layer.self_attn for layer in model.get_decoder().layers]
+    read_later = {i for i, a in enumerate(attn) if getattr(a, "store_full_length_kv", False)}
+    assert bool(read_later) == (build is tiny_gemma_kv_shared)
+    for i, a in enumerate(attn):
+        if getattr(a, "is_kv_shared_layer", False):
+            continue
+        held = cache.layers[i].keys.shape[-2]
+        assert held == 150 if i in read_later else held < kv.residual + kv.block, i
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="bits"):
         KVCacheConfig(bits=5)
