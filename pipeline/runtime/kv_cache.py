@@ -260,7 +260,10 @@ class HLWQKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kfv = self.key_from_value
-        if kfv is not None and not kfv.matches(key_states, value_states, self.cumulative_length):
+        # Checked on a sequence's first update and on every multi-token one (prefill chunks), not per decode step:
+        # the check syncs with the device, and a decode step's position follows from those already checked.
+        check = kfv is not None and (not self.cumulative_length or key_states.shape[-2] > 1)
+        if check and kfv is not None and not kfv.matches(key_states, value_states, self.cumulative_length):
             if self.cumulative_length:  # pages already hold values only: their keys cannot be recovered
                 raise RuntimeBackendError(f"KV cache: this layer's keys stopped being rope(value * k_norm gain) at "
                                           f"position {self.cumulative_length} (left padding or non-contiguous "
