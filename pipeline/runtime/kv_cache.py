@@ -368,15 +368,22 @@ class HLWQKVLayer(DynamicLayer):
         q = query.reshape(b, hkv, g * lq, d).to(torch.float32) * scaling
         offset = self._start()
         total = self.cumulative_length - offset
-        if mask is None:  # no mask given: causal (and windowed) over the positions this layer holds
-            q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device)
-            k_pos = torch.arange(offset, self.cumulative_length, device=query.device)
-            mask = k_pos <= q_pos.unsqueeze(-1)
-            if self.window is not None:
-                mask &= k_pos > q_pos.unsqueeze(-1) - self.window
-        elif mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
+        q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device).unsqueeze(-1)
+        if mask is not None and mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
             mask = mask == 0
-        m5 = mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
+        m5 = None if mask is None else mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
+
+        def allowed(pos: int, n: int) -> torch.Tensor:
+            """Which of positions pos..pos+n each query attends to: the given mask's columns, or (none given)
+            causal and windowed, built per slice (a whole one is Lq x context bytes: 67 MB at 512 x 128k)."""
+            if m5 is not None:
+                return m5[..., pos - offset : pos - offset + n]
+            k_pos = torch.arange(pos, pos + n, device=query.device)
+            m = k_pos <= q_pos
+            if self.window is not None:
+                m &= k_pos > q_pos - self.window
+            return m
+
         step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
         run_max = q.new_full((b, hkv, g * lq), _NEG)
         run_sum = q.new_zeros((b, hkv, g * lq))
@@ -389,7 +396,7 @@ class HLWQKVLayer(DynamicLayer):
             s = q @ k.transpose(-1, -2)
             if softcap is not None:
                 s.div_(softcap).tanh_().mul_(softcap)
-            s.view(b, hkv, g, lq, -1).masked_fill_(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
+            s.view(b, hkv, g, lq, -1).masked_fill_(~allowed(pos, k.shape[-2]), _NEG)
             new_max = torch.maximum(run_max, s.amax(-1))
             fix = torch.exp(run_max - new_max)
             p = s.sub_(new_max.unsqueeze(-1)).exp_()
@@ -493,6 +500,10 @@ def hlwq_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             import sys
 
             fn = sys.modules[type(module).__module__].eager_attention_forward
+        lq, kv_len = query.shape[-2], key.shape[-2]
+        if attention_mask is None and lq > 1 and getattr(module, "is_causal", True):
+            # None from the mask below means plain causal, bottom-right aligned (sdpa's is_causal is top-left)
+            attention_mask = torch.ones(lq, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - lq)[None, None]
         if fallback == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
             attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
         extra = {"softcap": softcap} if softcap is not None else {}
@@ -507,7 +518,7 @@ def hlwq_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def _register(fallback: str) -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = ATTN_PREFIX + fallback
@@ -516,7 +527,12 @@ def _register(fallback: str) -> str:
         return hlwq_kv_attention(*args, **{**kwargs, "fallback": fallback})
 
     def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-        # Always a materialized boolean mask: the streaming attention slices it per page.
+        # Plain causal without padding: None, the streaming attention builds each slice's mask itself (Lq x context
+        # bytes saved). Any other mask materialized: the streaming attention slices it per page.
+        pad = kwargs.get("attention_mask")
+        plain = kwargs.get("allow_is_causal_skip", True) and kwargs.get("mask_function") is causal_mask_function
+        if not args and plain and (pad is None or bool(pad.all())):
+            return None
         kwargs["allow_is_causal_skip"] = False
         return sdpa_mask(*args, **kwargs)
 

@@ -391,3 +391,48 @@ def test_load_check_fills_the_compressed_cache(tiny_artifact) -> None:  # type: 
     model = load(tiny_artifact, "reference", "cpu")
     fig = fill_context(model, 300, new_tokens=4, chunk=64, kv_cache=KVCacheConfig(bits=3, residual=128))
     assert fig["context_tokens"] == 300 and fig["kv_cache"] == {"bits": 3, "residual": 128}
+
+
+def test_plain_causal_masks_are_left_to_the_streaming_attention():
+    """A causal mask without padding is not materialized (the streaming attention masks each slice itself: a whole
+    one is Lq x context bytes); padding, a non-causal pattern or a refused skip still get a boolean mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    from pipeline.runtime.kv_cache import use_streaming_attention
+
+    model = tiny_llama()
+    use_streaming_attention(model)
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    base = dict(batch_size=1, q_length=4, kv_length=10, q_offset=6, kv_offset=0, allow_is_causal_skip=True)
+    assert fn(**base, mask_function=causal_mask_function, attention_mask=None) is None
+    assert fn(**base, mask_function=causal_mask_function, attention_mask=torch.ones(1, 10, dtype=torch.bool)) is None
+    padded = torch.ones(1, 10, dtype=torch.bool)
+    padded[0, 0] = False
+    want = torch.arange(10) <= torch.arange(6, 10)[:, None]
+    assert torch.equal(fn(**base, mask_function=causal_mask_function, attention_mask=padded)[0, 0], want & padded)
+    refused = {**base, "allow_is_causal_skip": False}
+    assert torch.equal(fn(**refused, mask_function=causal_mask_function, attention_mask=None)[0, 0], want)
+    assert fn(**base, mask_function=lambda b, h, q, k: k <= q, attention_mask=None) is not None
+
+
+@pytest.mark.parametrize("stock", ["sdpa", "eager"])
+def test_the_fallback_masks_a_plain_cache_causally(stock):
+    """With the streaming attention registered but transformers' own cache (nothing tagged), a chunked prefill gives
+    the stock model's logits: the fallback turns a skipped (None) causal mask into the bottom-right one."""
+    from transformers import DynamicCache
+
+    from pipeline.runtime.kv_cache import use_streaming_attention
+
+    model = tiny_llama()
+    model.set_attn_implementation(stock)
+    ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+
+    def chunked() -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :100], past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:, 100:], past_key_values=cache, use_cache=True).logits
+
+    want = chunked()
+    use_streaming_attention(model)
+    torch.testing.assert_close(chunked(), want, atol=1e-5, rtol=1e-5)
