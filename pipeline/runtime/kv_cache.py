@@ -134,22 +134,18 @@ class _Page:
         return sum(t.numel() * t.element_size() for p in packed for t in (p.codes, p.scales))
 
 
-def _cat_packed(a: kvq.PackedKV | None, b: kvq.PackedKV | None) -> kvq.PackedKV | None:
-    if a is None or b is None:
-        return None
+def _cat_packed(a: kvq.PackedKV, b: kvq.PackedKV) -> kvq.PackedKV:
     return kvq.PackedKV(torch.cat([a.codes, b.codes], dim=-2), torch.cat([a.scales, b.scales], dim=-1), a.bits,
                         a.head_dim)  # fmt: skip
 
 
-def _slice_packed(p: kvq.PackedKV | None, a: int, b: int) -> kvq.PackedKV | None:
-    return None if p is None else kvq.PackedKV(p.codes[..., a:b, :], p.scales[..., a:b], p.bits, p.head_dim)
+def _slice_packed(p: kvq.PackedKV, a: int, b: int) -> kvq.PackedKV:
+    return kvq.PackedKV(p.codes[..., a:b, :], p.scales[..., a:b], p.bits, p.head_dim)
 
 
-def _owned(p: kvq.PackedKV | None) -> kvq.PackedKV | None:
+def _owned(p: kvq.PackedKV) -> kvq.PackedKV:
     """p with storage of its own: a page kept as a view of a larger flush would keep that whole flush alive (the
     tokens topped up into the previous page, and for sliding layers every evicted page cut from it)."""
-    if p is None:
-        return None
     c, s = p.codes, p.scales
     if c.untyped_storage().nbytes() == c.nbytes and s.untyped_storage().nbytes() == s.nbytes:
         return p
@@ -222,15 +218,12 @@ class HLWQKVLayer(DynamicLayer):
             last = self.pages[-1] if self.pages else None
             if last is not None and last.length < self.page_tokens:
                 take = min(self.page_tokens - last.length, n - pos)
-                last.k = _cat_packed(last.k, _slice_packed(k, pos, pos + take))
-                pv = _cat_packed(last.v, _slice_packed(v, pos, pos + take))
-                assert pv is not None
-                last.v = pv
+                last.k = None if k is None or last.k is None else _cat_packed(last.k, _slice_packed(k, pos, pos + take))
+                last.v = _cat_packed(last.v, _slice_packed(v, pos, pos + take))
             else:
                 take = min(self.page_tokens, n - pos)
-                pv = _owned(_slice_packed(v, pos, pos + take))
-                assert pv is not None
-                self.pages.append(_Page(start + pos, _owned(_slice_packed(k, pos, pos + take)), pv))
+                pk = None if k is None else _owned(_slice_packed(k, pos, pos + take))
+                self.pages.append(_Page(start + pos, pk, _owned(_slice_packed(v, pos, pos + take))))
             pos += take
 
     def settle(self) -> None:
@@ -262,8 +255,8 @@ class HLWQKVLayer(DynamicLayer):
         kfv = self.key_from_value
         # Checked on a sequence's first update and on every multi-token one (prefill chunks), not per decode step:
         # the check syncs with the device, and a decode step's position follows from those already checked.
-        check = kfv is not None and (not self.cumulative_length or key_states.shape[-2] > 1)
-        if check and kfv is not None and not kfv.matches(key_states, value_states, self.cumulative_length):
+        first_or_chunk = not self.cumulative_length or key_states.shape[-2] > 1
+        if kfv is not None and first_or_chunk and not kfv.matches(key_states, value_states, self.cumulative_length):
             if self.cumulative_length:  # pages already hold values only: their keys cannot be recovered
                 raise RuntimeBackendError(f"KV cache: this layer's keys stopped being rope(value * k_norm gain) at "
                                           f"position {self.cumulative_length} (left padding or non-contiguous "
@@ -286,8 +279,8 @@ class HLWQKVLayer(DynamicLayer):
         ks, vs = [], []
         for p in self.pages:
             v = self._dequantize(p.v)
-            ks.append(self._rebuilt_keys(v, p.start) if p.k is None else self._dequantize(p.k))
-            ks[-1] = ks[-1].to(self.keys.dtype)
+            k = self._rebuilt_keys(v, p.start) if p.k is None else self._dequantize(p.k)
+            ks.append(k.to(self.keys.dtype))
             vs.append(v.to(self.values.dtype))
         return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
 
@@ -344,9 +337,8 @@ class HLWQKVLayer(DynamicLayer):
                 if not parts:
                     pos = page.start + a
                 z = min(page.length, a + step - have)
-                parts.append((_slice_packed(page.k, a, z), kvq.PackedKV(page.v.codes[..., a:z, :],
-                                                                        page.v.scales[..., a:z], page.v.bits,
-                                                                        page.v.head_dim)))  # fmt: skip
+                pk = None if page.k is None else _slice_packed(page.k, a, z)
+                parts.append((pk, _slice_packed(page.v, a, z)))
                 have += z - a
                 a = z
                 if have == step:
