@@ -14,8 +14,9 @@ Figures:
   peaks (largest cache, widest attention). `check_real_prefill` compares this with a real chunked prefill at
   --check-context tokens.
 - decode_tok_s_<ctx>_<kind>: batch-1 decode steps (model forward + greedy pick, eager) on a cache holding ctx tokens.
-Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too), q3_sliding_bf16 (HLWQ Q3 on the global
-layers only), q2 (HLWQ Q2).
+Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too; the k_eq_v global layers store values only),
+q3_keys_stored (q3 with the global layers' keys stored too, as before), q3_sliding_bf16 (HLWQ Q3 on the global layers
+only), q2 (HLWQ Q2).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ KINDS: dict[str, KVCacheConfig | None] = {
     "bf16": None,
     "q3": KVCacheConfig(bits=3),
     "q3_sliding_bf16": KVCacheConfig(bits=3, sliding="bf16"),
+    "q3_keys_stored": KVCacheConfig(bits=3, keys_from_values=False),
     "q2": KVCacheConfig(bits=2),
     "q4": KVCacheConfig(bits=4),
 }
@@ -98,7 +100,9 @@ def kv_shapes(model: Any) -> list[tuple[int, int] | None]:
 @torch.inference_mode()
 def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch.dtype, chunk: int) -> None:
     """Put `tokens` positions of random keys/values into every layer through its own update(): large pieces, then
-    two of `chunk` tokens, so pages and residual end exactly as a prefill in `chunk`-token pieces leaves them."""
+    two of `chunk` tokens, so pages and residual end exactly as a prefill in `chunk`-token pieces leaves them (settled
+    after each piece, as the streaming attention settles them after each forward). A layer
+    storing values only gets the keys its rule gives (as the model's own k_eq_v states are)."""
     g = torch.Generator(device=device).manual_seed(0)
     tail = min(tokens, 2 * chunk)
     sizes = [FILL_CHUNK] * ((tokens - tail) // FILL_CHUNK)
@@ -107,11 +111,21 @@ def fill(model: Any, cache: Any, tokens: int, device: torch.device, dtype: torch
         if shape is None:
             continue
         h, d = shape
+        layer = cache.layers[i]
+        rule = getattr(layer, "key_from_value", None)
+        seen = 0
         for n in sizes:
             k = torch.randn(1, h, n, d, generator=g, device=device, dtype=dtype)
             v = torch.randn(1, h, n, d, generator=g, device=device, dtype=dtype)
-            cache.layers[i].update(k, v)
+            if rule is not None:
+                k = rule.keys(v, seen).to(dtype)
+            layer.update(k, v)
+            if hasattr(layer, "settle"):  # as the streaming attention does after each forward
+                layer.settle()
+            seen += n
             del k, v
+        if rule is not None and layer.key_from_value is None:
+            raise RuntimeError(f"fill: layer {i} refused its own rule's keys")
 
 
 def _ids(model: Any, n: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -132,9 +146,10 @@ def probe(model: Any, kind: str, context: int, chunk: int, mem: Memory, device: 
     peak = mem.peak_gb(cache)
     # transient: what the chunk + decode steps needed beyond the weights and the filled cache (their own new
     # cache entries included); it should not grow with the context
+    values_only = sum(getattr(layer, "key_from_value", None) is not None for layer in getattr(cache, "layers", []))
     res = {"context": context, "peak_gb": round(peak, 3), "peak_raw_gb": peak,
            "cache_gb": round(cache_bytes(cache) / 1e9, 3), "allocated_before_chunk_gb": round(before, 3),
-           "transient_gb": round(peak - before, 3)}  # fmt: skip
+           "transient_gb": round(peak - before, 3), "values_only_layers": values_only}  # fmt: skip
     del cache, out, tok
     mem.reset()
     return res
@@ -226,8 +241,9 @@ def real_prefill_peak(model: Any, kind: str, context: int, chunk: int, mem: Memo
     tok = out.logits.argmax(-1)
     for _ in range(2):
         tok = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    values_only = sum(getattr(layer, "key_from_value", None) is not None for layer in getattr(cache, "layers", []))
     res = {"context": context, "peak_gb": round(mem.peak_gb(cache), 3), "cache_gb": round(cache_bytes(cache) / 1e9, 3),
-           "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+           "seconds": round(time.perf_counter() - t0, 1), "values_only_layers": values_only}  # fmt: skip
     del cache
     mem.reset()
     return res

@@ -58,13 +58,16 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block size must be a power of two >= 8, got {block_size}")
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim; it is its own inverse."""
+def fwht(x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim; it is its own inverse.
+    scratch: x (contiguous float32) is a temporary the caller drops, so it serves as a work buffer (one copy less)."""
     n = x.shape[-1]
     check_block_size(n)
     lead = x.shape[:-1]
     # Ping-pong between two buffers: each stage pairs element j with j + h inside runs of 2h: (a, b) -> (a+b, a-b).
-    src, dst = x.to(torch.float32, copy=True).contiguous(), torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    own = scratch and x.dtype == torch.float32 and x.is_contiguous()
+    src = x if own else x.to(torch.float32, copy=True).contiguous()
+    dst = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     h = 1
     while h < n:
         s, d = src.view(*lead, n // (2 * h), 2, h), dst.view(*lead, n // (2 * h), 2, h)

@@ -56,14 +56,14 @@ def _check(bits: int, head_dim: int) -> None:
 def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """[..., d] -> float32 H·D·x per block of signs.numel() (d a multiple of it)."""
     block = signs.numel()
-    y = hadamard.fwht(x.to(torch.float32).unflatten(-1, (-1, block)) * signs)
+    y = hadamard.fwht(x.to(torch.float32).unflatten(-1, (-1, block)) * signs, scratch=True)
     return y.flatten(-2)
 
 
 def unrotate(y: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Exact inverse of rotate: D·H·y per block, float32."""
     block = signs.numel()
-    return (hadamard.fwht(y.to(torch.float32).unflatten(-1, (-1, block))) * signs).flatten(-2)
+    return hadamard.fwht(y.to(torch.float32).unflatten(-1, (-1, block))).mul_(signs).flatten(-2)
 
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

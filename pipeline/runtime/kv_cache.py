@@ -9,6 +9,8 @@ Two ways to read it back:
   whole cache, so decode and long prefill transients stay bounded by the slice size.
 - reference (a cache used with any stock attention): `update` returns the whole cache dequantized to the original
   basis, as transformers' own QuantizedCache does.
+Gemma-4's attention_k_eq_v layers (its global layers) derive keys and values from one projection: their pages store
+the values only and rebuild each key as rope(value * k_norm gain) when read (`KeyFromValue`), half the bytes.
 Layers: full attention compressed; sliding-window layers compressed too (`sliding="compressed"`, pages older than the
 window dropped) or kept as transformers' BF16 sliding layer (`sliding="bf16"`); Gemma-4's KV-sharing layers hold
 nothing (transformers' DummyLayer; releases without it leave them out of the cache), they read the tagged states of
@@ -17,16 +19,21 @@ the layer they share.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from transformers import cache_utils
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
+from pipeline.errors import RuntimeBackendError
 from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
+
+log = logging.getLogger(__name__)
 
 ATTN_PREFIX = "hlwq_kv_"
 # Elements per attention slice, which bound the transient of a layer's attention whatever the context: scores
@@ -45,6 +52,7 @@ class KVCacheConfig:
     scale: kvq.ScaleKind = "lsq"
     sign_seed: int = 0
     page_tokens: int = 4096  # packed tokens per page of a full-attention layer
+    keys_from_values: bool = True  # k_eq_v layers store values only (given the model: make_cache)
 
     def __post_init__(self) -> None:
         if self.bits not in kvq.KV_BITS:
@@ -55,22 +63,75 @@ class KVCacheConfig:
             raise ValueError("kv_cache: sliding must be 'compressed' or 'bf16', scale 'l2' or 'lsq'")
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, d] rotated by cos, sin [B|1, T, d] in the rotate-half convention (Llama, Gemma): float32."""
+    cos, sin = cos.unsqueeze(1).to(torch.float32), sin.unsqueeze(1).to(torch.float32)
+    x = x.to(torch.float32)
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1).mul_(sin).addcmul_(x, cos)
+
+
+@dataclass(frozen=True)
+class KeyFromValue:
+    """Keys rebuilt from values. Gemma-4's attention_k_eq_v layers take both from one projection x: key =
+    rope(k_norm(x)), value = v_norm(x), the same RMS norm with a gain only on k_norm: key_t = rope_t(value_t * gain)."""
+
+    gain: torch.Tensor  # [d] k_norm's weight
+    table: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, n) -> cos, sin [1, n, d] at positions
+    tolerance: float = 0.03  # relative L2 error per vector tolerated by `matches` (bf16 states: ~0.005)
+
+    def keys(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        """values [B, H, T, d] at positions start.. -> their keys, float32."""
+        cos, sin = self.table(start, values.shape[-2])
+        return rope(values.to(torch.float32) * self.gain.to(torch.float32), cos, sin)
+
+    def matches(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> bool:
+        """Whether keys are the rebuilt ones at positions start.. (False e.g. for left-padded batches, whose
+        position ids are not the cache positions)."""
+        k = keys.to(torch.float32)
+        err = torch.linalg.vector_norm(k - self.keys(values, start), dim=-1)
+        return bool((err <= self.tolerance * torch.linalg.vector_norm(k, dim=-1)).all())
+
+
+def _rope_table(rotary: Any, layer_type: str, device: torch.device, start: int,
+                n: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    pos = torch.arange(start, start + n, device=device).unsqueeze(0)
+    return rotary(torch.empty(0, device=device), pos, layer_type)  # float32 (the model's own in its dtype)
+
+
+def keys_from_values(model: Any) -> dict[int, KeyFromValue]:
+    """Layer index -> KeyFromValue for the model's layers whose keys are rope(value * k_norm gain): Gemma-4's
+    attention_k_eq_v layers (no v_proj, a gainless v_norm); empty for any other model."""
+    text = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary = getattr(text, "rotary_emb", None)
+    out: dict[int, KeyFromValue] = {}
+    for layer in getattr(text, "layers", None) or []:
+        attn: Any = getattr(layer, "self_attn", None)
+        if (rotary is None or not getattr(attn, "use_alternative_attention", False) or attn.is_kv_shared_layer
+                or attn.v_proj is not None or getattr(attn.v_norm, "with_scale", True)):  # fmt: skip
+            continue
+        gain = attn.k_norm.weight.detach()
+        out[attn.layer_idx] = KeyFromValue(gain, partial(_rope_table, rotary, attn.layer_type, gain.device))
+    return out
+
+
 @dataclass
 class _Page:
     start: int  # absolute position of its first token
-    k: kvq.PackedKV
+    k: kvq.PackedKV | None  # None: keys rebuilt from the values (KeyFromValue)
     v: kvq.PackedKV
 
     @property
     def length(self) -> int:
-        return int(self.k.scales.shape[-1])
+        return int(self.v.scales.shape[-1])
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in (self.k, self.v) for t in (p.codes, p.scales))
+        packed = (p for p in (self.k, self.v) if p is not None)
+        return sum(t.numel() * t.element_size() for p in packed for t in (p.codes, p.scales))
 
 
 def _cat_packed(a: kvq.PackedKV, b: kvq.PackedKV) -> kvq.PackedKV:
@@ -80,6 +141,16 @@ def _cat_packed(a: kvq.PackedKV, b: kvq.PackedKV) -> kvq.PackedKV:
 
 def _slice_packed(p: kvq.PackedKV, a: int, b: int) -> kvq.PackedKV:
     return kvq.PackedKV(p.codes[..., a:b, :], p.scales[..., a:b], p.bits, p.head_dim)
+
+
+def _owned(p: kvq.PackedKV) -> kvq.PackedKV:
+    """p with storage of its own: a page kept as a view of a larger flush would keep that whole flush alive (the
+    tokens topped up into the previous page, and for sliding layers every evicted page cut from it)."""
+    c, s = p.codes, p.scales
+    if c.untyped_storage().nbytes() == c.nbytes and s.untyped_storage().nbytes() == s.nbytes:
+        return p
+    fmt = torch.contiguous_format
+    return kvq.PackedKV(c.clone(memory_format=fmt), s.clone(memory_format=fmt), p.bits, p.head_dim)
 
 
 class HLWQKVLayer(DynamicLayer):
@@ -101,6 +172,7 @@ class HLWQKVLayer(DynamicLayer):
         self.cumulative_length = 0
         self.signs: torch.Tensor | None = None
         self.codebook: torch.Tensor | None = None
+        self.key_from_value: KeyFromValue | None = None  # set: pages hold values only
 
     # -- storage ---------------------------------------------------------------------------------------------------
 
@@ -138,20 +210,29 @@ class HLWQKVLayer(DynamicLayer):
             return
         assert self.signs is not None
         start = self.cumulative_length - r
-        k, v = self._quantize(self.keys[..., :n, :]), self._quantize(self.values[..., :n, :])
+        k = None if self.key_from_value is not None else self._quantize(self.keys[..., :n, :])
+        v = self._quantize(self.values[..., :n, :])
         self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
         pos = 0
         while pos < n:  # top up the last page, then open new ones: a copy is bounded by one page
             last = self.pages[-1] if self.pages else None
             if last is not None and last.length < self.page_tokens:
                 take = min(self.page_tokens - last.length, n - pos)
-                last.k = _cat_packed(last.k, _slice_packed(k, pos, pos + take))
+                last.k = None if k is None or last.k is None else _cat_packed(last.k, _slice_packed(k, pos, pos + take))
                 last.v = _cat_packed(last.v, _slice_packed(v, pos, pos + take))
             else:
                 take = min(self.page_tokens, n - pos)
-                self.pages.append(_Page(start + pos, _slice_packed(k, pos, pos + take),
-                                        _slice_packed(v, pos, pos + take)))  # fmt: skip
+                pk = None if k is None else _owned(_slice_packed(k, pos, pos + take))
+                self.pages.append(_Page(start + pos, pk, _owned(_slice_packed(v, pos, pos + take))))
             pos += take
+
+    def settle(self) -> None:
+        """Evict and flush now exactly what the next update would, once this forward has read its new tokens: a
+        prefill chunk's states then wait as codes, not in the compute dtype, while the other layers run (Q3 31B:
+        512 tokens x 50 sliding layers x 16 KB, ~0.4 GB at the peak)."""
+        if self.is_initialized:
+            self._evict()
+            self._flush()
 
     def _quantize(self, x: torch.Tensor) -> kvq.PackedKV:
         assert self.signs is not None
@@ -162,10 +243,26 @@ class HLWQKVLayer(DynamicLayer):
         assert self.signs is not None
         return kvq.dequantize_kv(p, self.signs, rotated=rotated, codebook=self.codebook)
 
+    def _rebuilt_keys(self, values: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys of a values-only page from its dequantized values (original basis), float32."""
+        assert self.key_from_value is not None
+        return self.key_from_value.keys(values, start)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        kfv = self.key_from_value
+        # Checked on a sequence's first update and on every multi-token one (prefill chunks), not per decode step:
+        # the check syncs with the device, and a decode step's position follows from those already checked.
+        first_or_chunk = not self.cumulative_length or key_states.shape[-2] > 1
+        if kfv is not None and first_or_chunk and not kfv.matches(key_states, value_states, self.cumulative_length):
+            if self.cumulative_length:  # pages already hold values only: their keys cannot be recovered
+                raise RuntimeBackendError(f"KV cache: this layer's keys stopped being rope(value * k_norm gain) at "
+                                          f"position {self.cumulative_length} (left padding or non-contiguous "
+                                          f"positions?): build the cache with keys_from_values=False")  # fmt: skip
+            log.warning("KV cache: keys are not rope(value * gain) at the cache positions: storing them")
+            self.key_from_value = None
         # Eviction and flushing act on what the previous forwards left, so this forward attends to its own new
         # tokens unquantized and to exactly the positions get_mask_sizes announced.
         self._evict()
@@ -179,8 +276,12 @@ class HLWQKVLayer(DynamicLayer):
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything stored, in the original basis and the compute dtype (the reference read-back)."""
-        ks = [self._dequantize(p.k).to(self.keys.dtype) for p in self.pages]
-        vs = [self._dequantize(p.v).to(self.values.dtype) for p in self.pages]
+        ks, vs = [], []
+        for p in self.pages:
+            v = self._dequantize(p.v)
+            k = self._rebuilt_keys(v, p.start) if p.k is None else self._dequantize(p.k)
+            ks.append(k.to(self.keys.dtype))
+            vs.append(v.to(self.values.dtype))
         return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -225,10 +326,10 @@ class HLWQKVLayer(DynamicLayer):
 
     # -- streaming attention ---------------------------------------------------------------------------------------
 
-    def _segments(self, step: int) -> Iterator[tuple[int, kvq.PackedKV, kvq.PackedKV]]:
+    def _segments(self, step: int) -> Iterator[tuple[int, kvq.PackedKV | None, kvq.PackedKV]]:
         """The packed tokens in runs of <= step (pages are consecutive in position): small pages are joined (a copy
         of packed bytes) so a decode step reads a layer in one go, large ones are sliced (views)."""
-        parts: list[tuple[kvq.PackedKV, kvq.PackedKV]] = []
+        parts: list[tuple[kvq.PackedKV | None, kvq.PackedKV]] = []
         pos = have = 0
         for page in self.pages:
             a = 0
@@ -236,7 +337,8 @@ class HLWQKVLayer(DynamicLayer):
                 if not parts:
                     pos = page.start + a
                 z = min(page.length, a + step - have)
-                parts.append((_slice_packed(page.k, a, z), _slice_packed(page.v, a, z)))
+                pk = None if page.k is None else _slice_packed(page.k, a, z)
+                parts.append((pk, _slice_packed(page.v, a, z)))
                 have += z - a
                 a = z
                 if have == step:
@@ -253,54 +355,69 @@ class HLWQKVLayer(DynamicLayer):
         b, hq, lq, d = query.shape
         hkv = self.keys.shape[1]
         g = hq // hkv
-        q = query.to(torch.float32).reshape(b, hkv, g, lq, d)
-        qr = kvq.rotate(q, self.signs)
+        # One query and one accumulator at a time (a prefill chunk's are the largest fixed transient): the residual
+        # in the original basis first, then both rotated once for the pages (the online softmax is linear in acc).
+        q = query.reshape(b, hkv, g * lq, d).to(torch.float32) * scaling
         offset = self._start()
         total = self.cumulative_length - offset
-        if mask is None:  # no mask given: causal (and windowed) over the positions this layer holds
-            q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device)
-            k_pos = torch.arange(offset, self.cumulative_length, device=query.device)
-            mask = k_pos <= q_pos.unsqueeze(-1)
-            if self.window is not None:
-                mask &= k_pos > q_pos.unsqueeze(-1) - self.window
-        elif mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
+        q_pos = torch.arange(self.cumulative_length - lq, self.cumulative_length, device=query.device).unsqueeze(-1)
+        if mask is not None and mask.dtype != torch.bool:  # an additive float mask (eager): 0 where attended
             mask = mask == 0
-        m5 = mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
-        step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
-        run_max = q.new_full((b, hkv, g, lq), _NEG)
-        run_sum = q.new_zeros((b, hkv, g, lq))
-        acc_rot = q.new_zeros((b, hkv, g, lq, d))
-        acc = q.new_zeros((b, hkv, g, lq, d))
+        m5 = None if mask is None else mask[..., -total:].reshape(-1, 1, 1, lq, total)  # [B|1, 1, 1, Lq, total]
 
-        def segment(qq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, out: torch.Tensor) -> None:
+        def allowed(pos: int, n: int) -> torch.Tensor:
+            """Which of positions pos..pos+n each query attends to: the given mask's columns, or (none given)
+            causal and windowed, built per slice (a whole one is Lq x context bytes: 67 MB at 512 x 128k)."""
+            if m5 is not None:
+                return m5[..., pos - offset : pos - offset + n]
+            k_pos = torch.arange(pos, pos + n, device=query.device)
+            m = k_pos <= q_pos
+            if self.window is not None:
+                m &= k_pos > q_pos - self.window
+            return m
+
+        step = max(16, min(_SCORE_BUDGET // max(1, b * hq * lq), _KV_BUDGET // max(1, b * hkv * d)))
+        run_max = q.new_full((b, hkv, g * lq), _NEG)
+        run_sum = q.new_zeros((b, hkv, g * lq))
+        acc = torch.zeros_like(q)
+
+        def segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
             nonlocal run_max, run_sum
-            # matmul over [B, Hkv, G*Lq, d]: one batched GEMM per slice (einsum took a slow path on the CPU)
-            s = (qq.reshape(b, hkv, g * lq, d) @ k.transpose(-1, -2)).view(b, hkv, g, lq, -1) * scaling
+            # The scores are the largest transient: one buffer, every later step in place. matmul over
+            # [B, Hkv, G*Lq, d]: one batched GEMM per slice (einsum took a slow path on the CPU).
+            s = q @ k.transpose(-1, -2)
             if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
-            s = s.masked_fill(~m5[..., pos - offset : pos - offset + k.shape[-2]], _NEG)
+                s.div_(softcap).tanh_().mul_(softcap)
+            s.view(b, hkv, g, lq, -1).masked_fill_(~allowed(pos, k.shape[-2]), _NEG)
             new_max = torch.maximum(run_max, s.amax(-1))
             fix = torch.exp(run_max - new_max)
-            p = torch.exp(s - new_max.unsqueeze(-1))
+            p = s.sub_(new_max.unsqueeze(-1)).exp_()
             run_sum = run_sum * fix + p.sum(-1)
-            acc_rot.mul_(fix.unsqueeze(-1))
             acc.mul_(fix.unsqueeze(-1))
-            out.add_((p.reshape(b, hkv, g * lq, -1) @ v).view(b, hkv, g, lq, d))
+            acc.view(b * hkv, g * lq, d).baddbmm_(p.view(b * hkv, g * lq, -1), v.reshape(b * hkv, -1, d))
             run_max = new_max
 
-        for pos, pk, pv in self._segments(step):
-            segment(qr, self._dequantize(pk, rotated=True), self._dequantize(pv, rotated=True), pos, acc_rot)
         r0 = self.cumulative_length - self.keys.shape[-2]
         for a in range(0, self.keys.shape[-2], step):
             z = min(a + step, self.keys.shape[-2])
-            k = self.keys[..., a:z, :].to(torch.float32)
-            v = self.values[..., a:z, :].to(torch.float32)
-            segment(q, k, v, r0 + a, acc)
-        out = (kvq.unrotate(acc_rot, self.signs) + acc) / run_sum.unsqueeze(-1)
-        return out.reshape(b, hq, lq, d).transpose(1, 2).to(query.dtype)
+            segment(q, self.keys[..., a:z, :].to(torch.float32), self.values[..., a:z, :].to(torch.float32), r0 + a)
+        if self.pages and self.key_from_value is not None:  # values only: keys rebuilt in the original basis
+            for pos, _, pv in self._segments(step):
+                v = self._dequantize(pv)
+                segment(q, self._rebuilt_keys(v, pos), v, pos)
+        elif self.pages:
+            q = kvq.rotate(q, self.signs)
+            acc = kvq.rotate(acc, self.signs)
+            for pos, pk, pv in self._segments(step):
+                assert pk is not None
+                segment(q, self._dequantize(pk, rotated=True), self._dequantize(pv, rotated=True), pos)
+            del q
+            acc = kvq.unrotate(acc, self.signs)
+        out = acc.div_(run_sum.unsqueeze(-1))
+        return out.view(b, hq, lq, d).transpose(1, 2).to(query.dtype)
 
 
-def _join(parts: list[tuple[kvq.PackedKV, kvq.PackedKV]]) -> tuple[kvq.PackedKV, kvq.PackedKV]:
+def _join(parts: list[tuple[kvq.PackedKV | None, kvq.PackedKV]]) -> tuple[kvq.PackedKV | None, kvq.PackedKV]:
     if len(parts) == 1:
         return parts[0]
 
@@ -308,7 +425,8 @@ def _join(parts: list[tuple[kvq.PackedKV, kvq.PackedKV]]) -> tuple[kvq.PackedKV,
         return kvq.PackedKV(torch.cat([p.codes for p in ps], -2), torch.cat([p.scales for p in ps], -1), ps[0].bits,
                             ps[0].head_dim)  # fmt: skip
 
-    return cat([k for k, _ in parts]), cat([v for _, v in parts])
+    ks = [k for k, _ in parts if k is not None]
+    return (cat(ks) if len(ks) == len(parts) else None), cat([v for _, v in parts])
 
 
 def _tagged(layer: HLWQKVLayer, like: torch.Tensor) -> torch.Tensor:
@@ -322,7 +440,8 @@ def _tagged(layer: HLWQKVLayer, like: torch.Tensor) -> torch.Tensor:
 class HLWQKVCache(Cache):
     """The per-layer caches for a model's decoder, chosen from its config like transformers' DynamicCache."""
 
-    def __init__(self, config: Any, kv: KVCacheConfig | None = None, streaming: bool = False):
+    def __init__(self, config: Any, kv: KVCacheConfig | None = None, streaming: bool = False, model: Any = None):
+        """model: given (and kv.keys_from_values), its k_eq_v layers store values only (`keys_from_values`)."""
         self.kv = kv or KVCacheConfig()
         text = config.get_text_config(decoder=True)
         types, kwargs = get_layer_types_and_kwargs(text)
@@ -340,6 +459,10 @@ class HLWQKVCache(Cache):
                 layers.append(cache_utils.DummyLayer())
             else:
                 raise ValueError(f"the HLWQ KV cache does not support layer type {t!r}")
+        if model is not None and self.kv.keys_from_values:
+            for i, kfv in keys_from_values(model).items():
+                if i < len(layers) and isinstance(layers[i], HLWQKVLayer) and layers[i].window is None:
+                    layers[i].key_from_value = kfv
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
@@ -369,17 +492,25 @@ def hlwq_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             import sys
 
             fn = sys.modules[type(module).__module__].eager_attention_forward
+        lq, kv_len = query.shape[-2], key.shape[-2]
+        if attention_mask is None and lq > 1 and getattr(module, "is_causal", True):
+            # None from the mask below means plain causal, bottom-right aligned (sdpa's is_causal is top-left)
+            attention_mask = torch.ones(lq, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - lq)[None, None]
         if fallback == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
             attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
         extra = {"softcap": softcap} if softcap is not None else {}
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **extra, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return layer.attend(query, attention_mask, scaling, softcap), None
+    out = layer.attend(query, attention_mask, scaling, softcap)
+    # Gemma-4's KV sharing: later layers of this forward read these states, their new tokens unquantized.
+    if not (getattr(module, "store_full_length_kv", False) or getattr(module, "is_kv_shared_layer", False)):
+        layer.settle()
+    return out, None
 
 
 def _register(fallback: str) -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = ATTN_PREFIX + fallback
@@ -388,7 +519,12 @@ def _register(fallback: str) -> str:
         return hlwq_kv_attention(*args, **{**kwargs, "fallback": fallback})
 
     def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-        # Always a materialized boolean mask: the streaming attention slices it per page.
+        # Plain causal without padding: None, the streaming attention builds each slice's mask itself (Lq x context
+        # bytes saved). Any other mask materialized: the streaming attention slices it per page.
+        pad = kwargs.get("attention_mask")
+        plain = kwargs.get("allow_is_causal_skip", True) and kwargs.get("mask_function") is causal_mask_function
+        if not args and plain and (pad is None or bool(pad.all())):
+            return None
         kwargs["allow_is_causal_skip"] = False
         return sdpa_mask(*args, **kwargs)
 
@@ -411,7 +547,7 @@ def make_cache(model: Any, bits: int | KVCacheConfig = 3, residual: int = 128, *
     `model.generate(**inputs, past_key_values=make_cache(model, bits=3))`."""
     kv = bits if isinstance(bits, KVCacheConfig) else KVCacheConfig(bits=bits, residual=residual, **options)
     use_streaming_attention(model)
-    return HLWQKVCache(model.config, kv, streaming=True)
+    return HLWQKVCache(model.config, kv, streaming=True, model=model)
 
 
 def config_from_manifest(section: Any) -> KVCacheConfig | None:
@@ -424,4 +560,13 @@ def cache_bytes_per_token(kv: KVCacheConfig, head_dim: int, kv_heads: int) -> fl
     return 2 * kv_heads * (head_dim * kv.bits / 8 + 2)
 
 
-__all__ = ["HLWQKVCache", "HLWQKVLayer", "KVCacheConfig", "cache_bytes_per_token", "config_from_manifest", "make_cache"]
+__all__ = [
+    "HLWQKVCache",
+    "HLWQKVLayer",
+    "KVCacheConfig",
+    "KeyFromValue",
+    "cache_bytes_per_token",
+    "config_from_manifest",
+    "keys_from_values",
+    "make_cache",
+]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import weakref
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pipeline.runtime.probes import device_of, greedy, image_answer, synthetic_ids, text_answer, text_config
 
@@ -38,6 +41,45 @@ class Memory:
 
     def now(self) -> float | None:
         return gb(torch.cuda.memory_allocated(self.device) - self.base) if self.cuda else None
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the block and alive at once: a CPU stand-in for CUDA's
+    max_memory_allocated (no allocator rounding), so an op chain's transient can be measured and tested off the GPU.
+
+        with TensorPeak() as tp: f(x)
+        tp.peak  # bytes"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}  # storage pointer -> live output tensors on it
+        self._ids: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or id(t) in self._ids:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr == 0 or (ptr in inputs and ptr not in self._refs):  # empty, or an older tensor done in place
+                continue
+            if ptr not in self._refs:
+                self._refs[ptr] = 0
+                self.live += t.untyped_storage().nbytes()
+                self.peak = max(self.peak, self.live)
+            self._refs[ptr] += 1
+            self._ids.add(id(t))
+            weakref.finalize(t, self._release, ptr, id(t), t.untyped_storage().nbytes())
+        return out
+
+    def _release(self, ptr: int, ident: int, nbytes: int) -> None:
+        self._ids.discard(ident)
+        self._refs[ptr] -= 1
+        if not self._refs[ptr]:
+            del self._refs[ptr]
+            self.live -= nbytes
 
 
 def sync(device: torch.device) -> None:

@@ -3,7 +3,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from pipeline.quant import kv as kvq
-from pipeline.runtime.kv_cache import HLWQKVCache, HLWQKVLayer, KVCacheConfig, make_cache
+from pipeline.runtime.kv_cache import HLWQKVCache, HLWQKVLayer, KeyFromValue, KVCacheConfig, make_cache
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,28 @@ def test_sliding_layer_drops_old_pages_and_announces_its_range():
     assert layer.get_seq_length() == 60
 
 
+def held_bytes(layer: HLWQKVLayer) -> int:
+    """Bytes of the distinct storages behind the layer's tensors (what an allocator keeps alive for it)."""
+    tensors = [layer.keys, layer.values] + [t for p in layer.pages for x in (p.k, p.v) if x is not None
+                                            for t in (x.codes, x.scales)]  # fmt: skip
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "sliding"])
+def test_layer_holds_no_storage_beyond_what_it_counts(window):
+    """After every update the storages the layer keeps alive are exactly nbytes(): pages cut from a large flush own
+    their bytes (a view would keep the whole flushed tensor, evicted or not, alive). Fill as bench.kv_cache_31b does:
+    large pieces, then small chunks, then decode steps."""
+    kv = KVCacheConfig(bits=3, residual=4, block=4, page_tokens=16)
+    layer = HLWQKVLayer(kv, streaming=True, window=window)
+    k, v = states(160)
+    seen = 0
+    for n in (64, 64, 13, 8, 8, 1, 1, 1):
+        layer.update(k[..., seen : seen + n, :], v[..., seen : seen + n, :])
+        seen += n
+        assert held_bytes(layer) == layer.nbytes(), f"after {seen} tokens"
+
+
 def dense_attention(q, k, v, mask, scaling):
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -87,11 +109,35 @@ def dense_attention(q, k, v, mask, scaling):
     return (s.softmax(-1) @ v).transpose(1, 2)
 
 
-def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypatch):
+def synthetic_key_from_value(d: int, seed: int = 0) -> KeyFromValue:
+    """A k_eq_v layer's rule with a random gain and a plain RoPE table (theta 10000)."""
+    gain = 1.0 + 0.3 * torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+
+    def table(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.arange(start, start + n, dtype=torch.float32)[:, None] * inv_freq
+        emb = torch.cat((f, f), dim=-1).unsqueeze(0)
+        return emb.cos(), emb.sin()
+
+    return KeyFromValue(gain, table)
+
+
+def k_eq_v_states(n: int, kfv: KeyFromValue, heads: int = 2, d: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values as v_norm leaves them (unit RMS) and the keys such a layer computes from them."""
+    _, v = states(n, heads, d)
+    v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
+    return kfv.keys(v, 0), v
+
+
+@pytest.mark.parametrize("values_only", [False, True], ids=["keys-stored", "keys-from-values"])
+def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypatch, values_only):
     monkeypatch.setattr("pipeline.runtime.kv_cache._SCORE_BUDGET", 64)  # many slices, to test the online softmax
     kv = KVCacheConfig(bits=2, residual=8, block=8, page_tokens=16)
     stream, ref = HLWQKVLayer(kv, streaming=True), HLWQKVLayer(kv, streaming=False)
     k, v = states(70, heads=2, d=64)
+    if values_only:
+        stream.key_from_value = ref.key_from_value = synthetic_key_from_value(64)
+        k, v = k_eq_v_states(70, stream.key_from_value)
     for a, b in ((0, 40), (40, 60), (60, 61), (61, 70)):
         length, offset = stream.get_mask_sizes(b - a)
         tk, _ = stream.update(k[..., a:b, :], v[..., a:b, :])
@@ -104,6 +150,75 @@ def test_streaming_attention_equals_dense_attention_over_the_same_codes(monkeypa
         assert out.shape == (1, b - a, 4, 64)
         torch.testing.assert_close(out, dense_attention(q, rk, rv, mask, 0.125), atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(stream.attend(q, None, 0.125, None), out)  # no mask given: causal
+    assert all((p.k is None) == values_only for p in stream.pages)
+
+
+def test_values_only_pages_hold_half_the_packed_bytes_and_rebuild_the_keys():
+    """A k_eq_v layer packs its values alone: half the page bytes of a layer storing both, and the keys it reads back
+    are rope(dequantized value * gain), within the 3-bit error of the values themselves."""
+    kv = KVCacheConfig(bits=3, residual=8, block=8, page_tokens=32)
+    kfv = synthetic_key_from_value(64)
+    k, v = k_eq_v_states(100, kfv)
+    both, only = HLWQKVLayer(kv, streaming=False), HLWQKVLayer(kv, streaming=False)
+    only.key_from_value = kfv
+    for a, b in ((0, 60), (60, 90), (90, 100)):
+        both.update(k[..., a:b, :], v[..., a:b, :])
+        rk, rv = only.update(k[..., a:b, :], v[..., a:b, :])
+    assert only.key_from_value is kfv  # the keys matched the rule at every update
+
+    def packed(layer: HLWQKVLayer) -> int:
+        return sum(p.nbytes() for p in layer.pages)
+
+    assert packed(only) * 2 == packed(both) > 0
+    n = sum(p.length for p in only.pages)
+    assert torch.equal(rk[..., n:, :], k[..., n:, :])  # the residual keeps its keys
+    torch.testing.assert_close(rk[..., :n, :], kfv.keys(rv[..., :n, :], 0))
+    rel = (rk[..., :n, :] - k[..., :n, :]).pow(2).sum() / k[..., :n, :].pow(2).sum()
+    assert 0.01 < rel < 0.06
+
+
+def test_keys_that_break_the_rule_are_stored_or_refused():
+    """Keys that are not rope(value * gain) at the cache positions (a left-padded batch): on the first update the
+    layer stores them after all; after values-only pages exist it refuses (their keys could not be recovered)."""
+    from pipeline.errors import RuntimeBackendError
+
+    kv = KVCacheConfig(bits=3, residual=4, block=4, page_tokens=8)
+    kfv = synthetic_key_from_value(64)
+    k, v = k_eq_v_states(40, kfv)
+    late = torch.roll(k, 1, dims=-2)  # the keys of the previous position
+    first = HLWQKVLayer(kv, streaming=False)
+    first.key_from_value = kfv
+    first.update(late[..., :20, :], v[..., :20, :])
+    first.update(late[..., 20:30, :], v[..., 20:30, :])
+    assert first.key_from_value is None and first.pages and all(p.k is not None for p in first.pages)
+    later = HLWQKVLayer(kv, streaming=False)
+    later.key_from_value = kfv
+    later.update(k[..., :20, :], v[..., :20, :])
+    with pytest.raises(RuntimeBackendError, match="keys_from_values=False"):
+        later.update(late[..., 20:30, :], v[..., 20:30, :])
+
+
+def test_streaming_attention_transient_is_one_score_slice_plus_fixed_buffers(monkeypatch):
+    """A prefill chunk's attention holds one score slice (every softmax step in place), one query and one accumulator
+    (the residual is attended in the original basis, then both are rotated for the pages), and a few dequantized K/V
+    slices: the bound the 31B bench's flat transient depends on (three score slices and two query/accumulator pairs
+    before)."""
+    from pipeline.runtime.measure import TensorPeak
+
+    b, hq, hkv, lq, d, step = 1, 8, 2, 64, 64, 128
+    monkeypatch.setattr("pipeline.runtime.kv_cache._SCORE_BUDGET", b * hq * lq * step)
+    layer = HLWQKVLayer(KVCacheConfig(bits=3, residual=16, block=16, page_tokens=64), streaming=True)
+    k, v = states(512 + lq, heads=hkv, d=d)
+    with torch.inference_mode():
+        layer.update(k[..., :512, :], v[..., :512, :])
+        layer.update(k[..., 512:, :], v[..., 512:, :])
+        q = torch.randn(b, hq, lq, d)
+        with TensorPeak() as tp:
+            out = layer.attend(q, None, 0.125, None)
+    f32 = 4
+    score, query, kv_slice = b * hq * lq * step * f32, b * hq * lq * d * f32, b * hkv * step * d * f32
+    assert tp.peak <= score + 2 * query + 4 * kv_slice
+    assert tp.live == out.numel() * out.element_size()  # nothing else outlives the call
 
 
 def tiny_gemma():
@@ -127,6 +242,33 @@ def tiny_gemma_kv_shared():
     torch.manual_seed(0)
     return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=VISION, audio_config=None,
                                                        **SPECIAL)).eval()  # fmt: skip
+
+
+def test_gemma4_k_eq_v_layers_have_keys_rope_of_gained_values():
+    """keys_from_values finds exactly Gemma-4's attention_k_eq_v (global) layers, and their keys as the model computes
+    them are rope(value * k_norm gain) at the cache positions (float32: to rounding); other models have none."""
+    from transformers import DynamicCache
+
+    from pipeline.runtime.kv_cache import keys_from_values
+
+    model = tiny_gemma()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # gains far from 1, so a missing gain would show
+    rules = keys_from_values(model)
+    types = model.config.get_text_config(decoder=True).layer_types
+    assert sorted(rules) == [i for i, t in enumerate(types) if t == "full_attention"]
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(16, 200, (1, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids[:, :60], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 60:], past_key_values=cache, use_cache=True)
+    for i, rule in rules.items():
+        k, v = cache.layers[i].keys, cache.layers[i].values
+        torch.testing.assert_close(rule.keys(v, 0), k, atol=1e-5, rtol=1e-5)
+        assert rule.matches(k, v, 0) and not rule.matches(k[..., 1:, :], v[..., 1:, :], 0)
+    assert keys_from_values(tiny_llama()) == {}
 
 
 def tiny_llama():
@@ -156,7 +298,7 @@ def test_generate_matches_reference_dequantization(build, sliding):
     ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
     gen = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ref_cache = HLWQKVCache(model.config, kv, streaming=False)
+        ref_cache = HLWQKVCache(model.config, kv, streaming=False, model=model)
         ref = model.generate(input_ids=ids, past_key_values=ref_cache, **gen)
         cache = make_cache(model, kv)
         out = model.generate(input_ids=ids, past_key_values=cache, **gen)
@@ -171,7 +313,32 @@ def test_generate_matches_reference_dequantization(build, sliding):
     assert sum(isinstance(layer, DynamicLayer) for layer in cache.layers) == owners  # shared layers hold nothing
     full = [layer for layer in cache.layers if isinstance(layer, HLWQKVLayer) and layer.window is None]
     assert full and all(sum(p.length for p in layer.pages) >= 150 for layer in full)
+    # Gemma-4's global layers are k_eq_v: values-only pages, keys rebuilt; Llama's store both
+    values_only = getattr(text, "attention_k_eq_v", False)
+    assert all((p.k is None) == values_only for layer in full for p in layer.pages)
     assert max(float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("build", [tiny_gemma, tiny_gemma_kv_shared, tiny_llama], ids=["gemma4", "gemma4-kv-shared",
+                                                                                       "llama"])  # fmt: skip
+def test_a_prefill_leaves_its_states_as_codes(build):
+    """After a streaming forward every layer has flushed what the next update would (its residual < residual +
+    block): a chunk's new tokens do not wait in the compute dtype while the other layers run. Layers whose states
+    later layers of the same forward read (Gemma-4 KV sharing) keep them until the next update, as before."""
+    model = build()
+    kv = KVCacheConfig(bits=3, residual=16, block=16)
+    cache = make_cache(model, kv)
+    ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    attn = [layer.self_attn for layer in model.get_decoder().layers]
+    read_later = {i for i, a in enumerate(attn) if getattr(a, "store_full_length_kv", False)}
+    assert bool(read_later) == (build is tiny_gemma_kv_shared)
+    for i, a in enumerate(attn):
+        if getattr(a, "is_kv_shared_layer", False):
+            continue
+        held = cache.layers[i].keys.shape[-2]
+        assert held == 150 if i in read_later else held < kv.residual + kv.block, i
 
 
 def test_config_rejects_bad_values():
@@ -224,3 +391,48 @@ def test_load_check_fills_the_compressed_cache(tiny_artifact) -> None:  # type: 
     model = load(tiny_artifact, "reference", "cpu")
     fig = fill_context(model, 300, new_tokens=4, chunk=64, kv_cache=KVCacheConfig(bits=3, residual=128))
     assert fig["context_tokens"] == 300 and fig["kv_cache"] == {"bits": 3, "residual": 128}
+
+
+def test_plain_causal_masks_are_left_to_the_streaming_attention():
+    """A causal mask without padding is not materialized (the streaming attention masks each slice itself: a whole
+    one is Lq x context bytes); padding, a non-causal pattern or a refused skip still get a boolean mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    from pipeline.runtime.kv_cache import use_streaming_attention
+
+    model = tiny_llama()
+    use_streaming_attention(model)
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    base = dict(batch_size=1, q_length=4, kv_length=10, q_offset=6, kv_offset=0, allow_is_causal_skip=True)
+    assert fn(**base, mask_function=causal_mask_function, attention_mask=None) is None
+    assert fn(**base, mask_function=causal_mask_function, attention_mask=torch.ones(1, 10, dtype=torch.bool)) is None
+    padded = torch.ones(1, 10, dtype=torch.bool)
+    padded[0, 0] = False
+    want = torch.arange(10) <= torch.arange(6, 10)[:, None]
+    assert torch.equal(fn(**base, mask_function=causal_mask_function, attention_mask=padded)[0, 0], want & padded)
+    refused = {**base, "allow_is_causal_skip": False}
+    assert torch.equal(fn(**refused, mask_function=causal_mask_function, attention_mask=None)[0, 0], want)
+    assert fn(**base, mask_function=lambda b, h, q, k: k <= q, attention_mask=None) is not None
+
+
+@pytest.mark.parametrize("stock", ["sdpa", "eager"])
+def test_the_fallback_masks_a_plain_cache_causally(stock):
+    """With the streaming attention registered but transformers' own cache (nothing tagged), a chunked prefill gives
+    the stock model's logits: the fallback turns a skipped (None) causal mask into the bottom-right one."""
+    from transformers import DynamicCache
+
+    from pipeline.runtime.kv_cache import use_streaming_attention
+
+    model = tiny_llama()
+    model.set_attn_implementation(stock)
+    ids = torch.randint(16, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+
+    def chunked() -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :100], past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:, 100:], past_key_values=cache, use_cache=True).logits
+
+    want = chunked()
+    use_streaming_attention(model)
+    torch.testing.assert_close(chunked(), want, atol=1e-5, rtol=1e-5)
