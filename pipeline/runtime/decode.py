@@ -33,6 +33,10 @@ def text_parts(model: Any) -> tuple[Any, Any, Any]:
     return text, head, cfg
 
 
+def _call_layer(layer: nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    return layer(h, **kwargs)
+
+
 class StaticKV:
     """Fixed KV buffers: [B, H, max_len, D] per full layer, a [B, H, W, D] ring per sliding layer.
 
@@ -143,16 +147,15 @@ class LeanDecoder:
 
             self.decode_layers = DecodeLayers(list(self.text.layers[:n_layers]), self.cfg, compile_step=compile_layers)
         covered = self.decode_layers.plans if self.decode_layers is not None else {}
+        self._layer_call: Any = _call_layer
         if compile_layers and len(covered) < n_layers:
-            # Regional compilation of the layers the step does not cover: they share one compiled body (modules are
-            # graph inputs), fusing the dozens of small elementwise kernels per layer that dominate a batch-1 step.
-            # The cache write is a graph break and its layer index a guard: allow one entry per layer.
+            # Decode steps of the layers the fused step does not cover run transformers' forward compiled: one body
+            # for all of them (modules are graph inputs; the cache write is a graph break, its layer index a guard).
+            # Prefill stays eager, so chunks of new lengths cost no recompilation.
             dyn = torch._dynamo.config
             dyn.recompile_limit = max(dyn.recompile_limit, 4 * len(self.text.layers))
             dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * len(self.text.layers))
-            for i, layer in enumerate(self.text.layers):
-                if i not in covered:
-                    layer.compile(dynamic=False)
+            self._layer_call = torch.compile(_call_layer, dynamic=False)
         self.cache = StaticKV(self.layer_types, max_len, self.window)
         ring = self.window or 1
         self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)
@@ -212,7 +215,7 @@ class LeanDecoder:
             if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
                 kwargs["shared_kv_states"] = shared
                 kwargs["per_layer_input"] = per_layer[:, :, i, :] if per_layer is not None else None
-            out = layer(h, **kwargs)
+            out = self._layer_call(layer, h, kwargs) if decode else layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         if not decode and self.window is not None:
             self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.window :], q_pos[-self.window :])

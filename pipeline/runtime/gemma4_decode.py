@@ -197,13 +197,18 @@ def _norm_weight(norm: Any, dim: int) -> torch.Tensor | None:
     return weight
 
 
-def plan_layer(layer: Any, cfg: Any) -> tuple[Spec, dict[str, Any]]:
-    """(spec, tensors) for one Gemma-4 decoder layer; raises _Unsupported where transformers' forward must run."""
+def plan_layer(layer: Any, cfg: Any, kv_readers: bool = False) -> tuple[Spec, dict[str, Any]]:
+    """(spec, tensors) for one Gemma-4 decoder layer; raises _Unsupported where transformers' forward must run.
+    `kv_readers`: some layer of the model reads another's K/V (KV sharing), so layers that publish theirs must run
+    transformers' forward, which does the publishing."""
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(layer, "hidden_size_per_layer_input", 0) or getattr(layer, "enable_moe_block", False):
         raise _Unsupported("per-layer inputs or an MoE block")
-    if getattr(attn, "is_kv_shared_layer", False) or getattr(attn, "store_full_length_kv", False):
-        raise _Unsupported("KV sharing")
+    if getattr(attn, "is_kv_shared_layer", False):
+        raise _Unsupported("KV sharing (reads another layer's K/V)")
+    # transformers 5.17 flags the last layer of each kind as a publisher even when no layer reads (the 31B config)
+    if kv_readers and getattr(attn, "store_full_length_kv", False):
+        raise _Unsupported("KV sharing (publishes its K/V to later layers)")
     if getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh":
         raise _Unsupported(f"activation {getattr(cfg, 'hidden_activation', None)!r}")
     d = attn.head_dim
@@ -239,9 +244,10 @@ class DecodeLayers:
         self.plans: dict[int, tuple[Spec, dict[str, Any]]] = {}
         self.skipped: dict[int, str] = {}  # layer -> why it keeps transformers' forward
         specs: dict[Spec, Spec] = {}
+        readers = any(getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False) for layer in layers)
         for i, layer in enumerate(layers):
             try:
-                spec, w = plan_layer(layer, cfg)
+                spec, w = plan_layer(layer, cfg, readers)
             except (_Unsupported, AttributeError) as exc:
                 log.info("layer %d keeps transformers' forward: %s", i, exc)
                 self.skipped[i] = str(exc)

@@ -143,3 +143,41 @@ def test_fused_step_on_the_gpu_matches_transformers_layers(compiled: bool) -> No
     assert int((got.argmax(-1) == ref.argmax(-1)).sum()) >= 7
     # and the graphed generate runs the same step
     assert dec.generate(ids, 8).graphed
+
+
+def _kv_shared_model() -> nn.Module:
+    """Six layers: the last two read the K/V of the two before them (KV sharing), the first two are plain."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from pipeline.tiny import SPECIAL, TEXT, VISION
+
+    text = {**TEXT, "num_hidden_layers": 6, "layer_types": ["sliding_attention", "full_attention"] * 3,
+            "num_kv_shared_layers": 2, "hidden_size_per_layer_input": 0, "sliding_window": 16}  # fmt: skip
+    torch.manual_seed(0)
+    config = Gemma4Config(text_config=text, vision_config=VISION, audio_config=None, **SPECIAL)
+    return Gemma4ForConditionalGeneration(config).float().eval()
+
+
+def test_kv_sharing_layers_and_their_publishers_keep_transformers_forward() -> None:
+    model = _kv_shared_model()
+    ids = torch.randint(10, 500, (1, 20))
+    # reference: the same loop through transformers' layers (its generate fails on this config in 5.23: KV sharing
+    # without per-layer inputs)
+    ref = LeanDecoder(model, max_len=40, prefill_chunk=8, fused=False).generate(ids, 12).tokens
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    attns = [layer.self_attn for layer in model.model.language_model.layers]
+    plain = [i for i, a in enumerate(attns) if not a.is_kv_shared_layer and not a.store_full_length_kv]
+    assert plain and sorted(dec.decode_layers.plans) == plain  # type: ignore[union-attr]
+    assert dec.generate(ids, 12).tokens == ref
+
+
+def test_a_publisher_nobody_reads_runs_the_fused_step() -> None:
+    # transformers 5.17 flags the last layer of each kind as a K/V publisher even without readers (the 31B config)
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    ids = torch.randint(10, 500, (1, 20))
+    ref = _hf_greedy(model, ids, 10)
+    model.model.language_model.layers[-1].self_attn.store_full_length_kv = True
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    assert len(dec.decode_layers.plans) == len(model.model.language_model.layers)  # type: ignore[union-attr]
+    assert dec.generate(ids, 10).tokens == ref
