@@ -179,7 +179,8 @@ class LeanDecoder:
             masks["sliding_attention"] = ok.view(1, 1, qp.shape[0], -1)
         return masks
 
-    def _forward(self, ids: torch.Tensor, q_pos: torch.Tensor, decode: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, q_pos: torch.Tensor, decode: bool,
+                 embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         text = self.text
         self.cache.full_idx = q_pos
         if self.window is not None:
@@ -188,11 +189,7 @@ class LeanDecoder:
                 self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
         masks = self._masks(q_pos, decode)
         ids = torch.where(torch.isin(ids, self.special), self.pad_id, ids)
-        if self.host_table is not None:
-            h = torch.ops.hlwq.gather_pinned(self.host_table, ids)
-            h = h * self.embed_scale if self.embed_scale is not None else h
-        else:
-            h = text.embed_tokens(ids)
+        h = self._embed(ids) if embeds is None else embeds
         position_ids = q_pos.view(1, -1)
         rope: dict[str, Any] = {}
         for lt in set(self.layer_types):
@@ -224,6 +221,35 @@ class LeanDecoder:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (placeholder ids already mapped to the pad token)."""
+        if self.host_table is not None:
+            h = torch.ops.hlwq.gather_pinned(self.host_table, ids)
+            return h * self.embed_scale if self.embed_scale is not None else h
+        return self.text.embed_tokens(ids)  # type: ignore[no-any-return]
+
+    def _prompt_embeds(self, ids: torch.Tensor, pixel_values: torch.Tensor,
+                       image_position_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """The prompt's embeddings with the vision tower's soft tokens in the image placeholders, as the multimodal
+        model's own forward builds them."""
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if image_id is None or not hasattr(self.model.model, "get_image_features"):
+            raise ValueError(f"{type(self.model).__name__} takes no images in the lean decoder")
+        if getattr(self.cfg, "use_bidirectional_attention", None) is not None:
+            # images attended bidirectionally need block masks the lean decoder does not build
+            raise ValueError("the lean decoder runs image prompts with causal attention only "
+                             f"(use_bidirectional_attention={self.cfg.use_bidirectional_attention!r})")  # fmt: skip
+        mask = ids == image_id
+        h = self._embed(torch.where(torch.isin(ids, self.special), self.pad_id, ids))
+        dtype = next(self.model.model.vision_tower.parameters()).dtype
+        where = None if image_position_ids is None else image_position_ids.to(self.device)
+        out = self.model.model.get_image_features(pixel_values.to(self.device, dtype), where, return_dict=True)
+        feats = out.pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, list | tuple) else feats.reshape(-1, h.shape[-1])
+        if feats.shape[0] != int(mask.sum()):
+            raise ValueError(f"the image gives {feats.shape[0]} soft tokens; the prompt has {int(mask.sum())} slots")
+        return h.masked_scatter(mask.unsqueeze(-1), feats.to(h.dtype))
 
     def _step(self, i: int, h: torch.Tensor, rope: Any, mask: torch.Tensor) -> torch.Tensor:
         """Layer i on one token through the fused decode step, its key/value written to this cache's slot."""
@@ -258,7 +284,10 @@ class LeanDecoder:
         self._graph = graph
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> DecodeResult:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None = None,
+                 image_position_ids: torch.Tensor | None = None) -> DecodeResult:  # fmt: skip
+        """Greedy tokens after `input_ids` [1, n]; with `pixel_values` (and the processor's image_position_ids) the
+        image placeholders of the prompt take the vision tower's soft tokens."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("the lean decoder takes one sequence: input_ids of shape [1, n]")
         n = input_ids.shape[1]
@@ -269,10 +298,12 @@ class LeanDecoder:
         sync(self.device)
         t0 = time.perf_counter()
         logits = None
+        embeds = None if pixel_values is None else self._prompt_embeds(ids, pixel_values, image_position_ids)
         for s in range(0, n, self.chunk):
             chunk = ids[:, s : s + self.chunk]
             q_pos = torch.arange(s, s + chunk.shape[1], device=self.device)
-            logits = self._forward(chunk, q_pos, decode=False)
+            part = None if embeds is None else embeds[:, s : s + self.chunk]
+            logits = self._forward(chunk, q_pos, decode=False, embeds=part)
         assert logits is not None
         first = logits.argmax(-1)
         self.out[0] = first[0]

@@ -57,3 +57,39 @@ def test_rejects_too_long() -> None:
     model = _tiny_model()
     with pytest.raises(ValueError, match="exceed the cache"):
         LeanDecoder(model, max_len=8).generate(torch.ones(1, 6, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_image_prompt_same_tokens_as_generate(tmp_path, fused: bool) -> None:
+    from PIL import Image
+
+    from pipeline.runtime.probes import TEST_IMAGE, greedy, image_inputs
+
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    with Image.open(TEST_IMAGE) as im:
+        inputs = image_inputs(model, tmp_path, im.convert("RGB"))  # no processor in tmp_path: the manual layout
+    inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "num_soft_tokens_per_image"}
+    inputs["pixel_values"] = inputs["pixel_values"].float()
+    ids = inputs["input_ids"]
+    new = 12
+    ref = greedy(model, new, **inputs)[0, ids.shape[1] :].tolist()
+    dec = LeanDecoder(model, max_len=ids.shape[1] + new, prefill_chunk=8, fused=fused)  # chunks cut the image
+    got = dec.generate(ids, new, inputs["pixel_values"], inputs.get("image_position_ids"))
+    assert got.tokens == ref
+    # without the image the placeholders are pad embeddings: other tokens (the image really reached the layers)
+    assert dec.generate(ids, new).tokens != ref
+
+
+def test_image_prompt_with_too_few_slots_is_refused(tmp_path) -> None:
+    from PIL import Image
+
+    from pipeline.runtime.probes import TEST_IMAGE, image_inputs
+
+    model = _tiny_model()
+    with Image.open(TEST_IMAGE) as im:
+        inputs = image_inputs(model, tmp_path, im.convert("RGB"))
+    ids = inputs["input_ids"][:, :-6]  # drops some image placeholders (and the eoi token)
+    with pytest.raises(ValueError, match="soft tokens"):
+        LeanDecoder(model, max_len=ids.shape[1] + 4).generate(ids, 4, inputs["pixel_values"].float(),
+                                                               inputs["image_position_ids"])  # fmt: skip
