@@ -242,9 +242,10 @@ class LeanDecoder:
                              f"(use_bidirectional_attention={self.cfg.use_bidirectional_attention!r})")  # fmt: skip
         mask = ids == image_id
         h = self._embed(torch.where(torch.isin(ids, self.special), self.pad_id, ids))
-        dtype = next(self.model.model.vision_tower.parameters()).dtype
+        inner: Any = self.model.model
+        dtype = next(inner.vision_tower.parameters()).dtype
         where = None if image_position_ids is None else image_position_ids.to(self.device)
-        out = self.model.model.get_image_features(pixel_values.to(self.device, dtype), where, return_dict=True)
+        out = inner.get_image_features(pixel_values.to(self.device, dtype), where, return_dict=True)
         feats = out.pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, list | tuple) else feats.reshape(-1, h.shape[-1])
         if feats.shape[0] != int(mask.sum()):
