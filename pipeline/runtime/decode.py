@@ -245,8 +245,12 @@ class LeanDecoder:
         inner: Any = self.model.model
         dtype = next(inner.vision_tower.parameters()).dtype
         where = None if image_position_ids is None else image_position_ids.to(self.device)
-        out = inner.get_image_features(pixel_values.to(self.device, dtype), where, return_dict=True)
-        feats = out.pooler_output
+        px = pixel_values.to(self.device, dtype)
+        try:
+            out = inner.get_image_features(px, where, return_dict=True)
+        except TypeError:  # releases whose get_image_features returns the features themselves
+            out = inner.get_image_features(px, where)
+        feats = getattr(out, "pooler_output", out)
         feats = torch.cat(list(feats)) if isinstance(feats, list | tuple) else feats.reshape(-1, h.shape[-1])
         if feats.shape[0] != int(mask.sum()):
             raise ValueError(f"the image gives {feats.shape[0]} soft tokens; the prompt has {int(mask.sum())} slots")
