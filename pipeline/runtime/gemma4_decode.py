@@ -81,14 +81,17 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.matmul(p, values).reshape(-1)
 
 
-def _hlwq_matvec(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, part: Part
-                 ) -> torch.Tensor:  # fmt: skip
+def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:
+    """ts: tiles, codebook, signs[, 1/smooth] (FORMAT v2 column smoothing: the codes hold W·diag(s))."""
+    tiles, codebook, signs = ts[:3]
+    inv_smooth = ts[3] if len(ts) > 3 else None
     if x.is_cuda:
         from pipeline.runtime import kernels
 
-        return kernels.tiled_linear(x, tiles, codebook, signs, part.bits, part.rows)  # type: ignore[no-any-return]
+        return kernels.tiled_linear(x, tiles, codebook, signs, part.bits, part.rows, inv_smooth)  # type: ignore[no-any-return]
     # CPU: the kernel's own arithmetic from the same tiled bytes (layout.tiled_matvec), so tests cover the fusion
-    xr = rotate(x.float(), signs).reshape(x.shape[0], -1).double()
+    xs = x.float() if inv_smooth is None else x.float() * inv_smooth
+    xr = rotate(xs, signs).reshape(x.shape[0], -1).double()
     return layout.tiled_matvec(xr, tiles, codebook, part.rows, part.bits).to(x.dtype)
 
 
@@ -97,7 +100,7 @@ def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tens
     outs = []
     for part, ts in zip(parts, tensors, strict=True):
         if part.kind == "hlwq":
-            outs.append(_hlwq_matvec(x, ts[0], ts[1], ts[2], part))
+            outs.append(_hlwq_matvec(x, ts, part))
         else:
             outs.append(F.linear(x, ts[0], ts[1] if len(ts) > 1 else None))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -127,25 +130,34 @@ def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tenso
 # -- building a layer's plan from the transformers modules -------------------------------------------------------
 
 
+def _same_smoothing(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 def _fusable(mods: list[Any]) -> bool:
-    """HLWQ modules one tiled launch can serve: same input, bits, codebook and sign diagonal, no smoothing or bias,
-    whole 16-row tiles each (so their tiles concatenate along rows)."""
+    """HLWQ modules one tiled launch can serve: same input, bits, codebook, sign diagonal and smoothing vector (the
+    stats stage gives q/k/v one and gate/up one), no bias, whole 16-row tiles each (their tiles concatenate)."""
     if not all(isinstance(m, HLWQLinear) and m.tiles is not None for m in mods):
         return False
     first = mods[0]
     return all(
-        m.bits == first.bits and m.in_features == first.in_features and m.smooth is None and m.bias is None
+        m.bits == first.bits and m.in_features == first.in_features and m.bias is None
         and m.out_features % layout.TILE_ROWS == 0 and torch.equal(m.codebook, first.codebook)
-        and torch.equal(m.signs, first.signs)
+        and torch.equal(m.signs, first.signs) and _same_smoothing(m.smooth, first.smooth)
         for m in mods
     )  # fmt: skip
 
 
+def _hlwq_tensors(m: Any, tiles: torch.Tensor) -> Tensors:
+    base = (tiles, m.codebook, m.signs)
+    return base if m.smooth is None else (*base, m.smooth.float().reciprocal().contiguous())
+
+
 def _part(m: Any) -> tuple[Part, Tensors]:
     if isinstance(m, HLWQLinear):
-        if m.tiles is None or m.smooth is not None or m.bias is not None:
+        if m.tiles is None or m.bias is not None:
             raise _Unsupported(f"an HLWQLinear the decode step does not run ({m.extra_repr()})")
-        return Part("hlwq", m.out_features, m.in_features, m.bits), (m.tiles, m.codebook, m.signs)  # type: ignore[return-value]
+        return Part("hlwq", m.out_features, m.in_features, m.bits), _hlwq_tensors(m, m.tiles)
     if isinstance(m, nn.Linear):
         ts = (m.weight,) if m.bias is None else (m.weight, m.bias)
         return Part("dense", m.out_features, m.in_features), ts
@@ -175,7 +187,7 @@ def fuse(mods: list[Any]) -> tuple[tuple[Part, ...], tuple[Tensors, ...]]:
         first = mods[0]
         rows = sum(m.out_features for m in mods)
         part = Part("hlwq", rows, first.in_features, first.bits)
-        return (part,), ((_fused_tiles(mods), first.codebook, first.signs),)
+        return (part,), (_hlwq_tensors(first, _fused_tiles(mods)),)
     pairs = [_part(m) for m in mods]
     return tuple(p for p, _ in pairs), tuple(t for _, t in pairs)
 

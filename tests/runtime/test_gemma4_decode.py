@@ -15,13 +15,25 @@ from pipeline.runtime.linear import HLWQLinear
 from tests.runtime.test_decode import _hf_greedy, _tiny_model
 
 
-def _to_native(model: nn.Module, bits: int = 5) -> nn.Module:
+def _to_native(model: nn.Module, bits: int = 5, smooth: bool = False) -> nn.Module:
+    """Every text Linear as a native HLWQLinear; smooth: FORMAT v2 column smoothing with one random vector per input
+    (q/k/v share one, gate/up one, as the stats stage makes them)."""
     params = QuantParams(bits=bits)
     text = model.model.language_model
+    g = torch.Generator().manual_seed(1)
+    shared: dict[tuple[int, str], torch.Tensor] = {}
     for _, parent in list(text.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                q = quantize(child.weight.data, params)
+                vec = None
+                if smooth:
+                    group = "qkv" if name in ("q_proj", "k_proj", "v_proj") else "gu" if name in (
+                        "gate_proj", "up_proj") else name  # fmt: skip
+                    key = (id(parent), group)
+                    if key not in shared:
+                        shared[key] = torch.exp(0.3 * torch.randn(child.in_features, generator=g))
+                    vec = shared[key]
+                q = quantize(child.weight.data, params, vec)
                 setattr(parent, name, HLWQLinear.from_quantized(q, params.sign_bits(), None, runtime="native"))
     return model
 
@@ -181,3 +193,18 @@ def test_a_publisher_nobody_reads_runs_the_fused_step() -> None:
     dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
     assert len(dec.decode_layers.plans) == len(model.model.language_model.layers)  # type: ignore[union-attr]
     assert dec.generate(ids, 10).tokens == ref
+
+
+def test_smoothed_weights_fuse_and_match() -> None:
+    # FORMAT v2 artifacts (the shipped Gemma manifest smooths): q/k/v and gate/up share a vector, so they still fuse
+    torch.manual_seed(0)
+    model = _to_native(_tiny_model(layers=6, window=16), smooth=True)
+    ids = torch.randint(10, 500, (1, 24))
+    tokens = torch.randint(10, 500, (8,)).tolist()
+    ref = _teacher_forced(LeanDecoder(model, max_len=40, prefill_chunk=8, fused=False), ids, tokens)
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    assert len(dec.decode_layers.plans) == 6  # type: ignore[union-attr]
+    spec, w = dec.decode_layers.plans[0]  # type: ignore[union-attr]
+    assert len(spec.qkv) == 1 and len(w["qkv"][0]) == 4  # one launch, with 1/s
+    got = _teacher_forced(dec, ids, tokens)
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
