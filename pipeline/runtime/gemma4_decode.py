@@ -6,7 +6,8 @@ copies the whole sliding cache (repeat_kv), and q, k and v each rotate the same 
 projection each where the weights allow it (HLWQ tiles concatenated: one activation rotation, one matvec launch),
 query heads attend their KV head's cache in place, and the layer body is a function of tensors and a hashable spec,
 so one torch.compile graph serves every layer of a kind and fuses the norms, rope, residuals and activation.
-Layers it does not cover (per-layer inputs, MoE, KV sharing, other activations) keep transformers' forward.
+Layers it does not cover (per-layer inputs, MoE, KV-sharing readers and the layers they read, other activations,
+6-bit or untiled HLWQ weights) keep transformers' forward.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ Tensors = tuple[torch.Tensor, ...]
 
 @dataclass(frozen=True)
 class Part:
-    """One launch of a projection: "hlwq" (tiled codes; tensors tiles, codebook, signs) or "dense" (whatever
-    F.linear takes as weight: BF16, a torchao INT4 tensor; tensors weight[, bias])."""
+    """One launch of a projection: "hlwq" (tiled codes; tensors tiles, codebook, signs[, 1/smooth]) or "dense"
+    (whatever F.linear takes as weight: BF16, a torchao INT4 tensor; tensors weight[, bias])."""
 
     kind: str
     rows: int
