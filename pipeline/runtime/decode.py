@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,11 +289,9 @@ class LeanDecoder:
             self._decode_body()
         self._graph = graph
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None = None,
-                 image_position_ids: torch.Tensor | None = None) -> DecodeResult:  # fmt: skip
-        """Greedy tokens after `input_ids` [1, n]; with `pixel_values` (and the processor's image_position_ids) the
-        image placeholders of the prompt take the vision tower's soft tokens."""
+    def _prefill(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None,
+                 image_position_ids: torch.Tensor | None) -> None:  # fmt: skip
+        """Run the prompt in chunks; leaves its greedy next token as the first output and the step state set."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("the lean decoder takes one sequence: input_ids of shape [1, n]")
         n = input_ids.shape[1]
@@ -300,8 +299,6 @@ class LeanDecoder:
             raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache ({self.max_len} tokens)")
         ids = input_ids.to(self.device)
         self.slot_pos.fill_(-1)
-        sync(self.device)
-        t0 = time.perf_counter()
         logits = None
         embeds = None if pixel_values is None else self._prompt_embeds(ids, pixel_values, image_position_ids)
         for s in range(0, n, self.chunk):
@@ -315,6 +312,25 @@ class LeanDecoder:
         self.ids.copy_(first.view(1, 1))
         self.pos.fill_(n)
         self.step.fill_(1)
+
+    def _advance(self) -> None:
+        """One decode step: the captured graph's replay, or the same body eagerly."""
+        if self.graph_enabled and self._graph is None:
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._decode_body()
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None = None,
+                 image_position_ids: torch.Tensor | None = None) -> DecodeResult:  # fmt: skip
+        """Greedy tokens after `input_ids` [1, n]; with `pixel_values` (and the processor's image_position_ids) the
+        image placeholders of the prompt take the vision tower's soft tokens. The host reads the tokens once, at the
+        end (the speed figure); `stream` hands them over one by one."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        self._prefill(input_ids, new_tokens, pixel_values, image_position_ids)
         sync(self.device)
         t1 = time.perf_counter()
         if self.graph_enabled and self._graph is None and new_tokens > 1:
@@ -322,11 +338,27 @@ class LeanDecoder:
         sync(self.device)
         t2 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            if self._graph is not None:
-                self._graph.replay()
-            else:
-                self._decode_body()
+            self._advance()
         sync(self.device)
         t3 = time.perf_counter()
         return DecodeResult(self.out[:new_tokens].tolist(), t1 - t0, t3 - t2, new_tokens, self._graph is not None,
                             self.cache.nbytes(), {"capture_s": t2 - t1})  # fmt: skip
+
+    def stream(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None = None,
+               image_position_ids: torch.Tensor | None = None, stop_ids: Collection[int] = (),
+               stop: Callable[[], bool] | None = None) -> Iterator[int]:  # fmt: skip
+        """The greedy tokens of `generate`, each as soon as it is made (one host read per token, for a chat); ends
+        after a token in `stop_ids` (yielded) or when `stop()` turns true."""
+        with torch.inference_mode():
+            self._prefill(input_ids, new_tokens, pixel_values, image_position_ids)
+            tok = int(self.ids.item())
+        for i in range(new_tokens):
+            if i:
+                if stop is not None and stop():
+                    return
+                with torch.inference_mode():  # per step: the consumer runs between tokens outside it
+                    self._advance()
+                    tok = int(self.ids.item())
+            yield tok
+            if tok in stop_ids:
+                return

@@ -93,3 +93,18 @@ def test_image_prompt_with_too_few_slots_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="soft tokens"):
         LeanDecoder(model, max_len=ids.shape[1] + 4).generate(ids, 4, inputs["pixel_values"].float(),
                                                                inputs["image_position_ids"])  # fmt: skip
+
+
+def test_stream_yields_generates_tokens_and_stops() -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    ids = torch.randint(10, 500, (1, 20))
+    dec = LeanDecoder(model, max_len=40, prefill_chunk=8)
+    ref = dec.generate(ids, 12).tokens
+    assert list(dec.stream(ids, 12)) == ref
+    # a stop id ends the stream after yielding it; a stop flag ends it between tokens
+    assert list(dec.stream(ids, 12, stop_ids={ref[4]})) == ref[: ref.index(ref[4]) + 1]
+    seen: list[int] = []
+    for tok in dec.stream(ids, 12, stop=lambda: len(seen) >= 3):
+        seen.append(tok)
+    assert seen == ref[:3]
