@@ -30,6 +30,9 @@ def register_cli(sub: Any) -> None:
     c.add_argument("--max-new-tokens", type=int, default=256, help="per answer (256)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    c.add_argument("--decoder", choices=["auto", "lean", "hf"], default="auto",
+                   help="greedy answers by the static-cache CUDA-graph decoder (lean) or transformers' generate (hf); "
+                        "auto: lean on a GPU")  # fmt: skip
     c.set_defaults(func=run)
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     first_image = open_image(args.image) if args.image else None  # a bad --image fails before the model loads
     tty = sys.stdin.isatty()
     term = Terminal(sys.stdout, sys.stdout if tty else sys.stderr)
-    engine = Engine.open(args.artifact, args.device)
+    engine = Engine.open(args.artifact, args.device, args.decoder)
     chat = Chat(engine, settings)
     if first_image is not None:
         if not engine.has_vision:

@@ -29,6 +29,12 @@ def register_cli(sub: Any) -> None:
     d.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (7860)")
     d.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     d.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    d.add_argument(
+        "--decoder",
+        choices=["auto", "lean", "hf"],
+        default="auto",
+        help="greedy answers by the lean CUDA-graph decoder or transformers' generate (auto: lean on a GPU)",
+    )
     d.set_defaults(func=run)
 
 
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineError("the demo needs gradio: pip install 'hlwq[demo]' (or -r requirements.lock)") from None
     engine, error = None, None
     try:
-        engine = Engine.open(args.artifact, args.device)
+        engine = Engine.open(args.artifact, args.device, args.decoder)
     except PipelineError as e:  # the page says why; a demo that will not start tells nobody anything
         error = str(e)
         log.error("%s", error)

@@ -304,15 +304,18 @@ def test_terminal_chat_in_a_pty(tiny_artifact: Path) -> None:
     assert "Traceback" not in term.transcript
 
 
-def test_piped_chat_reads_one_prompt_per_line(tiny_artifact: Path) -> None:
+@pytest.mark.parametrize("decoder", ["auto", "lean"])
+def test_piped_chat_reads_one_prompt_per_line(tiny_artifact: Path, decoder: str) -> None:
     lines = ["hello there", f"/image {TEST_IMAGE}", "hello there", "", "/reset", "hello there"]
-    r = subprocess.run([*CLI, str(tiny_artifact), "--max-new-tokens", "6"], input="\n".join(lines) + "\n",
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)  # fmt: skip
+    r = subprocess.run([*CLI, str(tiny_artifact), "--max-new-tokens", "6", "--decoder", decoder],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, env=_env(), cwd=ROOT,
+                       timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     answers = r.stdout.splitlines()
     assert len(answers) == 3 and all(re.fullmatch(r"w\d+( w\d+){5}", a) for a in answers), r.stdout
     assert answers[0] == answers[2] != answers[1]
-    assert len(re.findall(r"^\[6 tokens in .* tok/s decode .*\]$", r.stderr, re.M)) == 3
+    figures = re.findall(r"^\[6 tokens in .* tok/s decode .*\]$", r.stderr, re.M)
+    assert len(figures) == 3 and all(("lean decoder" in f) == (decoder == "lean") for f in figures)
 
 
 def test_piped_chat_goes_on_after_a_refused_line(tiny_artifact: Path) -> None:
@@ -371,3 +374,26 @@ def test_demo_history_becomes_engine_messages() -> None:
     want = [("user", "hello there", 1), ("assistant", "w206 w69", 0), ("user", "w5", 0), ("assistant", "w7", 0)]
     assert [(m.role, m.text, len(m.images)) for m in msgs] == want
     assert msgs[0].images[0].size == open_image(TEST_IMAGE).size
+
+
+def test_the_lean_decoder_answers_as_generate_does(tiny_artifact: Path) -> None:
+    """decoder "lean" (auto picks it on a GPU): the same greedy answers, with and without an image; sampling and a
+    compressed KV cache still go through generate."""
+    lean = Engine.open(tiny_artifact, "cpu", decoder="lean")
+    hf = Engine.open(tiny_artifact, "cpu", decoder="hf")
+    for eng in (lean, hf):  # float32: the tokens then depend on the arithmetic, not on bf16 rounding order
+        eng.model.float()
+    for image in (None, TEST_IMAGE):
+        answers = []
+        for eng in (lean, hf):
+            chat = Chat(eng, Settings(max_new_tokens=12))
+            if image is not None:
+                chat.attach(image)
+            gen = chat.send("hello there")
+            answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
+        (text, n, kv), (ref_text, ref_n, ref_kv) = answers
+        assert (text, n) == (ref_text, ref_n) and n > 0
+        assert kv.endswith("lean decoder") and "lean" not in ref_kv
+    assert lean.lean_for(lean.inputs([Message("user", "hi")]), Settings(temperature=0.7)) is None
+    with pytest.raises(InputError, match="decoder must be one of"):
+        Engine.open(tiny_artifact, "cpu", decoder="fast")

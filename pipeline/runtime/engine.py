@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 50_000_000  # the vision tower sees at most a few hundred patches; bigger only costs decode RAM
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_NEW_TOKENS = 8192
+DECODERS = ("auto", "lean", "hf")
 IMAGE_SLOT = "\x00hlwq-image\x00"  # stands for one image in rendered template text; never typed by a user
 
 
@@ -234,10 +235,11 @@ class Generation:
     `stats` once it is done; `stop()` ends it early (the tokens so far are kept). Leaving the loop early stops it."""
 
     def __init__(self, engine: Engine, inputs: dict[str, Any], kwargs: dict[str, Any], kv: str,
-                 on_done: Callable[[Generation], None] | None = None):  # fmt: skip
+                 on_done: Callable[[Generation], None] | None = None, lean: Any = None):  # fmt: skip
         self.engine = engine
         self.inputs = inputs
         self.kwargs = kwargs
+        self.lean = lean  # a LeanDecoder that makes this (greedy) answer, or None: transformers' generate
         self.kv = kv
         self.on_done = on_done
         self.text = ""
@@ -270,6 +272,13 @@ class Generation:
 
         def work() -> None:
             try:
+                if self.lean is not None:
+                    inp = self.inputs
+                    for tok in self.lean.stream(inp["input_ids"], self.kwargs["max_new_tokens"],
+                                                inp.get("pixel_values"), inp.get("image_position_ids"),
+                                                stop_ids=eng.eos_ids(), stop=stop_flag.is_set):  # fmt: skip
+                        streamer.q.put([tok])
+                    return
                 with torch.inference_mode():
                     eng.model.generate(**self.inputs, **self.kwargs, streamer=streamer,  # type: ignore[operator]
                                        stopping_criteria=StoppingCriteriaList([_Stop()]))  # fmt: skip
@@ -326,8 +335,12 @@ class Engine:
     """A loaded artifact, ready to answer conversations."""
 
     def __init__(self, model: Any, folder: Path, tokenizer: Any, processor: Any | None,
-                 device: torch.device, runtime: str, source: str):  # fmt: skip
+                 device: torch.device, runtime: str, source: str, decoder: str = "auto"):  # fmt: skip
+        if decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.model: Any = model  # a transformers model (generate, config)
+        self.decoder = decoder
+        self._lean: Any = None  # the LeanDecoder, built on the first answer it makes
         self.folder = folder
         self.tokenizer = tokenizer
         self.processor = processor
@@ -337,8 +350,13 @@ class Engine:
         self.lock = threading.Lock()  # one generation at a time: the model and its caches are shared
 
     @classmethod
-    def open(cls, path_or_repo: str | Path, device: str | torch.device | None = None) -> Engine:
-        """Load an artifact folder or Hub repo id: on the GPU when CUDA is present, else on the CPU."""
+    def open(cls, path_or_repo: str | Path, device: str | torch.device | None = None,
+             decoder: str = "auto") -> Engine:  # fmt: skip
+        """Load an artifact folder or Hub repo id: on the GPU when CUDA is present, else on the CPU. decoder: who
+        makes greedy answers ("lean": the static-cache CUDA-graph LeanDecoder, "hf": transformers' generate,
+        "auto": lean on a GPU); sampled answers and a compressed KV cache always go through generate."""
+        if decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -352,7 +370,7 @@ class Engine:
         except Exception as e:  # a Hub or transformers failure: one line naming the artifact and the cause
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise FormatError(f"{path_or_repo}: cannot load: {type(e).__name__}: {first[:300]}") from None
-        return cls(model.eval(), folder, tokenizer, processor, dev, runtime, str(path_or_repo))
+        return cls(model.eval(), folder, tokenizer, processor, dev, runtime, str(path_or_repo), decoder)
 
     @property
     def has_vision(self) -> bool:
@@ -463,12 +481,44 @@ class Engine:
 
     # -- answers
 
+    def eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return set() if eos is None else {int(t) for t in (eos if isinstance(eos, list | tuple) else [eos])}
+
+    def lean_for(self, inputs: dict[str, Any], s: Settings) -> Any | None:
+        """The LeanDecoder that makes this answer, or None where generate does: sampling, a compressed KV cache,
+        decoder "hf" (or "auto" off the GPU), a model it does not run. Its static cache is sized in powers of two
+        (>= 2048 tokens) and rebuilt larger when a conversation outgrows it."""
+        if s.temperature > 0 or s.kv_bits is not None or self.decoder == "hf":
+            return None
+        if self.decoder == "auto" and self.device.type != "cuda":
+            return None
+        text_cfg = self.model.config.get_text_config()
+        if "pixel_values" in inputs and getattr(text_cfg, "use_bidirectional_attention", None) is not None:
+            return None  # image blocks attended both ways: masks the lean decoder does not build
+        need = int(inputs["input_ids"].shape[1]) + s.max_new_tokens
+        if self._lean is None or self._lean.max_len < need:
+            from pipeline.runtime.decode import LeanDecoder
+
+            self._lean = None  # the old static cache goes before the new one is allocated
+            try:
+                self._lean = LeanDecoder(self.model, max_len=max(2048, 1 << (need - 1).bit_length()))
+            except TypeError as e:  # no decoder stack it knows
+                log.info("answers through generate: %s", e)
+                self.decoder = "hf"
+                return None
+        return self._lean
+
     def generate(self, messages: Sequence[Message], settings: Settings | None = None,
                  on_done: Callable[[Generation], None] | None = None) -> Generation:  # fmt: skip
         """Start answering `messages` (ending with the user's); iterate the result for the streamed text."""
         inputs = self.inputs(messages)
-        kwargs, kv = self.generate_kwargs(settings or Settings())
-        return Generation(self, inputs, kwargs, kv, on_done)
+        s = settings or Settings()
+        kwargs, kv = self.generate_kwargs(s)
+        # A rebuilt decoder does not disturb an answer in progress: that one holds its own (answers run one at a
+        # time under the engine's lock).
+        lean = self.lean_for(inputs, s)
+        return Generation(self, inputs, kwargs, kv + (" · lean decoder" if lean is not None else ""), on_done, lean)
 
     def card(self) -> list[tuple[str, str]]:
         """The artifact's figures for a status panel: what the card states, read from its files."""
