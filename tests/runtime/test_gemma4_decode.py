@@ -208,3 +208,12 @@ def test_smoothed_weights_fuse_and_match() -> None:
     assert len(spec.qkv) == 1 and len(w["qkv"][0]) == 4  # one launch, with 1/s
     got = _teacher_forced(dec, ids, tokens)
     assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_runtime_31b_bench_runs_the_fused_step_tiny() -> None:
+    """bench.runtime_31b's own code path (CPU-sized with --tiny): every layer through the fused step, figures out."""
+    from bench import runtime_31b
+
+    fig = runtime_31b.run_variant("native", 5, tiny=True)
+    assert fig["fused_decode_layers"] == "6/6" and "unfused_layers" not in fig
+    assert fig["decode_tok_s"] > 0 and fig["prefill_tok_s"] > 0 and len(fig["tokens_short"]) == 16
