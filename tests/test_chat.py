@@ -397,3 +397,18 @@ def test_the_lean_decoder_answers_as_generate_does(tiny_artifact: Path) -> None:
     assert lean.lean_for(lean.inputs([Message("user", "hi")]), Settings(temperature=0.7)) is None
     with pytest.raises(InputError, match="decoder must be one of"):
         Engine.open(tiny_artifact, "cpu", decoder="fast")
+
+
+def test_a_lean_decoder_that_fails_hands_the_answer_to_generate(tiny_artifact: Path, monkeypatch) -> None:
+    from pipeline.runtime.decode import LeanDecoder
+
+    ref = "".join(Chat(Engine.open(tiny_artifact, "cpu", decoder="hf"), Settings(max_new_tokens=6)).send("hi"))
+
+    def broken(*args: object, **kwargs: object):
+        raise RuntimeError("capture failed")
+        yield 0  # a generator, as the real one
+
+    monkeypatch.setattr(LeanDecoder, "stream", broken)
+    eng = Engine.open(tiny_artifact, "cpu", decoder="lean")
+    gen = Chat(eng, Settings(max_new_tokens=6)).send("hi")
+    assert "".join(gen) == ref and "lean" not in gen.stats.kv and eng.decoder == "hf"

@@ -285,7 +285,8 @@ class LeanDecoder:
         for buf, old in zip((self.ids, self.pos, self.step, self.slot_pos), saved, strict=True):
             buf.copy_(old)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a server's other threads may touch CUDA meanwhile (the chat engine captures in its worker)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._decode_body()
         self._graph = graph
 

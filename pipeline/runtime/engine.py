@@ -257,6 +257,25 @@ class Generation:
     def stop(self) -> None:
         self._stop.set()
 
+    def _lean_answer(self, streamer: _Queue, stop_flag: threading.Event) -> bool:
+        """Stream this answer from the lean decoder; False if it failed before its first token (the answer then goes
+        through generate, and so do the engine's next ones: a GPU path that cannot run must not cost the chat)."""
+        inp, sent = self.inputs, 0
+        try:
+            for tok in self.lean.stream(inp["input_ids"], self.kwargs["max_new_tokens"], inp.get("pixel_values"),
+                                        inp.get("image_position_ids"), stop_ids=self.engine.eos_ids(),
+                                        stop=stop_flag.is_set):  # fmt: skip
+                streamer.q.put([tok])
+                sent += 1
+        except Exception as e:
+            if sent:
+                raise
+            log.warning("the lean decoder failed (%s: %s); answers go through generate", type(e).__name__, e)
+            self.engine.decoder, self.engine._lean = "hf", None
+            self.kv = self.kv.replace(" · lean decoder", "")
+            return False
+        return True
+
     def __iter__(self) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -272,12 +291,7 @@ class Generation:
 
         def work() -> None:
             try:
-                if self.lean is not None:
-                    inp = self.inputs
-                    for tok in self.lean.stream(inp["input_ids"], self.kwargs["max_new_tokens"],
-                                                inp.get("pixel_values"), inp.get("image_position_ids"),
-                                                stop_ids=eng.eos_ids(), stop=stop_flag.is_set):  # fmt: skip
-                        streamer.q.put([tok])
+                if self.lean is not None and self._lean_answer(streamer, stop_flag):
                     return
                 with torch.inference_mode():
                     eng.model.generate(**self.inputs, **self.kwargs, streamer=streamer,  # type: ignore[operator]
