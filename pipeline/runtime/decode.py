@@ -189,7 +189,7 @@ class LeanDecoder:
             if decode:
                 self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
         masks = self._masks(q_pos, decode)
-        ids = torch.where(torch.isin(ids, self.special), self.pad_id, ids)
+        ids = self._text_ids(ids)
         h = self._embed(ids) if embeds is None else embeds
         position_ids = q_pos.view(1, -1)
         rope: dict[str, Any] = {}
@@ -223,8 +223,12 @@ class LeanDecoder:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1]
 
+    def _text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids with the multimodal placeholders as the pad token (what the text stack embeds)."""
+        return torch.where(torch.isin(ids, self.special), self.pad_id, ids)
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (placeholder ids already mapped to the pad token)."""
+        """Token embeddings of _text_ids."""
         if self.host_table is not None:
             h = torch.ops.hlwq.gather_pinned(self.host_table, ids)
             return h * self.embed_scale if self.embed_scale is not None else h
@@ -242,7 +246,7 @@ class LeanDecoder:
             raise ValueError("the lean decoder runs image prompts with causal attention only "
                              f"(use_bidirectional_attention={self.cfg.use_bidirectional_attention!r})")  # fmt: skip
         mask = ids == image_id
-        h = self._embed(torch.where(torch.isin(ids, self.special), self.pad_id, ids))
+        h = self._embed(self._text_ids(ids))
         inner: Any = self.model.model
         dtype = next(inner.vision_tower.parameters()).dtype
         where = None if image_position_ids is None else image_position_ids.to(self.device)

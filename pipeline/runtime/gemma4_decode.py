@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.quant.hadamard import rotate
+from pipeline.runtime import kernels
 from pipeline.runtime.kernels import layout
 from pipeline.runtime.linear import HLWQLinear
 
@@ -87,8 +88,6 @@ def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:
     tiles, codebook, signs = ts[:3]
     inv_smooth = ts[3] if len(ts) > 3 else None
     if x.is_cuda:
-        from pipeline.runtime import kernels
-
         return kernels.tiled_linear(x, tiles, codebook, signs, part.bits, part.rows, inv_smooth)  # type: ignore[no-any-return]
     # CPU: the kernel's own arithmetic from the same tiled bytes (layout.tiled_matvec), so tests cover the fusion
     xs = x.float() if inv_smooth is None else x.float() * inv_smooth
@@ -151,7 +150,8 @@ def _fusable(mods: list[Any]) -> bool:
 
 def _hlwq_tensors(m: Any, tiles: torch.Tensor) -> Tensors:
     base = (tiles, m.codebook, m.signs)
-    return base if m.smooth is None else (*base, m.smooth.float().reciprocal().contiguous())
+    inv = kernels.inv_smooth(m)  # the module's own cached 1/s, which its native forward uses too
+    return base if inv is None else (*base, inv)
 
 
 def _part(m: Any) -> tuple[Part, Tensors]:

@@ -102,14 +102,20 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     return y.reshape(*lead, rows)
 
 
-def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
-    """HLWQLinear.forward for runtime "native" (buffers per the module contract; 1/smooth cached on the module)."""
-    check_supported(module.bits, module.block_size)
+def inv_smooth(module: Any) -> torch.Tensor | None:
+    """1/s of an HLWQLinear with column smoothing (None without), cached on the module for its device."""
     inv = getattr(module, "_hlwq_inv_smooth", None)
     smooth = getattr(module, "smooth", None)
     if smooth is not None and (inv is None or inv.device != smooth.device):
         inv = (1.0 / smooth.float()).contiguous()
         module._hlwq_inv_smooth = inv
+    return inv if smooth is not None else None
+
+
+def native_linear(x: torch.Tensor, module: Any) -> torch.Tensor:
+    """HLWQLinear.forward for runtime "native" (buffers per the module contract; 1/smooth cached on the module)."""
+    check_supported(module.bits, module.block_size)
+    inv = inv_smooth(module)
     if module.tiles is not None:
         return tiled_linear(x, module.tiles, module.codebook, module.signs, module.bits, module.out_features, inv,
                             getattr(module, "bias", None))  # fmt: skip
