@@ -3,13 +3,15 @@
 4- and 5-bit weights (symmetric codebooks; all that `hlwq convert` writes) are repacked at load into the tiled layout
 of layout.py. Decode (≤ 8 tokens): rotate x once into fp16 pairs (a power-of-two scale per block keeps fp16 in range),
 then one tensor-core matvec (gemv_tc) that looks up two weights per shared-memory load and applies each block's
-scales once. Other widths keep FORMAT v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs
+scales once; for weights of few 16-row tiles it can also split K across CTAs (tc_split, HLWQ_TC_SPLIT; off until
+measured). Other widths keep FORMAT v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs
 (prefill): dequantize the weight into the rotated basis (no inverse transform; fp16 from tiles, bf16 otherwise) and
 let cuBLAS multiply the rotated activations on tensor cores.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,10 +27,53 @@ TC_MAX_BATCH = 8  # tokens one gemv_tc launch takes
 TC_CHUNKED_BATCH = 32  # up to this many tokens, gemv_tc launches in slices of TC_MAX_BATCH
 
 
-def tc_launch(warps: int = 12, prefetch: int = 1) -> int:
-    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp. The defaults were the fastest of
-    bench/kernel.py's sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json)."""
-    return warps | prefetch << 8
+TC_MAX_SPLIT = 15  # the launch word's 4 bits
+# HLWQ_TC_SPLIT: "1" (default) never splits K; "auto" applies tc_split; 2..15 forces that split (for A/B runs).
+# Read once at import, so a compiled graph never sees the environment.
+TC_SPLIT_MODE = os.environ.get("HLWQ_TC_SPLIT", "1").strip().lower()
+if TC_SPLIT_MODE != "auto" and TC_SPLIT_MODE not in {str(s) for s in range(1, TC_MAX_SPLIT + 1)}:
+    raise ValueError(f"HLWQ_TC_SPLIT must be 'auto' or 1..{TC_MAX_SPLIT}, not {TC_SPLIT_MODE!r}")
+
+
+def tc_launch(warps: int = 12, prefetch: int = 1, split: int = 1) -> int:
+    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp, K slices per 16-row tile. The warps/prefetch
+    defaults were the fastest of bench/kernel.py's sweep on the H200 for 8 of the 10 31B shapes x bits
+    (bench/results/kernel_bf16_operands.json); split 1 leaves the word as it was before splits existed."""
+    if not 1 <= split <= TC_MAX_SPLIT:
+        raise ValueError(f"gemv_tc splits K into 1..{TC_MAX_SPLIT} slices, not {split}")
+    return warps | prefetch << 8 | (split if split > 1 else 0) << 12
+
+
+def tc_split(n_tiles: int, n_blocks: int, warps: int = 12, sms: int = 132) -> int:
+    """K slices per tile for gemv_tc (unmeasured rule; bench/kernel.py times the alternatives). Enough tiles keep
+    every SM busy unsplit; otherwise the smallest split giving ~3 (tile, slice) units per SM, as long as a slice
+    keeps >= 2 blocks per warp (shorter slices leave the prefetch pipeline mostly filling and draining)."""
+    if n_tiles >= 4 * sms:
+        return 1
+    split = 1
+    while n_tiles * split < 3 * sms and split < TC_MAX_SPLIT and n_blocks // (split + 1) >= 2 * warps:
+        split += 1
+    return split
+
+
+def tc_slices(n_blocks: int, split: int) -> list[tuple[int, int]]:
+    """The kernel's K slices: slice s takes blocks [s*n_blocks//split, (s+1)*n_blocks//split)."""
+    return [(s * n_blocks // split, (s + 1) * n_blocks // split) for s in range(split)]
+
+
+_SMS: dict[int, int] = {}
+
+
+def _split_for(n_tiles: int, n_blocks: int, device: torch.device) -> int:
+    """HLWQ_TC_SPLIT applied to one weight."""
+    if TC_SPLIT_MODE == "1":
+        return 1
+    if TC_SPLIT_MODE != "auto":
+        return int(TC_SPLIT_MODE)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return tc_split(n_tiles, n_blocks, sms=_SMS[index])
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -85,8 +130,9 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
         # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         n = TC_MAX_BATCH
+        launch = tc_launch(split=_split_for(tiles.shape[0], tiles.shape[1], x.device))
         parts = [
-            torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, tc_launch())
+            torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, launch)
             for a in range(0, x2.shape[0], n)
         ]
         y = parts[0] if len(parts) == 1 else torch.cat(parts)

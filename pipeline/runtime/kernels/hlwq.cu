@@ -297,12 +297,43 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
   acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
 
-template <int BITS, int PF, typename T>
+// Split-K fix-up: park this slice's 16x8 partial in ws[t][s]; the tile's last slice to arrive adds all `split` of
+// them in slice order (the same sum whatever the arrival order), writes y and re-zeroes the tile's counter, so the
+// counters are zero again for the next launch or graph replay without a memset. Nobody waits for anybody.
+template <typename T>
+__device__ __forceinline__ void tc_fixup(float v, float* __restrict__ ws, int* __restrict__ counters,
+                                         T* __restrict__ y, int t, int s, int split, int n, int R) {
+  __shared__ int last;
+  float* part = ws + (size_t)t * split * 128;
+  if (threadIdx.x < 128) part[s * 128 + threadIdx.x] = v;
+  __threadfence();  // the partial is visible device-wide before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counters + t, 1) == split - 1;
+    if (last) counters[t] = 0;  // every slice has arrived: nothing else touches this counter in this launch
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other slices' partials are read only after their arrivals were seen
+  if (threadIdx.x < 128) {
+    float sum = 0.f;
+    // __ldcg: from L2, where the other CTAs' stores landed (this SM's L1 may hold nothing useful, never stale data).
+    for (int k = 0; k < split; ++k) sum += k == s ? v : __ldcg(part + k * 128 + threadIdx.x);
+    const int row = threadIdx.x >> 3, col = threadIdx.x & 7;
+    const int r = t * 16 + row;
+    if (col < n && r < R) y[(size_t)col * R + r] = from_f32<T>(sum);
+  }
+}
+
+// SPLIT = false is the unsplit kernel (one unit = one whole tile; ws, counters and split unused). SPLIT = true: a unit
+// is (tile t, K slice s) of `split` slices per tile, finished by tc_fixup.
+template <int BITS, int PF, bool SPLIT, typename T>
 __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict__ tiles,
                                                       const float* __restrict__ codebook,
                                                       const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                       T* __restrict__ y, int n, int R,
-                                                      int n_blocks, int n_tiles) {
+                                                      int n_blocks, int n_tiles, float* __restrict__ ws,
+                                                      int* __restrict__ counters, int split) {
   extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
   float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
   for (int i = threadIdx.x; i < TC_TABLE_WORDS; i += blockDim.x) {
@@ -319,26 +350,30 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
   const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
   constexpr int UB = Unit<BITS>::BYTES;
 
-  for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+  const int n_units = SPLIT ? n_tiles * split : n_tiles;
+  for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
+    // Slice s of tile t: blocks [s*n_blocks/split, (s+1)*n_blocks/split), sizes within one block of each other.
+    const int t = SPLIT ? u / split : u, s = SPLIT ? u - t * split : 0;
+    const int b_lo = SPLIT ? s * n_blocks / split : 0, b_hi = SPLIT ? (s + 1) * n_blocks / split : n_blocks;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     const uint8_t* base = tiles + (size_t)t * n_blocks * UB;
     // PF + 1 register sets in turn: the codes of the next PF blocks are in flight while this one computes.
     TcRegs<BITS> r[PF + 1];
-    int b = warp;
+    int b = b_lo + warp;
 #pragma unroll
     for (int i = 0; i < PF; ++i)
-      if (b + i * KS < n_blocks)
+      if (b + i * KS < b_hi)
         tc_load<BITS>(r[i], base + (size_t)(b + i * KS) * UB, lane, xs, n, n_blocks, b + i * KS);
-    bool more = b < n_blocks;
+    bool more = b < b_hi;
     while (more) {
 #pragma unroll
       for (int i = 0; i <= PF; ++i) {
         if (more) {
-          if (b + PF * KS < n_blocks)
+          if (b + PF * KS < b_hi)
             tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane, xs, n, n_blocks, b + PF * KS);
           tc_block<BITS>(acc, r[i], lb, xp, xs, n, n_blocks, b, g, q);
           b += KS;
-          more = b < n_blocks;
+          more = b < b_hi;
         }
       }
     }
@@ -346,7 +381,12 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
     red[warp][g * 8 + 2 * q] = acc[0]; red[warp][g * 8 + 2 * q + 1] = acc[1];
     red[warp][(g + 8) * 8 + 2 * q] = acc[2]; red[warp][(g + 8) * 8 + 2 * q + 1] = acc[3];
     __syncthreads();
-    if (threadIdx.x < 128) {
+    if constexpr (SPLIT) {
+      float v = 0.f;
+      if (threadIdx.x < 128)
+        for (int w = 0; w < KS; ++w) v += red[w][threadIdx.x];
+      tc_fixup<T>(v, ws, counters, y, t, s, split, n, R);
+    } else if (threadIdx.x < 128) {
       const int row = threadIdx.x >> 3, col = threadIdx.x & 7;
       float v = 0.f;
       for (int w = 0; w < KS; ++w) v += red[w][threadIdx.x];
@@ -617,28 +657,37 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
 }
 
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
-template <int BITS, int PF, typename T>
+template <int BITS, int PF, bool SPLIT, typename T>
 static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
-                     int n_blocks, int warps, cudaStream_t stream) {
+                     int n_blocks, int warps, int split, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
+  const int units = n_tiles * split;
   const int threads = 32 * warps;
   const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
   static int resident[17] = {0};
-  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, T>, threads, smem);
-  const unsigned grid = (unsigned)(n_tiles < resident[warps] ? n_tiles : resident[warps]);
-  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n, R,
-                                                               n_blocks, n_tiles);
+  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, SPLIT, T>, threads, smem);
+  const unsigned grid = (unsigned)(units < resident[warps] ? units : resident[warps]);
+  tc_gemv_kernel<BITS, PF, SPLIT, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n,
+                                                                      R, n_blocks, n_tiles, ws, counters, split);
   return (int)cudaGetLastError();
+}
+
+template <int BITS, int PF, typename T>
+static int launch_tc_split(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
+                           int n, int R, int n_blocks, int warps, int split, float* ws, int* counters,
+                           cudaStream_t stream) {
+  if (split > 1)
+    return launch_tc<BITS, PF, true, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, split, ws, counters, stream);
+  return launch_tc<BITS, PF, false, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, 1, ws, counters, stream);
 }
 
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
-                   int R,
-                   int n_blocks, int warps, int pf, cudaStream_t stream) {
-  if (bits == 4 && pf == 1) return launch_tc<4, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
-  if (bits == 4 && pf == 2) return launch_tc<4, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
-  if (bits == 5 && pf == 1) return launch_tc<5, 1, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
-  if (bits == 5 && pf == 2) return launch_tc<5, 2, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, stream);
+                   int R, int n_blocks, int warps, int pf, int split, float* ws, int* counters, cudaStream_t stream) {
+  auto* f = bits == 4 ? (pf == 1 ? launch_tc_split<4, 1, T> : pf == 2 ? launch_tc_split<4, 2, T> : nullptr)
+          : bits == 5 ? (pf == 1 ? launch_tc_split<5, 1, T> : pf == 2 ? launch_tc_split<5, 2, T> : nullptr)
+          : nullptr;
+  if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, split, ws, counters, stream);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -657,17 +706,20 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
   return (int)cudaGetLastError();
 }
 
-// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input.
-int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
-                 int K, int bits,
-                 int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11).
-  const int warps = launch & 255, pf = (launch >> 8) & 15;
+// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input. With a K split
+// S > 1: ws float32 [ceil(R/16), S, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on return.
+int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
+                 int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
+  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning 1).
+  const int warps = launch & 255, pf = (launch >> 8) & 15, split = ((launch >> 12) & 15) ? (launch >> 12) & 15 : 1;
   if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > 2) return (int)cudaErrorInvalidValue;
+  if (split > 1 && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
-  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, ws,
+                                        counters, stream);
+  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split,
+                                                ws, counters, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, ws, counters, stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.
