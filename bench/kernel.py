@@ -38,6 +38,7 @@ SHAPES = {
     "o_global": (5376, 16384),
 }
 TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
+STREAM_VARIANTS = [(8, 3), (8, 5), (12, 2), (12, 3), (16, 2)]  # (warps, units in flight per warp)
 SPLIT_MAX_TILES = 1024  # K splits are timed only for weights of at most this many 16-row tiles
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]
@@ -145,7 +146,7 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
     tiles = [layout.to_tiles(c, s, bits) for c, s in zip(codes, scales, strict=True)]
     n_tiles, n_blocks = tiles[0].shape[:2]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.tc_launch(),
+    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.default_launch(),
                            "tc_split_mode": kernels.TC_SPLIT_MODE,
                            "tc_split_rule": kernels.tc_split(n_tiles, n_blocks, sms=sms)}  # fmt: skip
     if n_tiles > SPLIT_MAX_TILES:
@@ -153,13 +154,15 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
     variants: dict[str, Any] = {}
     for n in (1, 8):  # the kernel alone (the rotation launch is timed below)
         xp, xs = torch.ops.hlwq.rotate_pairs(torch.randn(n, cols, device=device, dtype=torch.bfloat16), signs, None)
-        for (warps, pf), split in itertools.product(TC_VARIANTS if not quick else [(12, 1)], splits):
-            code = kernels.tc_launch(warps, pf, split)
+        # Split 1 keeps the key it had before splits existed, so older result files compare directly.
+        launches = {f"w{warps}_pf{pf}" + (f"_s{split}" if split > 1 else ""): kernels.tc_launch(warps, pf, split)
+                    for (warps, pf), split in itertools.product(TC_VARIANTS if not quick else [(12, 1)], splits)}
+        launches |= {f"stream_w{warps}_pf{pf}": kernels.tc_launch(warps, pf, stream=True)
+                     for warps, pf in STREAM_VARIANTS}  # fmt: skip
+        for key, code in launches.items():
             calls = [functools.partial(torch.ops.hlwq.gemv_tc, xp, xs, t, codebook, bits, rows, torch.bfloat16, code)
                      for t in tiles]  # fmt: skip
             us = graph_time_us(calls)
-            # Split 1 keeps the key it had before splits existed, so older result files compare directly.
-            key = f"w{warps}_pf{pf}" + (f"_s{split}" if split > 1 else "")
             variants.setdefault(str(n), {})[key] = {"us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
     out["tc_variants"] = variants
     batches: dict[str, Any] = {}
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             result["shapes"][f"{name}_q{bits}"] = r
             b1 = r["batch1"]
             for n, v in r.get("tc_variants", {}).items():
-                if any("_s" in key for key in v):  # the split A/B: every timed launch of this batch, fastest first
+                if len(v) > 1:  # the launch A/B: every timed launch of this batch, fastest first
                     ranked = sorted(v.items(), key=lambda kv: kv[1]["us"])
                     print(f"{name:10s} q{bits} batch {n} (rule: split {r['tc_split_rule']}): "
                           + ", ".join(f"{key} {t['us']:.2f} us" for key, t in ranked), flush=True)  # fmt: skip

@@ -89,3 +89,41 @@ def test_split_sum_matches_unsplit(bits: int, split: int) -> None:
     sums = {_fixup(p32, order).numpy().tobytes() for order in itertools.permutations(range(split), min(split, 3))}
     assert len(sums) == 1
     assert float((_fixup(p32, tuple(range(split))).double() - full).norm() / full.norm()) < 1e-6
+
+
+@pytest.mark.parametrize(("units", "warps"), [(56448, 3168), (21504, 3168), (95, 60), (1, 24), (24, 24), (7, 3)])
+def test_stream_runs_partition_the_units(units: int, warps: int) -> None:
+    """Stream mode's runs cover every unit once, differ by at most one unit, and stream_owner inverts them (the
+    kernel's fix-up counts a tile's contributors as owner(last unit) - owner(first unit) + 1)."""
+    runs = [(kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)) for w in range(warps)]
+    assert runs[0][0] == 0 and runs[-1][1] == units
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    sizes = {hi - lo for lo, hi in runs}
+    assert max(sizes) - min(sizes) <= 1
+    for w, (lo, hi) in enumerate(runs):
+        for u in {lo, hi - 1, (lo + hi) // 2} if hi > lo else ():
+            assert kernels.stream_owner(u, units, warps) == w
+
+
+def test_stream_tiles_summed_in_warp_order_match_unsplit() -> None:
+    """The stream fix-up's arithmetic in torch: each warp's run cut at tile edges, the parts of a tile added in warp
+    order, equals the whole product (float64, up to rounding)."""
+    rows, cols, bits, warps = 80, 1280, 5, 7  # 5 tiles x 10 blocks = 50 units over 7 warps
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16), params)
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    x = rotate(torch.randn(2, cols, dtype=torch.float64), sign_vector(params.sign_bits(), 128)).reshape(2, cols)
+    full = layout.tiled_matvec(x, tiles, q.codebook, rows, bits)
+    n_tiles, n_blocks = tiles.shape[:2]
+    units = n_tiles * n_blocks
+    out = torch.zeros_like(full)
+    for w in range(warps):
+        lo, hi = kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)
+        for t in range(lo // n_blocks, (hi - 1) // n_blocks + 1 if hi > lo else lo // n_blocks):
+            b0, b1 = max(lo, t * n_blocks) - t * n_blocks, min(hi, (t + 1) * n_blocks) - t * n_blocks
+            part = tiles.clone()
+            keep = torch.zeros(n_tiles, n_blocks, 1, dtype=torch.bool)
+            keep[t, b0:b1] = True
+            part[..., -32:] = torch.where(keep, part[..., -32:], torch.zeros_like(part[..., -32:]))  # zero scales
+            out[:, t * 16 : (t + 1) * 16] += layout.tiled_matvec(x, part, q.codebook, rows, bits)[:, t * 16 : (t + 1) * 16]
+    assert torch.allclose(out, full, rtol=1e-9, atol=1e-9)

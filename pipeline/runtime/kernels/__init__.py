@@ -35,13 +35,39 @@ if TC_SPLIT_MODE != "auto" and TC_SPLIT_MODE not in {str(s) for s in range(1, TC
     raise ValueError(f"HLWQ_TC_SPLIT must be 'auto' or 1..{TC_MAX_SPLIT}, not {TC_SPLIT_MODE!r}")
 
 
-def tc_launch(warps: int = 12, prefetch: int = 1, split: int = 1) -> int:
-    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp, K slices per 16-row tile. The warps/prefetch
-    defaults were the fastest of bench/kernel.py's sweep on the H200 for 8 of the 10 31B shapes x bits
-    (bench/results/kernel_bf16_operands.json); split 1 leaves the word as it was before splits existed."""
+STREAM_PREFETCH = (2, 3, 5)  # units in flight per warp that stream mode is built for
+# HLWQ_TC_STREAM: "0" (default) or "1", the launch tiled_linear uses (for A/B runs; read once at import).
+TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "0").strip()
+if TC_STREAM not in {"0", "1"}:
+    raise ValueError(f"HLWQ_TC_STREAM must be 0 or 1, not {TC_STREAM!r}")
+
+
+def tc_launch(warps: int = 12, prefetch: int = 1, split: int = 1, stream: bool = False) -> int:
+    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp, K slices per 16-row tile, or stream mode
+    (every warp of the grid takes an equal contiguous run of (tile, block) units; `prefetch` units in flight per warp
+    through shared memory). The warps/prefetch defaults were the fastest of bench/kernel.py's sweep on the H200 for 8
+    of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json); split 1 leaves the word as it was before
+    splits existed."""
     if not 1 <= split <= TC_MAX_SPLIT:
         raise ValueError(f"gemv_tc splits K into 1..{TC_MAX_SPLIT} slices, not {split}")
-    return warps | prefetch << 8 | (split if split > 1 else 0) << 12
+    if stream and (split > 1 or prefetch not in STREAM_PREFETCH):
+        raise ValueError(f"gemv_tc's stream mode takes no K split and prefetch in {STREAM_PREFETCH}")
+    return warps | prefetch << 8 | (split if split > 1 else 0) << 12 | int(stream) << 16
+
+
+def stream_start(warp: int, units: int, warps: int) -> int:
+    """Stream mode: warp w's run is units [stream_start(w), stream_start(w + 1)) (the kernel's arithmetic)."""
+    return warp * units // warps
+
+
+def stream_owner(unit: int, units: int, warps: int) -> int:
+    """The warp whose run holds `unit` (the kernel finds a tile's contributors from its first and last unit)."""
+    return ((unit + 1) * warps + units - 1) // units - 1
+
+
+def default_launch() -> int:
+    """The launch word tiled_linear uses (HLWQ_TC_STREAM picks stream mode)."""
+    return tc_launch(12, 3, stream=True) if TC_STREAM == "1" else tc_launch()
 
 
 def tc_split(n_tiles: int, n_blocks: int, warps: int = 12, sms: int = 132) -> int:
@@ -130,7 +156,8 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
         # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         n = TC_MAX_BATCH
-        launch = tc_launch(split=_split_for(tiles.shape[0], tiles.shape[1], x.device))
+        split = _split_for(tiles.shape[0], tiles.shape[1], x.device) if TC_STREAM == "0" else 1
+        launch = tc_launch(split=split) if split > 1 else default_launch()
         parts = [
             torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, launch)
             for a in range(0, x2.shape[0], n)

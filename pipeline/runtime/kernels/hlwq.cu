@@ -297,6 +297,19 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
   acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
 
+// The pair table: entry (byte idx, lane) = fp16x2 levels of the byte's two nibbles / sqrt(B), one copy per lane.
+template <int BITS>
+__device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __restrict__ codebook) {
+  for (int i = threadIdx.x; i < TC_TABLE_WORDS; i += blockDim.x) {
+    const int idx = i >> 5;
+    const int lo = idx & 15, hi = idx >> 4;
+    // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
+    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
+    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
+    tab[i] = *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
 // Split-K fix-up: park this slice's 16x8 partial in ws[t][s]; the tile's last slice to arrive adds all `split` of
 // them in slice order (the same sum whatever the arrival order), writes y and re-zeroes the tile's counter, so the
 // counters are zero again for the next launch or graph replay without a memset. Nobody waits for anybody.
@@ -336,14 +349,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
                                                       int* __restrict__ counters, int split) {
   extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
   float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
-  for (int i = threadIdx.x; i < TC_TABLE_WORDS; i += blockDim.x) {
-    const int idx = i >> 5;
-    const int lo = idx & 15, hi = idx >> 4;
-    // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
-    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
-    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
-    tab[i] = *reinterpret_cast<uint32_t*>(&v);
-  }
+  fill_pair_table<BITS>(tab, codebook);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -395,6 +401,131 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
     }
     __syncthreads();
   }
+}
+
+// ---- stream mode: every warp of the grid takes an equal run of (tile, block) units ----------------------------------
+// Units are numbered tile-major, u = t*n_blocks + b, which is also their order in memory, so warp w of W reads the
+// contiguous bytes of units [w*U/W, (w+1)*U/W). Its prefetch pipeline runs straight across tile boundaries and no
+// CTA-wide barrier ever stops it: the unsplit kernel drains its pipeline once per tile and leaves a part-empty last wave.
+// A tile the warp covers whole is written to y at once; a tile shared with neighbouring warps is parked in ws[w][0]
+// (the run's first tile) or ws[w][1] (its last), and its last contributor to arrive adds the parts in warp order:
+// the same sum whatever the arrival order, and the counter is left zero for the next launch.
+__device__ __forceinline__ int stream_owner(int u, int U, int W) {
+  return (int)((((long long)u + 1) * W + U - 1) / U) - 1;  // the warp w with w*U/W <= u < (w+1)*U/W
+}
+__device__ __forceinline__ int stream_start(int w, int U, int W) { return (int)((long long)w * U / W); }
+
+template <typename T>
+__device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict__ y, int t, int g, int q, int n,
+                                             int R) {
+  // c0/c1: row g, batch 2q/2q+1; c2/c3: row g+8.
+  const int r0 = t * 16 + g, r1 = r0 + 8;
+  if (2 * q < n && r0 < R) y[(size_t)(2 * q) * R + r0] = from_f32<T>(v[0]);
+  if (2 * q + 1 < n && r0 < R) y[(size_t)(2 * q + 1) * R + r0] = from_f32<T>(v[1]);
+  if (2 * q < n && r1 < R) y[(size_t)(2 * q) * R + r1] = from_f32<T>(v[2]);
+  if (2 * q + 1 < n && r1 < R) y[(size_t)(2 * q + 1) * R + r1] = from_f32<T>(v[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w, int W, int U, int n_blocks,
+                                          float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y,
+                                          int n, int R) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int first = stream_owner(t * n_blocks, U, W), last = stream_owner((t + 1) * n_blocks - 1, U, W);
+  if (first == last) {
+    stream_store<T>(acc, y, t, g, q, n, R);
+    return;
+  }
+  const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
+  reinterpret_cast<float4*>(ws + ((size_t)w * 2 + slot) * 128)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __threadfence();  // the part is visible device-wide before its arrival is counted
+  __syncwarp();
+  int seen = 0;
+  if (lane == 0) seen = atomicAdd(counters + t, 1);
+  seen = __shfl_sync(0xffffffffu, seen, 0);
+  if (seen != last - first) return;
+  if (lane == 0) counters[t] = 0;  // every part has arrived: nothing else touches this counter in this launch
+  __threadfence();                 // the other parts are read only after their arrivals were seen
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int o = first; o <= last; ++o) {
+    const int s = t == stream_start(o, U, W) / n_blocks ? 0 : 1;
+    // __ldcg: from L2, where the other warps' stores landed (never a stale L1 line).
+    const float4 p = __ldcg(reinterpret_cast<const float4*>(ws + ((size_t)o * 2 + s) * 128) + lane);
+    v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
+  }
+  stream_store<T>(v, y, t, g, q, n, R);
+}
+
+// A unit's bytes travel by cp.async into a per-warp ring of STAGES slots in shared memory: STAGES - 1 units are in
+// flight per warp without holding registers (a register prefetch of two units cost 100+ registers and half the
+// occupancy).
+__device__ __forceinline__ void stream_fetch(uint32_t dst, const uint8_t* src, int chunks, int lane) {
+  for (int i = lane; i < chunks; i += 32)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16 * i), "l"(src + 16 * i));
+}
+
+template <int BITS>
+__device__ __forceinline__ void stream_regs(TcRegs<BITS>& r, const uint8_t* u, int lane, const float* __restrict__ xs,
+                                            int n, int n_blocks, int b) {
+  const int q = lane & 3;
+  r.x0s = 2 * q < n ? __ldg(xs + (size_t)(2 * q) * n_blocks + b) : 0.f;
+  r.x1s = 2 * q + 1 < n ? __ldg(xs + (size_t)(2 * q + 1) * n_blocks + b) : 0.f;
+  r.n0 = reinterpret_cast<const uint4*>(u)[lane];
+  r.n1 = reinterpret_cast<const uint4*>(u + 512)[lane];
+  if (BITS == 5) {
+    r.s0 = reinterpret_cast<const uint32_t*>(u + 1024)[lane];
+    r.s1 = reinterpret_cast<const uint32_t*>(u + 1024 + 128)[lane];
+  } else {
+    r.s0 = r.s1 = 0;
+  }
+  r.sc = reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
+}
+
+template <int BITS, int STAGES, typename T>
+__global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restrict__ tiles,
+                                                        const float* __restrict__ codebook,
+                                                        const uint4* __restrict__ xp, const float* __restrict__ xs,
+                                                        T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
+                                                        float* __restrict__ ws, int* __restrict__ counters) {
+  extern __shared__ __align__(16) uint32_t tab[];  // the pair table, then each warp's ring of STAGES units
+  constexpr int UB = Unit<BITS>::BYTES, CHUNKS = UB / 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int W = gridDim.x * KS, w = blockIdx.x * KS + warp;
+  const int U = n_tiles * n_blocks, lo = stream_start(w, U, W), hi = stream_start(w + 1, U, W);
+  uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_TABLE_WORDS) + (size_t)warp * STAGES * UB;
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  // The first units are requested before the table is built: the fill then hides under their latency.
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (lo + i < hi) stream_fetch(ring_s + i * UB, tiles + (size_t)(lo + i) * UB, CHUNKS, lane);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  fill_pair_table<BITS>(tab, codebook);
+  __syncthreads();
+  if (lo >= hi) return;
+  const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int t = lo / n_blocks, b = lo - t * n_blocks, slot = 0;
+  for (int u = lo; u < hi; ++u) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));  // unit u has landed (this lane's part of it)
+    __syncwarp();                                                  // ... and every other lane's part
+    TcRegs<BITS> cur;
+    stream_regs<BITS>(cur, ring + slot * UB, lane, xs, n, n_blocks, b);
+    __syncwarp();  // all lanes hold unit u: its slot (and unit u-1's, read last time) may be refilled
+    const int next_slot = slot == 0 ? STAGES - 1 : slot - 1;  // unit u + STAGES - 1 takes unit u - 1's slot
+    if (u + STAGES - 1 < hi) stream_fetch(ring_s + next_slot * UB, tiles + (size_t)(u + STAGES - 1) * UB, CHUNKS, lane);
+    asm volatile("cp.async.commit_group;\n" ::);
+    tc_block<BITS>(acc, cur, lb, xp, xs, n, n_blocks, b, g, q);
+    slot = slot == STAGES - 1 ? 0 : slot + 1;
+    if (++b == n_blocks || u + 1 == hi) {
+      stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      b = 0;
+      ++t;
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::);
 }
 
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
@@ -681,12 +812,44 @@ static int launch_tc_split(const uint8_t* tiles, const float* codebook, const vo
   return launch_tc<BITS, PF, false, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, 1, ws, counters, stream);
 }
 
+// Stream mode's grid: the CTAs that fit at once, fewer when that would leave a warp under two units.
+template <int BITS, int STAGES, typename T>
+static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
+                            int n, int R, int n_blocks, int warps, int split, float* ws, int* counters,
+                            cudaStream_t stream) {
+  const int n_tiles = (R + 15) / 16;
+  const long units = (long)n_tiles * n_blocks;
+  const int threads = 32 * warps;
+  const size_t smem = TC_TABLE_WORDS * sizeof(uint32_t) + (size_t)warps * STAGES * Unit<BITS>::BYTES;
+  static int resident[17] = {0};
+  if (!resident[warps]) {
+    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, T>, threads, smem);
+  }
+  const long wanted = (units + 2L * warps - 1) / (2L * warps);
+  const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
+  tc_stream_kernel<BITS, STAGES, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n,
+                                                                     R, n_blocks, n_tiles, ws, counters);
+  return (int)cudaGetLastError();
+}
+
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
-                   int R, int n_blocks, int warps, int pf, int split, float* ws, int* counters, cudaStream_t stream) {
-  auto* f = bits == 4 ? (pf == 1 ? launch_tc_split<4, 1, T> : pf == 2 ? launch_tc_split<4, 2, T> : nullptr)
-          : bits == 5 ? (pf == 1 ? launch_tc_split<5, 1, T> : pf == 2 ? launch_tc_split<5, 2, T> : nullptr)
-          : nullptr;
+                   int R, int n_blocks, int warps, int pf, int split, bool streamed, float* ws, int* counters,
+                   cudaStream_t stream) {
+  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, int,
+                         float*, int*, cudaStream_t);
+  Launch f = nullptr;
+  if (streamed)  // pf units in flight per warp: a ring of pf + 1 slots
+    f = bits == 4 ? (pf == 2 ? launch_tc_stream<4, 3, T> : pf == 3 ? launch_tc_stream<4, 4, T>
+                     : pf == 5 ? launch_tc_stream<4, 6, T> : nullptr)
+      : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, T> : pf == 3 ? launch_tc_stream<5, 4, T>
+                     : pf == 5 ? launch_tc_stream<5, 6, T> : nullptr)
+      : nullptr;
+  else
+    f = bits == 4 ? (pf == 1 ? launch_tc_split<4, 1, T> : pf == 2 ? launch_tc_split<4, 2, T> : nullptr)
+      : bits == 5 ? (pf == 1 ? launch_tc_split<5, 1, T> : pf == 2 ? launch_tc_split<5, 2, T> : nullptr)
+      : nullptr;
   if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, split, ws, counters, stream);
   return (int)cudaErrorInvalidValue;
 }
@@ -708,18 +871,22 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
 
 // y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input. With a K split
 // S > 1: ws float32 [ceil(R/16), S, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on return.
+// Stream mode: ws float32 [SMs x max resident warps per SM, 2, 128] and the same counters.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
                  int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning 1).
+  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning 1), stream (bit 16).
   const int warps = launch & 255, pf = (launch >> 8) & 15, split = ((launch >> 12) & 15) ? (launch >> 12) & 15 : 1;
-  if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > 2) return (int)cudaErrorInvalidValue;
-  if (split > 1 && (!ws || !counters)) return (int)cudaErrorInvalidValue;
+  const bool streamed = (launch >> 16) & 1;
+  if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > (streamed ? 5 : 2)) return (int)cudaErrorInvalidValue;
+  if (streamed && split > 1) return (int)cudaErrorInvalidValue;
+  if ((split > 1 || streamed) && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, ws,
-                                        counters, stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, streamed,
+                                        ws, counters, stream);
   if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split,
-                                                ws, counters, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, ws, counters, stream);
+                                                streamed, ws, counters, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, streamed, ws, counters,
+                         stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.

@@ -148,17 +148,37 @@ def launch_split(launch: int) -> int:
     return (launch >> 12) & 15 or 1
 
 
+def launch_streamed(launch: int) -> bool:
+    """Whether a tc_launch word asks for stream mode (bit 16)."""
+    return bool((launch >> 16) & 1)
+
+
+_WARPS: dict[torch.device, int] = {}
+
+
+def resident_warps(device: torch.device) -> int:
+    """The most warps that can be resident on `device` at once: stream mode's scratch holds two parts per warp."""
+    if device not in _WARPS:
+        p = torch.cuda.get_device_properties(device)
+        _WARPS[device] = p.multi_processor_count * p.max_threads_per_multi_processor // 32
+    return _WARPS[device]
+
+
 @custom_op("hlwq::gemv_tc", mutates_args=())
 def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
-    kernels.tc_launch's word. A K split S > 1 takes a scratch fp32 [tiles, S, 128] per call and the shared counters
-    (they end the call zero, as they began it: no argument is mutated)."""
+    kernels.tc_launch's word. A K split S > 1 takes a scratch fp32 [tiles, S, 128] per call, stream mode one of
+    [resident warps, 2, 128], and both the shared counters (they end the call zero, as they began it: no argument is
+    mutated)."""
     n, k = xp.shape
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
     split = launch_split(launch)
     ws = counters = None
-    if split > 1:
+    if launch_streamed(launch):
+        ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
+        counters = tile_counters(xp.device, tiles.shape[0])
+    elif split > 1:
         ws = torch.empty(tiles.shape[0], split, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
