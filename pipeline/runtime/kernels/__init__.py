@@ -35,7 +35,7 @@ if TC_SPLIT_MODE != "auto" and TC_SPLIT_MODE not in {str(s) for s in range(1, TC
     raise ValueError(f"HLWQ_TC_SPLIT must be 'auto' or 1..{TC_MAX_SPLIT}, not {TC_SPLIT_MODE!r}")
 
 
-STREAM_PREFETCH = (2, 3, 5)  # units in flight per warp that stream mode is built for
+STREAM_PREFETCH = (2, 3, 4, 5)  # stream mode ring shapes (hlwq.cu: 3x1, 4x1, 3x2, 6x1 slots x units)
 # HLWQ_TC_STREAM: "0" (default) or "1", the launch tiled_linear uses (for A/B runs; read once at import).
 TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "0").strip()
 if TC_STREAM not in {"0", "1"}:

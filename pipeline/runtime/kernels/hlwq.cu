@@ -456,12 +456,36 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   stream_store<T>(v, y, t, g, q, n, R);
 }
 
-// A unit's bytes travel by cp.async into a per-warp ring of STAGES slots in shared memory: STAGES - 1 units are in
-// flight per warp without holding registers (a register prefetch of two units cost 100+ registers and half the
-// occupancy).
-__device__ __forceinline__ void stream_fetch(uint32_t dst, const uint8_t* src, int chunks, int lane) {
-  for (int i = lane; i < chunks; i += 32)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16 * i), "l"(src + 16 * i));
+// A warp's units travel by TMA bulk copies (one instruction from lane 0 per stage of G units, completion counted in
+// bytes on a per-slot mbarrier) into its ring of STAGES slots in shared memory: (STAGES - 1) x G units are in flight
+// per warp without holding registers or costing the other lanes instructions (Hopper and later).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void bulk_fetch(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n"
+      ::"r"(bar), "r"(parity) : "memory");
+#else
+  __trap();
+#endif
 }
 
 template <int BITS>
@@ -481,51 +505,68 @@ __device__ __forceinline__ void stream_regs(TcRegs<BITS>& r, const uint8_t* u, i
   r.sc = reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
 }
 
-template <int BITS, int STAGES, typename T>
+template <int BITS, int STAGES, int G>
+struct StreamSmem {
+  static constexpr size_t RING = (size_t)STAGES * G * Unit<BITS>::BYTES;  // one warp's ring
+  static size_t bytes(int warps) { return TC_TABLE_WORDS * sizeof(uint32_t) + warps * (RING + STAGES * 8); }
+};
+
+template <int BITS, int STAGES, int G, typename T>
 __global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restrict__ tiles,
                                                         const float* __restrict__ codebook,
                                                         const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                         T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
                                                         float* __restrict__ ws, int* __restrict__ counters) {
-  extern __shared__ __align__(16) uint32_t tab[];  // the pair table, then each warp's ring of STAGES units
-  constexpr int UB = Unit<BITS>::BYTES, CHUNKS = UB / 16;
+  // The pair table, then each warp's ring of STAGES slots of G units, then each warp's STAGES mbarriers.
+  extern __shared__ __align__(16) uint32_t tab[];
+  constexpr int UB = Unit<BITS>::BYTES;
+  using S = StreamSmem<BITS, STAGES, G>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int W = gridDim.x * KS, w = blockIdx.x * KS + warp;
   const int U = n_tiles * n_blocks, lo = stream_start(w, U, W), hi = stream_start(w + 1, U, W);
-  uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_TABLE_WORDS) + (size_t)warp * STAGES * UB;
+  const int n_stages = (hi - lo + G - 1) / G;
+  uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_TABLE_WORDS) + (size_t)warp * S::RING;
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
-  // The first units are requested before the table is built: the fill then hides under their latency.
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (lo + i < hi) stream_fetch(ring_s + i * UB, tiles + (size_t)(lo + i) * UB, CHUNKS, lane);
-    asm volatile("cp.async.commit_group;\n" ::);
+  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(tab + TC_TABLE_WORDS) + KS * (uint32_t)S::RING + warp * STAGES * 8;
+  // Stage k: units lo + kG .. min(lo + (k+1)G, hi) - 1, contiguous in memory.
+  auto fetch = [&](int k) {
+    const int u0 = lo + k * G, count = min(G, hi - u0);
+    bulk_fetch(ring_s + (k % STAGES) * G * UB, tiles + (size_t)u0 * UB, (uint32_t)(count * UB), bars + (k % STAGES) * 8);
+  };
+  if (lane == 0) {
+    for (int i = 0; i < STAGES; ++i) mbar_init(bars + i * 8, 1);
+    // The first stages are requested before the table is built: the fill then hides under their latency.
+    for (int k = 0; k < STAGES - 1 && k < n_stages; ++k) fetch(k);
   }
   fill_pair_table<BITS>(tab, codebook);
   __syncthreads();
   if (lo >= hi) return;
   const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int t = lo / n_blocks, b = lo - t * n_blocks, slot = 0;
-  for (int u = lo; u < hi; ++u) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));  // unit u has landed (this lane's part of it)
-    __syncwarp();                                                  // ... and every other lane's part
-    TcRegs<BITS> cur;
-    stream_regs<BITS>(cur, ring + slot * UB, lane, xs, n, n_blocks, b);
-    __syncwarp();  // all lanes hold unit u: its slot (and unit u-1's, read last time) may be refilled
-    const int next_slot = slot == 0 ? STAGES - 1 : slot - 1;  // unit u + STAGES - 1 takes unit u - 1's slot
-    if (u + STAGES - 1 < hi) stream_fetch(ring_s + next_slot * UB, tiles + (size_t)(u + STAGES - 1) * UB, CHUNKS, lane);
-    asm volatile("cp.async.commit_group;\n" ::);
-    tc_block<BITS>(acc, cur, lb, xp, xs, n, n_blocks, b, g, q);
-    slot = slot == STAGES - 1 ? 0 : slot + 1;
-    if (++b == n_blocks || u + 1 == hi) {
-      stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      b = 0;
-      ++t;
+  int t = lo / n_blocks, b = lo - t * n_blocks;
+  for (int k = 0; k < n_stages; ++k) {
+    mbar_wait(bars + (k % STAGES) * 8, (k / STAGES) & 1);
+    // Stage k + STAGES - 1 reuses the slot of stage k - 1, whose units every lane finished with last iteration.
+    __syncwarp();
+    if (lane == 0 && k + STAGES - 1 < n_stages) fetch(k + STAGES - 1);
+    const uint8_t* slot = ring + (k % STAGES) * G * UB;
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      const int u = lo + k * G + i;
+      if (u < hi) {
+        TcRegs<BITS> cur;
+        stream_regs<BITS>(cur, slot + i * UB, lane, xs, n, n_blocks, b);
+        tc_block<BITS>(acc, cur, lb, xp, xs, n, n_blocks, b, g, q);
+        if (++b == n_blocks || u + 1 == hi) {
+          stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
+          acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          b = 0;
+          ++t;
+        }
+      }
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::);
 }
 
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
@@ -813,23 +854,23 @@ static int launch_tc_split(const uint8_t* tiles, const float* codebook, const vo
 }
 
 // Stream mode's grid: the CTAs that fit at once, fewer when that would leave a warp under two units.
-template <int BITS, int STAGES, typename T>
+template <int BITS, int STAGES, int G, typename T>
 static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
                             int n, int R, int n_blocks, int warps, int split, float* ws, int* counters,
                             cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
-  const size_t smem = TC_TABLE_WORDS * sizeof(uint32_t) + (size_t)warps * STAGES * Unit<BITS>::BYTES;
+  const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
   static int resident[17] = {0};
   if (!resident[warps]) {
-    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, T>, threads, smem);
+    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
   }
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
   const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
-  tc_stream_kernel<BITS, STAGES, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n,
-                                                                     R, n_blocks, n_tiles, ws, counters);
+  tc_stream_kernel<BITS, STAGES, G, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
+                                                                        n, R, n_blocks, n_tiles, ws, counters);
   return (int)cudaGetLastError();
 }
 
@@ -840,11 +881,12 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, int,
                          float*, int*, cudaStream_t);
   Launch f = nullptr;
-  if (streamed)  // pf units in flight per warp: a ring of pf + 1 slots
-    f = bits == 4 ? (pf == 2 ? launch_tc_stream<4, 3, T> : pf == 3 ? launch_tc_stream<4, 4, T>
-                     : pf == 5 ? launch_tc_stream<4, 6, T> : nullptr)
-      : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, T> : pf == 3 ? launch_tc_stream<5, 4, T>
-                     : pf == 5 ? launch_tc_stream<5, 6, T> : nullptr)
+  // Stream mode's prefetch field: 2 -> 3 slots of 1 unit, 3 -> 4 x 1, 4 -> 3 slots of 2 units, 5 -> 6 x 1.
+  if (streamed)
+    f = bits == 4 ? (pf == 2 ? launch_tc_stream<4, 3, 1, T> : pf == 3 ? launch_tc_stream<4, 4, 1, T>
+                     : pf == 4 ? launch_tc_stream<4, 3, 2, T> : pf == 5 ? launch_tc_stream<4, 6, 1, T> : nullptr)
+      : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, 1, T> : pf == 3 ? launch_tc_stream<5, 4, 1, T>
+                     : pf == 4 ? launch_tc_stream<5, 3, 2, T> : pf == 5 ? launch_tc_stream<5, 6, 1, T> : nullptr)
       : nullptr;
   else
     f = bits == 4 ? (pf == 1 ? launch_tc_split<4, 1, T> : pf == 2 ? launch_tc_split<4, 2, T> : nullptr)

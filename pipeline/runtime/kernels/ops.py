@@ -176,6 +176,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
     split = launch_split(launch)
     ws = counters = None
     if launch_streamed(launch):
+        if torch.cuda.get_device_capability(xp.device) < (9, 0):
+            raise RuntimeBackendError("gemv_tc's stream mode needs a Hopper or newer GPU (TMA bulk copies)")
         ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
     elif split > 1:
