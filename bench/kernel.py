@@ -38,7 +38,7 @@ SHAPES = {
     "o_global": (5376, 16384),
 }
 TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
-STREAM_VARIANTS = [(8, 5), (12, 2), (12, 3), (12, 4), (16, 2), (16, 4)]  # (warps, stream ring shape)
+STREAM_VARIANTS = [(16, 2), (16, 4), (16, 5), (24, 2), (24, 3), (32, 2)]  # (warps, stream ring shape)
 SPLIT_MAX_TILES = 1024  # K splits are timed only for weights of at most this many 16-row tiles
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]

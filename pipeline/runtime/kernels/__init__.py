@@ -67,7 +67,7 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
 
 def default_launch() -> int:
     """The launch word tiled_linear uses (HLWQ_TC_STREAM picks stream mode)."""
-    return tc_launch(12, 3, stream=True) if TC_STREAM == "1" else tc_launch()
+    return tc_launch(24, 2, stream=True) if TC_STREAM == "1" else tc_launch()
 
 
 def tc_split(n_tiles: int, n_blocks: int, warps: int = 12, sms: int = 132) -> int:

@@ -488,31 +488,74 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
+// Stream mode's table: entry (byte, lane) at byte offset byte*256 + lane*4 (64 KB, half of each row unused), so one
+// byte_perm builds a lookup's whole offset from the code byte and the lane's own 4*lane byte: the tiled kernel's
+// table (byte*128 + lane*4) needs a shift-and-add beside it. One table per SM: stream mode runs one CTA per SM.
+#define TC_WIDE_TABLE_WORDS (256 * 64)
+
 template <int BITS>
-__device__ __forceinline__ void stream_regs(TcRegs<BITS>& r, const uint8_t* u, int lane, const float* __restrict__ xs,
-                                            int n, int n_blocks, int b) {
-  const int q = lane & 3;
-  r.x0s = 2 * q < n ? __ldg(xs + (size_t)(2 * q) * n_blocks + b) : 0.f;
-  r.x1s = 2 * q + 1 < n ? __ldg(xs + (size_t)(2 * q + 1) * n_blocks + b) : 0.f;
-  r.n0 = reinterpret_cast<const uint4*>(u)[lane];
-  r.n1 = reinterpret_cast<const uint4*>(u + 512)[lane];
-  if (BITS == 5) {
-    r.s0 = reinterpret_cast<const uint32_t*>(u + 1024)[lane];
-    r.s1 = reinterpret_cast<const uint32_t*>(u + 1024 + 128)[lane];
-  } else {
-    r.s0 = r.s1 = 0;
+__device__ __forceinline__ void fill_wide_table(uint32_t* tab, const float* __restrict__ codebook) {
+  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
+    const int idx = i >> 5, lane = i & 31;
+    const int lo = idx & 15, hi = idx >> 4;
+    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
+    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
+    tab[idx * 64 + lane] = *reinterpret_cast<uint32_t*>(&v);
   }
-  r.sc = reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
+}
+
+template <int BITS, int K>
+__device__ __forceinline__ uint32_t wide_pair(uint32_t tb, uint32_t lane4, uint4 n, uint32_t s) {
+  const uint32_t w = K < 4 ? n.x : K < 8 ? n.y : K < 12 ? n.z : n.w;
+  // result bytes: [lane4, code byte K&3 of w, 0, 0] = byte*256 + 4*lane
+  const uint32_t off = __byte_perm(w, lane4, 0x5504u | ((K & 3) << 4));
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(tb + off));
+  if (BITS == 5) v ^= (s << K) & 0x80008000u;
+  return v;
+}
+
+// One unit from the ring slot `u`: the codes come from shared memory, the activation from global memory at offsets
+// the caller advances per block (xo: uint4 units into xp for batch row g; so0/so1: into xs for rows 2q, 2q+1).
+template <int BITS>
+__device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, uint32_t tb, uint32_t lane4, int lane,
+                                             const uint4* __restrict__ xp, const float* __restrict__ xs, bool has_x,
+                                             bool has_s0, bool has_s1, int xo, int so, int n_blocks) {
+  const uint4 n0 = reinterpret_cast<const uint4*>(u)[lane];
+  const uint4 n1 = reinterpret_cast<const uint4*>(u + 512)[lane];
+  uint32_t s0 = 0, s1 = 0;
+  if (BITS == 5) {
+    s0 = reinterpret_cast<const uint32_t*>(u + 1024)[lane];
+    s1 = reinterpret_cast<const uint32_t*>(u + 1024 + 128)[lane];
+  }
+  const uint32_t scw = reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+  if (has_x) {
+    const uint4* p = xp + xo;
+    x0 = __ldg(p); x1 = __ldg(p + 1); x2 = __ldg(p + 2); x3 = __ldg(p + 3);
+  }
+  const float x0s = has_s0 ? __ldg(xs + so) : 0.f;
+  const float x1s = has_s1 ? __ldg(xs + so + n_blocks) : 0.f;
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#define HLWQ_WSTEP(S, XA, XB)                                                                       \
+  mma_f16_16816(c, wide_pair<BITS, 2 * S>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S>(tb, lane4, n1, s1), \
+                 wide_pair<BITS, 2 * S + 1>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S + 1>(tb, lane4, n1, s1), XA, XB)
+  HLWQ_WSTEP(0, x0.x, x0.y); HLWQ_WSTEP(1, x0.z, x0.w); HLWQ_WSTEP(2, x1.x, x1.y); HLWQ_WSTEP(3, x1.z, x1.w);
+  HLWQ_WSTEP(4, x2.x, x2.y); HLWQ_WSTEP(5, x2.z, x2.w); HLWQ_WSTEP(6, x3.x, x3.y); HLWQ_WSTEP(7, x3.z, x3.w);
+#undef HLWQ_WSTEP
+  const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&scw));
+  acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
+  acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
 
 template <int BITS, int STAGES, int G>
 struct StreamSmem {
   static constexpr size_t RING = (size_t)STAGES * G * Unit<BITS>::BYTES;  // one warp's ring
-  static size_t bytes(int warps) { return TC_TABLE_WORDS * sizeof(uint32_t) + warps * (RING + STAGES * 8); }
+  static size_t bytes(int warps) { return TC_WIDE_TABLE_WORDS * sizeof(uint32_t) + warps * (RING + STAGES * 8); }
 };
 
 template <int BITS, int STAGES, int G, typename T>
-__global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restrict__ tiles,
+__global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restrict__ tiles,
                                                         const float* __restrict__ codebook,
                                                         const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                         T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
@@ -526,9 +569,10 @@ __global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restric
   const int W = gridDim.x * KS, w = blockIdx.x * KS + warp;
   const int U = n_tiles * n_blocks, lo = stream_start(w, U, W), hi = stream_start(w + 1, U, W);
   const int n_stages = (hi - lo + G - 1) / G;
-  uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_TABLE_WORDS) + (size_t)warp * S::RING;
+  uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
-  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(tab + TC_TABLE_WORDS) + KS * (uint32_t)S::RING + warp * STAGES * 8;
+  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(tab + TC_WIDE_TABLE_WORDS) + KS * (uint32_t)S::RING +
+                        warp * STAGES * 8;
   // Stage k: units lo + kG .. min(lo + (k+1)G, hi) - 1, contiguous in memory.
   auto fetch = [&](int k) {
     const int u0 = lo + k * G, count = min(G, hi - u0);
@@ -539,12 +583,16 @@ __global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restric
     // The first stages are requested before the table is built: the fill then hides under their latency.
     for (int k = 0; k < STAGES - 1 && k < n_stages; ++k) fetch(k);
   }
-  fill_pair_table<BITS>(tab, codebook);
+  fill_wide_table<BITS>(tab, codebook);
   __syncthreads();
   if (lo >= hi) return;
-  const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
+  const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
+  const bool has_x = g < n, has_s0 = 2 * q < n, has_s1 = 2 * q + 1 < n;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int t = lo / n_blocks, b = lo - t * n_blocks;
+  // Activation offsets of block b, advanced per unit: xp row g (uint4 units, pairs 16q..), xs row 2q (row 2q + 1 is
+  // n_blocks further on).
+  int xo = (g * n_blocks + b) * 16 + q * 4, so = 2 * q * n_blocks + b;
   for (int k = 0; k < n_stages; ++k) {
     mbar_wait(bars + (k % STAGES) * 8, (k / STAGES) & 1);
     // Stage k + STAGES - 1 reuses the slot of stage k - 1, whose units every lane finished with last iteration.
@@ -555,12 +603,14 @@ __global__ void __launch_bounds__(512) tc_stream_kernel(const uint8_t* __restric
     for (int i = 0; i < G; ++i) {
       const int u = lo + k * G + i;
       if (u < hi) {
-        TcRegs<BITS> cur;
-        stream_regs<BITS>(cur, slot + i * UB, lane, xs, n, n_blocks, b);
-        tc_block<BITS>(acc, cur, lb, xp, xs, n, n_blocks, b, g, q);
+        stream_block<BITS>(acc, slot + i * UB, tb, lane4, lane, xp, xs, has_x, has_s0, has_s1, xo, so, n_blocks);
+        xo += 16;
+        so += 1;
         if (++b == n_blocks || u + 1 == hi) {
           stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
           acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          xo -= b * 16;
+          so -= b;
           b = 0;
           ++t;
         }
@@ -862,7 +912,7 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
-  static int resident[17] = {0};
+  static int resident[33] = {0};
   if (!resident[warps]) {
     cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
@@ -916,10 +966,12 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
 // Stream mode: ws float32 [SMs x max resident warps per SM, 2, 128] and the same counters.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
                  int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning 1), stream (bit 16).
+  // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning
+  // 1), stream mode (bit 16).
   const int warps = launch & 255, pf = (launch >> 8) & 15, split = ((launch >> 12) & 15) ? (launch >> 12) & 15 : 1;
   const bool streamed = (launch >> 16) & 1;
-  if (n < 1 || n > 8 || warps < 4 || warps > 16 || pf < 1 || pf > (streamed ? 5 : 2)) return (int)cudaErrorInvalidValue;
+  if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 5 : 2))
+    return (int)cudaErrorInvalidValue;
   if (streamed && split > 1) return (int)cudaErrorInvalidValue;
   if ((split > 1 || streamed) && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
