@@ -4,7 +4,7 @@ enough copies that L2 cannot serve them. 4/5-bit weights run the tensor-core pat
 runtime uses for them); the CUDA-core kernel over FORMAT v1 codes is timed beside it at batch 1, and is the path of
 6-bit weights.
 
-    python -m bench.kernel --out bench/results/kernel.json [--quick] [--splits 1,2,3,4]
+    python -m bench.kernel --out bench/results/kernel.json [--quick]
 
 Effective bandwidth counts the bytes a kernel must read for its weights (codes + scales, or the BF16 / INT4 tensors).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import math
 import statistics
 import sys
@@ -38,8 +37,7 @@ SHAPES = {
     "o_global": (5376, 16384),
 }
 TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
-STREAM_VARIANTS = [(16, 2), (16, 4), (16, 5), (24, 2), (24, 3), (32, 2)]  # (warps, stream ring shape)
-SPLIT_MAX_TILES = 1024  # K splits are timed only for weights of at most this many 16-row tiles
+STREAM_VARIANTS = [(16, 2), (16, 4), (24, 2), (24, 3), (32, 2)]  # (warps, ring shape) of gemv_tc's stream mode
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]
 
@@ -115,8 +113,7 @@ def check(device: torch.device) -> list[dict[str, Any]]:
     return rows_out
 
 
-def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device, quick: bool,
-                splits: tuple[int, ...] = (1,)) -> dict[str, Any]:  # fmt: skip
+def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device, quick: bool) -> dict[str, Any]:
     d = quantized(rows, cols, bits, device, seed=rows + cols + bits)
     q = d["q"]
     qbytes = q.codes.numel() + q.scales.numel() * 2
@@ -127,7 +124,7 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
     out: dict[str, Any] = {"shape": [rows, cols], "bits": bits, "weight_bytes": qbytes, "copies": n_copies}
 
     if layout.tileable(bits, 128, q.codebook):
-        out.update(bench_tiled(codes, scales, codebook, d["signs"], rows, cols, bits, qbytes, device, quick, splits))
+        out.update(bench_tiled(codes, scales, codebook, d["signs"], rows, cols, bits, qbytes, device, quick))
     else:
         out.update(bench_cuda_core(codes, scales, codebook, d["signs"], cols, bits, qbytes, device, quick))
     out["peers"] = peers(d["w"], rows, cols, device)
@@ -138,32 +135,31 @@ def bench_shape(name: str, rows: int, cols: int, bits: int, device: torch.device
 
 
 def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook: torch.Tensor, signs: torch.Tensor,
-                rows: int, cols: int, bits: int, qbytes: int, device: torch.device, quick: bool,
-                splits: tuple[int, ...] = (1,)) -> dict[str, Any]:  # fmt: skip
-    """The tensor-core path: launch variants (warps x prefetch x K split; --quick: the default warps and prefetch
-    only) at batch 1 and 8, then batches 1-8 (gemv_tc, default launch and HLWQ_TC_SPLIT) and 16 (dequant_tiles +
+                rows: int, cols: int, bits: int, qbytes: int, device: torch.device,
+                quick: bool) -> dict[str, Any]:  # fmt: skip
+    """The tensor-core path: launch variants at batch 1 and 8 (tile kernel and stream mode; --quick: the tile
+    default and stream mode's shapes), then batches 1-8 (gemv_tc as tiled_linear chooses it) and 16 (dequant_tiles +
     cuBLAS); the CUDA-core kernel's batch-1 time beside it."""
     tiles = [layout.to_tiles(c, s, bits) for c, s in zip(codes, scales, strict=True)]
-    n_tiles, n_blocks = tiles[0].shape[:2]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    out: dict[str, Any] = {"path": "tiled (tensor cores)", "default_launch": kernels.default_launch(),
-                           "tc_split_mode": kernels.TC_SPLIT_MODE,
-                           "tc_split_rule": kernels.tc_split(n_tiles, n_blocks, sms=sms)}  # fmt: skip
-    if n_tiles > SPLIT_MAX_TILES:
-        splits = (1,)
+    capability = torch.cuda.get_device_capability(device)
+    chosen = {str(n): kernels.tc_choose(n, rows, cols // 128, capability) for n in (1, 8)}
+    out: dict[str, Any] = {"path": "tiled (tensor cores)", "launch_chosen": chosen}
+    launches = {
+        f"w{warps}_pf{pf}": kernels.tc_launch(warps, pf) for warps, pf in (TC_VARIANTS if not quick else [(12, 1)])
+    }
+    if capability >= (9, 0):
+        launches |= {f"stream_w{w}_pf{pf}": kernels.tc_launch(w, pf, stream=True) for w, pf in STREAM_VARIANTS}
     variants: dict[str, Any] = {}
     for n in (1, 8):  # the kernel alone (the rotation launch is timed below)
         xp, xs = torch.ops.hlwq.rotate_pairs(torch.randn(n, cols, device=device, dtype=torch.bfloat16), signs, None)
-        # Split 1 keeps the key it had before splits existed, so older result files compare directly.
-        launches = {f"w{warps}_pf{pf}" + (f"_s{split}" if split > 1 else ""): kernels.tc_launch(warps, pf, split)
-                    for (warps, pf), split in itertools.product(TC_VARIANTS if not quick else [(12, 1)], splits)}
-        launches |= {f"stream_w{warps}_pf{pf}": kernels.tc_launch(warps, pf, stream=True)
-                     for warps, pf in STREAM_VARIANTS}  # fmt: skip
         for key, code in launches.items():
             calls = [functools.partial(torch.ops.hlwq.gemv_tc, xp, xs, t, codebook, bits, rows, torch.bfloat16, code)
                      for t in tiles]  # fmt: skip
             us = graph_time_us(calls)
-            variants.setdefault(str(n), {})[key] = {"us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
+            variants.setdefault(str(n), {})[key] = {
+                "us": round(us, 2),
+                "tb_s": round(qbytes / us / 1e6, 3),
+            }
     out["tc_variants"] = variants
     batches: dict[str, Any] = {}
     for n in (1, 2, 4, 8, 16):
@@ -272,9 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one launch variant per shape")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--bits", default="4,5,6")
-    ap.add_argument(
-        "--splits", default="1,2,3,4", help=f"gemv_tc K splits timed for weights of <= {SPLIT_MAX_TILES} tiles"
-    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.kernel needs a CUDA GPU", file=sys.stderr)
@@ -297,18 +290,16 @@ def main(argv: list[str] | None = None) -> int:
           f"tiled {result['check_max_rel_err_tiled_tc']:.2e}, "
           f"prefill {result['check_max_rel_err_prefill']:.2e}", flush=True)  # fmt: skip
     result["shapes"] = {}
-    splits = tuple(int(s) for s in args.splits.split(","))
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.shapes.split(","):
             rows, cols = SHAPES[name]
-            r = bench_shape(name, rows, cols, bits, device, args.quick, splits)
+            r = bench_shape(name, rows, cols, bits, device, args.quick)
             result["shapes"][f"{name}_q{bits}"] = r
             b1 = r["batch1"]
-            for n, v in r.get("tc_variants", {}).items():
-                if len(v) > 1:  # the launch A/B: every timed launch of this batch, fastest first
-                    ranked = sorted(v.items(), key=lambda kv: kv[1]["us"])
-                    print(f"{name:10s} q{bits} batch {n} (rule: split {r['tc_split_rule']}): "
-                          + ", ".join(f"{key} {t['us']:.2f} us" for key, t in ranked), flush=True)  # fmt: skip
+            for n, v in r.get("tc_variants", {}).items():  # every timed launch of this batch, fastest first
+                ranked = sorted(v.items(), key=lambda kv: kv[1]["us"])
+                print(f"{name:10s} q{bits} batch {n}: " + ", ".join(f"{key} {t['us']:.2f} us" for key, t in ranked),
+                      flush=True)  # fmt: skip
             print(f"{name:10s} q{bits} {rows}x{cols}: hlwq {b1['hlwq_us']:7.2f} us {b1['hlwq_tb_s']:.2f} TB/s "
                   f"{r['path']}"
                   f" | bf16 {b1['bf16_us']:7.2f} us {b1['bf16_tb_s']:.2f} TB/s | int4 "

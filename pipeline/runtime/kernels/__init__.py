@@ -3,10 +3,10 @@
 4- and 5-bit weights (symmetric codebooks; all that `hlwq convert` writes) are repacked at load into the tiled layout
 of layout.py. Decode (≤ 8 tokens): rotate x once into fp16 pairs (a power-of-two scale per block keeps fp16 in range),
 then one tensor-core matvec (gemv_tc) that looks up two weights per shared-memory load and applies each block's
-scales once; for weights of few 16-row tiles it can also split K across CTAs (tc_split, HLWQ_TC_SPLIT; off until
-measured). Other widths keep FORMAT v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs
-(prefill): dequantize the weight into the rotated basis (no inverse transform; fp16 from tiles, bf16 otherwise) and
-let cuBLAS multiply the rotated activations on tensor cores.
+scales once (on Hopper, large weights at one token stream through TMA instead: tc_choose). Other widths keep FORMAT
+v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs (prefill): dequantize the weight
+into the rotated basis (no inverse transform; fp16 from tiles, bf16 otherwise) and let cuBLAS multiply the rotated
+activations on tensor cores.
 """
 
 from __future__ import annotations
@@ -27,32 +27,23 @@ TC_MAX_BATCH = 8  # tokens one gemv_tc launch takes
 TC_CHUNKED_BATCH = 32  # up to this many tokens, gemv_tc launches in slices of TC_MAX_BATCH
 
 
-TC_MAX_SPLIT = 15  # the launch word's 4 bits
-# HLWQ_TC_SPLIT: "1" (default) never splits K; "auto" applies tc_split; 2..15 forces that split (for A/B runs).
-# Read once at import, so a compiled graph never sees the environment.
-TC_SPLIT_MODE = os.environ.get("HLWQ_TC_SPLIT", "1").strip().lower()
-if TC_SPLIT_MODE != "auto" and TC_SPLIT_MODE not in {str(s) for s in range(1, TC_MAX_SPLIT + 1)}:
-    raise ValueError(f"HLWQ_TC_SPLIT must be 'auto' or 1..{TC_MAX_SPLIT}, not {TC_SPLIT_MODE!r}")
+STREAM_PREFETCH = (2, 3, 4, 5)  # stream mode's ring shapes (hlwq.cu: 3x1, 4x1, 3x2, 6x1 slots x units)
+STREAM_MIN_WEIGHTS = 1 << 26  # smaller weights (o_proj 5376x8192: 44M) measured faster on the tile kernel
+# HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). Read once at import, so a
+# compiled graph never sees the environment.
+TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "auto").strip().lower()
+if TC_STREAM not in {"auto", "0", "1"}:
+    raise ValueError(f"HLWQ_TC_STREAM must be auto, 0 or 1, not {TC_STREAM!r}")
 
 
-STREAM_PREFETCH = (2, 3, 4, 5)  # stream mode ring shapes (hlwq.cu: 3x1, 4x1, 3x2, 6x1 slots x units)
-# HLWQ_TC_STREAM: "0" (default) or "1", the launch tiled_linear uses (for A/B runs; read once at import).
-TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "0").strip()
-if TC_STREAM not in {"0", "1"}:
-    raise ValueError(f"HLWQ_TC_STREAM must be 0 or 1, not {TC_STREAM!r}")
-
-
-def tc_launch(warps: int = 12, prefetch: int = 1, split: int = 1, stream: bool = False) -> int:
-    """gemv_tc's launch word: warps per CTA, blocks prefetched per warp, K slices per 16-row tile, or stream mode
-    (every warp of the grid takes an equal contiguous run of (tile, block) units; `prefetch` units in flight per warp
-    through shared memory). The warps/prefetch defaults were the fastest of bench/kernel.py's sweep on the H200 for 8
-    of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json); split 1 leaves the word as it was before
-    splits existed."""
-    if not 1 <= split <= TC_MAX_SPLIT:
-        raise ValueError(f"gemv_tc splits K into 1..{TC_MAX_SPLIT} slices, not {split}")
-    if stream and (split > 1 or prefetch not in STREAM_PREFETCH):
-        raise ValueError(f"gemv_tc's stream mode takes no K split and prefetch in {STREAM_PREFETCH}")
-    return warps | prefetch << 8 | (split if split > 1 else 0) << 12 | int(stream) << 16
+def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False) -> int:
+    """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
+    at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
+    by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
+    sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json)."""
+    if stream and prefetch not in STREAM_PREFETCH:
+        raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
+    return warps | prefetch << 8 | int(stream) << 16
 
 
 def stream_start(warp: int, units: int, warps: int) -> int:
@@ -65,41 +56,23 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
     return ((unit + 1) * warps + units - 1) // units - 1
 
 
-def default_launch() -> int:
-    """The launch word tiled_linear uses (HLWQ_TC_STREAM picks stream mode)."""
-    return tc_launch(24, 2, stream=True) if TC_STREAM == "1" else tc_launch()
+def tc_choose(tokens: int, rows: int, n_blocks: int, capability: tuple[int, int]) -> int:
+    """The launch word of one gemv_tc call. Stream mode (32 warps, 3 slots) where bench/kernel.py measured it faster
+    on the H200 (bench/results/kernel_stream.json, 5-bit, one token: gate_up 30.45 vs 34.11 us, down 33.51 vs
+    35.90, o_global 28.40 vs 29.08; o_sliding 20.33 vs 17.22 and most 8-token launches slower): one token, at least
+    STREAM_MIN_WEIGHTS weights, and a GPU with TMA (sm_90+). Otherwise the tile kernel."""
+    stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and rows * n_blocks * BLOCK >= STREAM_MIN_WEIGHTS)
+    return tc_launch(32, 2, stream=True) if stream and capability >= (9, 0) else tc_launch()
 
 
-def tc_split(n_tiles: int, n_blocks: int, warps: int = 12, sms: int = 132) -> int:
-    """K slices per tile for gemv_tc (unmeasured rule; bench/kernel.py times the alternatives). Enough tiles keep
-    every SM busy unsplit; otherwise the smallest split giving ~3 (tile, slice) units per SM, as long as a slice
-    keeps >= 2 blocks per warp (shorter slices leave the prefetch pipeline mostly filling and draining)."""
-    if n_tiles >= 4 * sms:
-        return 1
-    split = 1
-    while n_tiles * split < 3 * sms and split < TC_MAX_SPLIT and n_blocks // (split + 1) >= 2 * warps:
-        split += 1
-    return split
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def tc_slices(n_blocks: int, split: int) -> list[tuple[int, int]]:
-    """The kernel's K slices: slice s takes blocks [s*n_blocks//split, (s+1)*n_blocks//split)."""
-    return [(s * n_blocks // split, (s + 1) * n_blocks // split) for s in range(split)]
-
-
-_SMS: dict[int, int] = {}
-
-
-def _split_for(n_tiles: int, n_blocks: int, device: torch.device) -> int:
-    """HLWQ_TC_SPLIT applied to one weight."""
-    if TC_SPLIT_MODE == "1":
-        return 1
-    if TC_SPLIT_MODE != "auto":
-        return int(TC_SPLIT_MODE)
+def _capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return tc_split(n_tiles, n_blocks, sms=_SMS[index])
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -156,8 +129,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
         # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         n = TC_MAX_BATCH
-        split = _split_for(tiles.shape[0], tiles.shape[1], x.device) if TC_STREAM == "0" else 1
-        launch = tc_launch(split=split) if split > 1 else default_launch()
+        launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, tiles.shape[1], _capability(x.device))
         parts = [
             torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, launch)
             for a in range(0, x2.shape[0], n)

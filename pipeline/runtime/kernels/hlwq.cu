@@ -310,43 +310,12 @@ __device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __re
   }
 }
 
-// Split-K fix-up: park this slice's 16x8 partial in ws[t][s]; the tile's last slice to arrive adds all `split` of
-// them in slice order (the same sum whatever the arrival order), writes y and re-zeroes the tile's counter, so the
-// counters are zero again for the next launch or graph replay without a memset. Nobody waits for anybody.
-template <typename T>
-__device__ __forceinline__ void tc_fixup(float v, float* __restrict__ ws, int* __restrict__ counters,
-                                         T* __restrict__ y, int t, int s, int split, int n, int R) {
-  __shared__ int last;
-  float* part = ws + (size_t)t * split * 128;
-  if (threadIdx.x < 128) part[s * 128 + threadIdx.x] = v;
-  __threadfence();  // the partial is visible device-wide before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counters + t, 1) == split - 1;
-    if (last) counters[t] = 0;  // every slice has arrived: nothing else touches this counter in this launch
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // the other slices' partials are read only after their arrivals were seen
-  if (threadIdx.x < 128) {
-    float sum = 0.f;
-    // __ldcg: from L2, where the other CTAs' stores landed (this SM's L1 may hold nothing useful, never stale data).
-    for (int k = 0; k < split; ++k) sum += k == s ? v : __ldcg(part + k * 128 + threadIdx.x);
-    const int row = threadIdx.x >> 3, col = threadIdx.x & 7;
-    const int r = t * 16 + row;
-    if (col < n && r < R) y[(size_t)col * R + r] = from_f32<T>(sum);
-  }
-}
-
-// SPLIT = false is the unsplit kernel (one unit = one whole tile; ws, counters and split unused). SPLIT = true: a unit
-// is (tile t, K slice s) of `split` slices per tile, finished by tc_fixup.
-template <int BITS, int PF, bool SPLIT, typename T>
+template <int BITS, int PF, typename T>
 __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict__ tiles,
                                                       const float* __restrict__ codebook,
                                                       const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                       T* __restrict__ y, int n, int R,
-                                                      int n_blocks, int n_tiles, float* __restrict__ ws,
-                                                      int* __restrict__ counters, int split) {
+                                                      int n_blocks, int n_tiles) {
   extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
   float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
   fill_pair_table<BITS>(tab, codebook);
@@ -356,30 +325,26 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
   const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
   constexpr int UB = Unit<BITS>::BYTES;
 
-  const int n_units = SPLIT ? n_tiles * split : n_tiles;
-  for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
-    // Slice s of tile t: blocks [s*n_blocks/split, (s+1)*n_blocks/split), sizes within one block of each other.
-    const int t = SPLIT ? u / split : u, s = SPLIT ? u - t * split : 0;
-    const int b_lo = SPLIT ? s * n_blocks / split : 0, b_hi = SPLIT ? (s + 1) * n_blocks / split : n_blocks;
+  for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     const uint8_t* base = tiles + (size_t)t * n_blocks * UB;
     // PF + 1 register sets in turn: the codes of the next PF blocks are in flight while this one computes.
     TcRegs<BITS> r[PF + 1];
-    int b = b_lo + warp;
+    int b = warp;
 #pragma unroll
     for (int i = 0; i < PF; ++i)
-      if (b + i * KS < b_hi)
+      if (b + i * KS < n_blocks)
         tc_load<BITS>(r[i], base + (size_t)(b + i * KS) * UB, lane, xs, n, n_blocks, b + i * KS);
-    bool more = b < b_hi;
+    bool more = b < n_blocks;
     while (more) {
 #pragma unroll
       for (int i = 0; i <= PF; ++i) {
         if (more) {
-          if (b + PF * KS < b_hi)
+          if (b + PF * KS < n_blocks)
             tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane, xs, n, n_blocks, b + PF * KS);
           tc_block<BITS>(acc, r[i], lb, xp, xs, n, n_blocks, b, g, q);
           b += KS;
-          more = b < b_hi;
+          more = b < n_blocks;
         }
       }
     }
@@ -387,12 +352,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
     red[warp][g * 8 + 2 * q] = acc[0]; red[warp][g * 8 + 2 * q + 1] = acc[1];
     red[warp][(g + 8) * 8 + 2 * q] = acc[2]; red[warp][(g + 8) * 8 + 2 * q + 1] = acc[3];
     __syncthreads();
-    if constexpr (SPLIT) {
-      float v = 0.f;
-      if (threadIdx.x < 128)
-        for (int w = 0; w < KS; ++w) v += red[w][threadIdx.x];
-      tc_fixup<T>(v, ws, counters, y, t, s, split, n, R);
-    } else if (threadIdx.x < 128) {
+    if (threadIdx.x < 128) {
       const int row = threadIdx.x >> 3, col = threadIdx.x & 7;
       float v = 0.f;
       for (int w = 0; w < KS; ++w) v += red[w][threadIdx.x];
@@ -406,7 +366,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
 // ---- stream mode: every warp of the grid takes an equal run of (tile, block) units ----------------------------------
 // Units are numbered tile-major, u = t*n_blocks + b, which is also their order in memory, so warp w of W reads the
 // contiguous bytes of units [w*U/W, (w+1)*U/W). Its prefetch pipeline runs straight across tile boundaries and no
-// CTA-wide barrier ever stops it: the unsplit kernel drains its pipeline once per tile and leaves a part-empty last wave.
+// CTA-wide barrier ever stops it: the tile kernel drains its pipeline once per tile and leaves a part-empty last wave.
 // A tile the warp covers whole is written to y at once; a tile shared with neighbouring warps is parked in ws[w][0]
 // (the run's first tile) or ws[w][1] (its last), and its last contributor to arrive adds the parts in warp order:
 // the same sum whatever the arrival order, and the counter is left zero for the next launch.
@@ -879,35 +839,24 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
 }
 
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
-template <int BITS, int PF, bool SPLIT, typename T>
+template <int BITS, int PF, typename T>
 static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
-                     int n_blocks, int warps, int split, float* ws, int* counters, cudaStream_t stream) {
+                     int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
-  const int units = n_tiles * split;
   const int threads = 32 * warps;
   const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
   static int resident[17] = {0};
-  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, SPLIT, T>, threads, smem);
-  const unsigned grid = (unsigned)(units < resident[warps] ? units : resident[warps]);
-  tc_gemv_kernel<BITS, PF, SPLIT, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n,
-                                                                      R, n_blocks, n_tiles, ws, counters, split);
+  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, T>, threads, smem);
+  const unsigned grid = (unsigned)(n_tiles < resident[warps] ? n_tiles : resident[warps]);
+  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n, R,
+                                                               n_blocks, n_tiles);
   return (int)cudaGetLastError();
-}
-
-template <int BITS, int PF, typename T>
-static int launch_tc_split(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                           int n, int R, int n_blocks, int warps, int split, float* ws, int* counters,
-                           cudaStream_t stream) {
-  if (split > 1)
-    return launch_tc<BITS, PF, true, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, split, ws, counters, stream);
-  return launch_tc<BITS, PF, false, T>(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, 1, ws, counters, stream);
 }
 
 // Stream mode's grid: the CTAs that fit at once, fewer when that would leave a warp under two units.
 template <int BITS, int STAGES, int G, typename T>
 static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                            int n, int R, int n_blocks, int warps, int split, float* ws, int* counters,
-                            cudaStream_t stream) {
+                            int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
@@ -926,10 +875,10 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
 
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
-                   int R, int n_blocks, int warps, int pf, int split, bool streamed, float* ws, int* counters,
+                   int R, int n_blocks, int warps, int pf, bool streamed, float* ws, int* counters,
                    cudaStream_t stream) {
-  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, int,
-                         float*, int*, cudaStream_t);
+  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
+                         int*, cudaStream_t);
   Launch f = nullptr;
   // Stream mode's prefetch field: 2 -> 3 slots of 1 unit, 3 -> 4 x 1, 4 -> 3 slots of 2 units, 5 -> 6 x 1.
   if (streamed)
@@ -939,10 +888,10 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
                      : pf == 4 ? launch_tc_stream<5, 3, 2, T> : pf == 5 ? launch_tc_stream<5, 6, 1, T> : nullptr)
       : nullptr;
   else
-    f = bits == 4 ? (pf == 1 ? launch_tc_split<4, 1, T> : pf == 2 ? launch_tc_split<4, 2, T> : nullptr)
-      : bits == 5 ? (pf == 1 ? launch_tc_split<5, 1, T> : pf == 2 ? launch_tc_split<5, 2, T> : nullptr)
+    f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, T> : pf == 2 ? launch_tc<4, 2, T> : nullptr)
+      : bits == 5 ? (pf == 1 ? launch_tc<5, 1, T> : pf == 2 ? launch_tc<5, 2, T> : nullptr)
       : nullptr;
-  if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, split, ws, counters, stream);
+  if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, counters, stream);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -961,26 +910,23 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
   return (int)cudaGetLastError();
 }
 
-// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input. With a K split
-// S > 1: ws float32 [ceil(R/16), S, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on return.
-// Stream mode: ws float32 [SMs x max resident warps per SM, 2, 128] and the same counters.
+// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input. Stream mode (sm_90+):
+// ws float32 [SMs x max resident warps per SM, 2, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on
+// return; unused otherwise.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
                  int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), K split (bits 12-15, 0 meaning
-  // 1), stream mode (bit 16).
-  const int warps = launch & 255, pf = (launch >> 8) & 15, split = ((launch >> 12) & 15) ? (launch >> 12) & 15 : 1;
+  // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16).
+  const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 5 : 2))
     return (int)cudaErrorInvalidValue;
-  if (streamed && split > 1) return (int)cudaErrorInvalidValue;
-  if ((split > 1 || streamed) && (!ws || !counters)) return (int)cudaErrorInvalidValue;
+  if (streamed && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, streamed,
-                                        ws, counters, stream);
-  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split,
-                                                streamed, ws, counters, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, split, streamed, ws, counters,
-                         stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, ws,
+                                        counters, stream);
+  if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed,
+                                                ws, counters, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, ws, counters, stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.

@@ -7,7 +7,7 @@ captures: each op launches on the current stream through the ctypes library and 
     gather_pinned(table, ids)            rows of an embedding table kept in pinned host memory, graph-capturable
     rotate_pairs(x, signs, inv_smooth)   x [n, K] -> (fp16 [n, K] in gemv_tc's pair order, fp32 block scales)
     gemv_tc(xp, xs, tiles, codebook, …)  [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py),
-                                         optionally split along K (tc_launch's split) with an in-kernel fix-up
+                                         per 16-row tile or in stream mode (tc_launch) with an in-kernel fix-up
     dequant_tiles(tiles, codebook, …)    -> float16 [R, K] in the rotated basis, from the tiled layout
 """
 
@@ -123,11 +123,11 @@ def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> 
             torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)]  # fmt: skip
 
 
-# gemv_tc's split-K arrival counters (int32, one per 16-row tile), per device: zeroed once here, and every launch
-# leaves them zero again (a tile's last slice re-zeroes its counter), so a call costs no memset launch - a per-call
-# torch.zeros would add a memset node per linear to every captured decode step. Two launches that may run at the same
-# time on different streams must not share them (the runtime issues gemv_tc on one stream at a time). Buffers are
-# never freed, only outgrown: a captured CUDA graph keeps the pointer it was captured with.
+# gemv_tc's stream-mode arrival counters (int32, one per 16-row tile), per device: zeroed once here, and every launch
+# leaves them zero again (a tile's last contributor re-zeroes its counter), so a call costs no memset launch - a
+# per-call torch.zeros would add a memset node per linear to every captured decode step. Two launches that may run at
+# the same time on different streams must not share them (the runtime issues gemv_tc on one stream at a time). Buffers
+# are never freed, only outgrown: a captured CUDA graph keeps the pointer it was captured with.
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -141,11 +141,6 @@ def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
         return torch.zeros(n_tiles, dtype=torch.int32, device=device)
     held.append(torch.zeros(max(n_tiles, 2 * held[-1].numel() if held else 4096), dtype=torch.int32, device=device))
     return held[-1]
-
-
-def launch_split(launch: int) -> int:
-    """The K split S of a tc_launch word (bits 12-15, 0 meaning 1)."""
-    return (launch >> 12) & 15 or 1
 
 
 def launch_streamed(launch: int) -> bool:
@@ -168,20 +163,15 @@ def resident_warps(device: torch.device) -> int:
 def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
-    kernels.tc_launch's word. A K split S > 1 takes a scratch fp32 [tiles, S, 128] per call, stream mode one of
-    [resident warps, 2, 128], and both the shared counters (they end the call zero, as they began it: no argument is
-    mutated)."""
+    kernels.tc_launch's word. Stream mode takes a scratch fp32 [resident warps, 2, 128] per call and the shared
+    counters (they end the call zero, as they began it: no argument is mutated)."""
     n, k = xp.shape
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
-    split = launch_split(launch)
     ws = counters = None
     if launch_streamed(launch):
         if torch.cuda.get_device_capability(xp.device) < (9, 0):
             raise RuntimeBackendError("gemv_tc's stream mode needs a Hopper or newer GPU (TMA bulk copies)")
         ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
-        counters = tile_counters(xp.device, tiles.shape[0])
-    elif split > 1:
-        ws = torch.empty(tiles.shape[0], split, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
                                 _ptr(ws), _ptr(counters), n, rows, k, bits, launch, _DTYPE_CODES[out_dtype],
@@ -193,7 +183,7 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
 @gemv_tc.register_fake
 def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
       out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
-    # Only y is visible: the split's scratch and counters live inside the real kernel call.
+    # Only y is visible: stream mode's scratch and counters live inside the real kernel call.
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
 
 

@@ -1,0 +1,79 @@
+"""gemv_tc's stream mode on the CPU: the launch word, the choice rule, and the warp runs and fix-up arithmetic emulated
+in torch (the parts of layout.tiled_matvec summed as the kernel's fix-up sums them give the whole product)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pipeline.quant.codec import QuantParams, quantize
+from pipeline.quant.hadamard import rotate, sign_vector
+from pipeline.runtime import kernels
+from pipeline.runtime.kernels import layout, ops
+
+
+def test_launch_word() -> None:
+    assert kernels.tc_launch() == 12 | 1 << 8  # the tile kernel's word is unchanged by stream mode's bit
+    for warps, pf in [(16, 2), (24, 3), (32, 2), (16, 5)]:
+        word = kernels.tc_launch(warps, pf, stream=True)
+        assert word & 255 == warps and (word >> 8) & 15 == pf and ops.launch_streamed(word)
+    assert not ops.launch_streamed(kernels.tc_launch(16, 2))
+    with pytest.raises(ValueError, match="prefetch"):
+        kernels.tc_launch(32, 1, stream=True)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rows", "n_blocks", "capability", "streamed"),
+    [
+        (1, 21504, 42, (9, 0), True),  # gate_up: 115M weights
+        (1, 5376, 128, (9, 0), True),  # o_proj of a global layer: 88M
+        (1, 5376, 64, (9, 0), False),  # o_proj of a sliding layer: 44M, the tile kernel measured faster
+        (8, 21504, 42, (9, 0), False),  # 8 tokens: the tile kernel
+        (1, 21504, 42, (8, 9), False),  # no TMA before Hopper
+    ],
+)
+def test_choose_rule(tokens: int, rows: int, n_blocks: int, capability: tuple[int, int], streamed: bool) -> None:
+    word = kernels.tc_choose(tokens, rows, n_blocks, capability)
+    assert ops.launch_streamed(word) == (streamed and kernels.TC_STREAM == "auto")
+
+
+@pytest.mark.parametrize(("units", "warps"), [(56448, 3168), (21504, 3168), (95, 60), (1, 24), (24, 24), (7, 3)])
+def test_stream_runs_partition_the_units(units: int, warps: int) -> None:
+    """Stream mode's runs cover every unit once, differ by at most one unit, and stream_owner inverts them (the
+    kernel's fix-up counts a tile's contributors as owner(last unit) - owner(first unit) + 1)."""
+    runs = [(kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)) for w in range(warps)]
+    assert runs[0][0] == 0 and runs[-1][1] == units
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    sizes = {hi - lo for lo, hi in runs}
+    assert max(sizes) - min(sizes) <= 1
+    for w, (lo, hi) in enumerate(runs):
+        for u in {lo, hi - 1, (lo + hi) // 2} if hi > lo else ():
+            assert kernels.stream_owner(u, units, warps) == w
+
+
+def test_stream_tiles_summed_in_warp_order_match_whole() -> None:
+    """The stream fix-up's arithmetic in torch: each warp's run cut at tile edges, the parts of a tile added in warp
+    order, equals the whole product (float64, up to rounding)."""
+    rows, cols, bits, warps = 80, 1280, 5, 7  # 5 tiles x 10 blocks = 50 units over 7 warps
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16), params)
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    x = rotate(torch.randn(2, cols, dtype=torch.float64), sign_vector(params.sign_bits(), 128)).reshape(2, cols)
+    full = layout.tiled_matvec(x, tiles, q.codebook, rows, bits)
+    n_tiles, n_blocks = tiles.shape[:2]
+    units = n_tiles * n_blocks
+    out = torch.zeros_like(full)
+    for w in range(warps):
+        lo, hi = kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)
+        for t in range(lo // n_blocks, (hi - 1) // n_blocks + 1 if hi > lo else lo // n_blocks):
+            b0, b1 = max(lo, t * n_blocks) - t * n_blocks, min(hi, (t + 1) * n_blocks) - t * n_blocks
+            part = tiles.clone()
+            keep = torch.zeros(n_tiles, n_blocks, 1, dtype=torch.bool)
+            keep[t, b0:b1] = True
+            part[..., -32:] = torch.where(keep, part[..., -32:], torch.zeros_like(part[..., -32:]))  # zero scales
+            out[:, t * 16 : (t + 1) * 16] += layout.tiled_matvec(x, part, q.codebook, rows, bits)[
+                :, t * 16 : (t + 1) * 16
+            ]
+    assert torch.allclose(out, full, rtol=1e-9, atol=1e-9)
