@@ -77,10 +77,15 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """One query token: q [Hq, d], cache keys/values [Hkv, L, d] read in place (query head h uses KV head h // g,
     transformers' repeat_kv order), mask [L] True = attend -> [Hq * d]."""
     hkv, _, d = keys.shape
-    qg = q.view(hkv, -1, d)
-    s = torch.matmul(qg, keys.transpose(1, 2)).float() * scaling
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
-    return torch.matmul(p, values).reshape(-1)
+    qg = q.view(hkv, -1, d).float()
+    # Scores in fp32, as SDPA keeps them (a bf16 matmul rounds each score to 8 bits of significand). Compiled: one
+    # fused reduction reads the bf16 cache and accumulates in fp32; eager: an fp32 copy of this layer's keys.
+    if torch.compiler.is_compiling():
+        s = (qg.unsqueeze(2) * keys.unsqueeze(1).float()).sum(-1)
+    else:
+        s = torch.matmul(qg, keys.float().transpose(1, 2))
+    p = torch.softmax((s * scaling).masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
+    return torch.matmul(p, values).reshape(-1)  # probabilities in the cache dtype, as flash attention does
 
 
 def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:
