@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.errors import InputError
 from pipeline.runtime.engine import Chat, Engine, IncrementalDecoder, Message, Settings, kv_support, open_image
@@ -412,3 +413,21 @@ def test_a_lean_decoder_that_fails_hands_the_answer_to_generate(tiny_artifact: P
     eng = Engine.open(tiny_artifact, "cpu", decoder="lean")
     gen = Chat(eng, Settings(max_new_tokens=6)).send("hi")
     assert "".join(gen) == ref and "lean" not in gen.stats.kv and eng.decoder == "hf"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_engine_answers_through_the_lean_decoder_on_a_gpu(tiny_artifact: Path) -> None:
+    """On a GPU, decoder "auto" is the lean decoder (native kernels, fused step, CUDA graph) and it keeps serving:
+    its greedy answer equals generate's on the same engine settings (float32, so bf16 rounding order cannot differ)."""
+    auto = Engine.open(tiny_artifact, "cuda")
+    hf = Engine.open(tiny_artifact, "cuda", decoder="hf")
+    answers = []
+    for eng in (auto, hf):
+        eng.model.float()
+        gen = Chat(eng, Settings(max_new_tokens=12)).send("hello there")
+        answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
+    (text, n, kv), (ref_text, ref_n, ref_kv) = answers
+    assert kv.endswith("lean decoder") and "lean" not in ref_kv, "the lean decoder fell back to generate"
+    assert auto.decoder != "hf"
+    assert (text, n) == (ref_text, ref_n) and n > 0
