@@ -283,7 +283,8 @@ class Generation:
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
-                return torch.full((input_ids.shape[0],), stop_flag.is_set(), dtype=torch.bool)  # type: ignore[return-value]
+                done = torch.full((input_ids.shape[0],), stop_flag.is_set(), dtype=torch.bool, device=input_ids.device)
+                return done  # type: ignore[return-value]
 
         eng = self.engine
         streamer = _Queue()
