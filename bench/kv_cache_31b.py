@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         update: dict[str, Any] = {key: res}
         if not args.tiny:  # the headline keys only from the real run
             heads = ("max_context_tokens_", "decode_tok_s_", "decode_speed_ratio_")
-            update.update({k: v for k, v in res.items() if k.startswith(heads)})
+            # the speed keys name no weights: other weights' figures get a suffix, not the INT4 run's keys
+            suffix = {k: "" if args.weights == "int4" or k.startswith(heads[0]) else f"_{args.weights}" for k in res}
+            update.update({k + suffix[k]: v for k, v in res.items() if k.startswith(heads)})
         merge_json(args.out, update)
         log(step)
 
