@@ -132,13 +132,13 @@ def run_method(model: Any, ids: torch.Tensor, ref_lp: torch.Tensor, method: Meth
         b = min(a + chunk, n - 1)
         logits = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits[0].float()
         kl = kl_per_position(ref_lp[a:b], logits)
-        sums.kl_all += float(kl.sum())
+        sums.kl_all += float(kl.double().sum())
         sums.tokens_all += kl.numel()
         keep = slice(max(0, skip - a), None)
-        sums.kl += float(kl[keep].sum())
+        sums.kl += float(kl[keep].double().sum())
         sums.tokens += kl[keep].numel()
         sums.top1 += int(top1_matches(ref_lp[a:b][keep], logits[keep]).sum())
-        sums.nll += float(nll_per_position(logits[keep], ids[0, a + 1 : b + 1][keep]).sum())
+        sums.nll += float(nll_per_position(logits[keep], ids[0, a + 1 : b + 1][keep]).double().sum())
     sums.seconds += time.perf_counter() - t0
 
 

@@ -81,7 +81,7 @@ class Agreement:
     def add(self, ref_logits: torch.Tensor, logits: torch.Tensor) -> None:
         kl = kl_per_position(ref_logits, logits)
         self.tokens += kl.numel()
-        self.kl_sum += float(kl.sum())
+        self.kl_sum += float(kl.double().sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.top1_sum += int(top1_matches(ref_logits, logits).sum())
 
