@@ -416,9 +416,9 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   stream_store<T>(v, y, t, g, q, n, R);
 }
 
-// A warp's units travel by TMA bulk copies (one instruction from lane 0 per stage of G units, completion counted in
-// bytes on a per-slot mbarrier) into its ring of STAGES slots in shared memory: (STAGES - 1) x G units are in flight
-// per warp without holding registers or costing the other lanes instructions (Hopper and later).
+// A warp's units travel by TMA bulk copies (issued from lane 0 per stage of G units, completion counted in bytes on a
+// per-slot mbarrier) into its ring of STAGES slots in shared memory: (STAGES - 1) x G units are in flight per warp
+// without holding registers (Hopper and later). The issue still costs the warp ~30 instructions per stage (SASS).
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
@@ -476,7 +476,8 @@ __device__ __forceinline__ uint32_t wide_pair(uint32_t tb, uint32_t lane4, uint4
 }
 
 // One unit from the ring slot `u`: the codes come from shared memory, the activation from global memory at offsets
-// the caller advances per block (xo: uint4 units into xp for batch row g; so0/so1: into xs for rows 2q, 2q+1).
+// the caller advances per block (xo: uint4 units into xp for batch row g; so: into xs for row 2q, row 2q + 1 being
+// n_blocks further on).
 template <int BITS>
 __device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, uint32_t tb, uint32_t lane4, int lane,
                                              const uint4* __restrict__ xp, const float* __restrict__ xs, bool has_x,
