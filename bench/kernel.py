@@ -141,13 +141,13 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
     default and stream mode's shapes), then batches 1-8 (gemv_tc as tiled_linear chooses it) and 16 (dequant_tiles +
     cuBLAS); the CUDA-core kernel's batch-1 time beside it."""
     tiles = [layout.to_tiles(c, s, bits) for c, s in zip(codes, scales, strict=True)]
-    capability = torch.cuda.get_device_capability(device)
-    chosen = {str(n): kernels.tc_choose(n, rows, cols // 128, capability) for n in (1, 8)}
+    stream_ok = kernels.stream_supported(device, bits)
+    chosen = {str(n): kernels.tc_choose(n, rows, cols // 128, stream_ok) for n in (1, 8)}
     out: dict[str, Any] = {"path": "tiled (tensor cores)", "launch_chosen": chosen}
     launches = {
         f"w{warps}_pf{pf}": kernels.tc_launch(warps, pf) for warps, pf in (TC_VARIANTS if not quick else [(12, 1)])
     }
-    if capability >= (9, 0):
+    if stream_ok:
         launches |= {f"stream_w{w}_pf{pf}": kernels.tc_launch(w, pf, stream=True) for w, pf in STREAM_VARIANTS}
     variants: dict[str, Any] = {}
     for n in (1, 8):  # the kernel alone (the rotation launch is timed below)

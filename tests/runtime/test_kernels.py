@@ -69,12 +69,15 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize(("rows", "cols"), [(1000, 5376), (5376, 1024), (300, 640), (16, 128), (21504, 5376)])
+@pytest.mark.parametrize(
+    ("rows", "cols"), [(1000, 5376), (5376, 1024), (300, 640), (16, 128), (16, 256), (48, 1280), (21504, 5376)]
+)
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2)])
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
     """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their last contributor)
-    against the unsplit kernel, down to a single unit (16x128); deterministic; counters zero again afterwards."""
+    against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
+    warp may idle between a tile's owners); deterministic; counters zero again afterwards."""
     from pipeline.runtime.kernels import ops, tc_launch
 
     xp, xs, tiles, codebook = _tc_inputs(bits, rows, cols, n, seed=bits * rows + n + warps)

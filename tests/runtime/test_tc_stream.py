@@ -25,29 +25,42 @@ def test_launch_word() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tokens", "rows", "n_blocks", "capability", "streamed"),
+    ("tokens", "rows", "n_blocks", "streamed"),
     [
-        (1, 21504, 42, (9, 0), True),  # gate_up: 115M weights
-        (1, 5376, 128, (9, 0), True),  # o_proj of a global layer: 88M
-        (1, 5376, 64, (9, 0), False),  # o_proj of a sliding layer: 44M, the tile kernel measured faster
-        (8, 21504, 42, (9, 0), False),  # 8 tokens: the tile kernel
-        (1, 21504, 42, (8, 9), False),  # no TMA before Hopper
+        (1, 21504, 42, True),  # gate_up: 115M weights
+        (1, 5376, 128, True),  # o_proj of a global layer: 88M
+        (1, 5376, 64, False),  # o_proj of a sliding layer: 44M, the tile kernel measured faster
+        (8, 21504, 42, False),  # 8 tokens: the tile kernel
     ],
 )
-def test_choose_rule(tokens: int, rows: int, n_blocks: int, capability: tuple[int, int], streamed: bool) -> None:
-    word = kernels.tc_choose(tokens, rows, n_blocks, capability)
+def test_choose_rule(tokens: int, rows: int, n_blocks: int, streamed: bool) -> None:
+    word = kernels.tc_choose(tokens, rows, n_blocks, stream_ok=True)
     assert ops.launch_streamed(word) == (streamed and kernels.TC_STREAM == "auto")
+    assert not ops.launch_streamed(kernels.tc_choose(tokens, rows, n_blocks, stream_ok=False))
 
 
-@pytest.mark.parametrize(("units", "warps"), [(56448, 3168), (21504, 3168), (95, 60), (1, 24), (24, 24), (7, 3)])
+def test_stream_fits_only_where_its_shared_memory_does() -> None:
+    need5, need4 = kernels.stream_smem_bytes(5), kernels.stream_smem_bytes(4)
+    assert need5 == 65536 + 32 * (3 * 1312 + 24) and need4 < need5
+    assert kernels.stream_fits((9, 0), 232448, 5)  # H100 / H200: 227 KB per block
+    assert not kernels.stream_fits((12, 0), 101376, 5)  # consumer Blackwell: 99 KB
+    assert not kernels.stream_fits((8, 0), 232448, 5)  # no TMA
+    assert kernels.stream_fits((10, 0), None, 5) and not kernels.stream_fits((12, 0), None, 4)
+
+
+@pytest.mark.parametrize(
+    ("units", "warps"), [(56448, 3168), (21504, 3168), (95, 60), (1, 24), (24, 24), (7, 3), (2, 32), (15, 32)]
+)
 def test_stream_runs_partition_the_units(units: int, warps: int) -> None:
-    """Stream mode's runs cover every unit once, differ by at most one unit, and stream_owner inverts them (the
-    kernel's fix-up counts a tile's contributors as owner(last unit) - owner(first unit) + 1)."""
+    """Stream mode's runs cover every unit once, differ by at most one unit, none is empty (an empty run between a
+    tile's owners would be counted and never arrive), and stream_owner inverts them (the kernel's fix-up counts a
+    tile's contributors as owner(last unit) - owner(first unit) + 1)."""
+    warps = kernels.stream_warps(warps, units)  # the kernel gives runs to at most one warp per unit
     runs = [(kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)) for w in range(warps)]
     assert runs[0][0] == 0 and runs[-1][1] == units
     assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
     sizes = {hi - lo for lo, hi in runs}
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     for w, (lo, hi) in enumerate(runs):
         for u in {lo, hi - 1, (lo + hi) // 2} if hi > lo else ():
             assert kernels.stream_owner(u, units, warps) == w

@@ -51,28 +51,51 @@ def stream_start(warp: int, units: int, warps: int) -> int:
     return warp * units // warps
 
 
+def stream_warps(grid_warps: int, units: int) -> int:
+    """The warps that take runs: at most one per unit (the rest of the grid idles), so no run is empty."""
+    return min(grid_warps, units)
+
+
 def stream_owner(unit: int, units: int, warps: int) -> int:
     """The warp whose run holds `unit` (the kernel finds a tile's contributors from its first and last unit)."""
     return ((unit + 1) * warps + units - 1) // units - 1
 
 
-def tc_choose(tokens: int, rows: int, n_blocks: int, capability: tuple[int, int]) -> int:
+def stream_smem_bytes(bits: int, warps: int = 32, slots: int = 3, units: int = 1) -> int:
+    """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
+    `slots` x `units` units and one mbarrier per slot."""
+    unit = 1024 + (256 if bits == 5 else 0) + 32  # layout.unit_bytes
+    return 256 * 64 * 4 + warps * (slots * units * unit + slots * 8)
+
+
+def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) -> bool:
+    """Whether tc_choose's stream launch can run: TMA (sm_90+) and room for its shared memory. Without the opt-in
+    figure, only the data-centre parts known to give a block 227 KB (sm_90, sm_100)."""
+    if capability < (9, 0):
+        return False
+    return smem_optin >= stream_smem_bytes(bits) if smem_optin else capability[0] in (9, 10)
+
+
+def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool) -> int:
     """The launch word of one gemv_tc call. Stream mode (32 warps, 3 slots) where bench/kernel.py measured it faster
     on the H200 (bench/results/kernel_stream.json, 5-bit, one token: gate_up 30.45 vs 34.11 us, down 33.51 vs
     35.90, o_global 28.40 vs 29.08; o_sliding 20.33 vs 17.22 and most 8-token launches slower): one token, at least
-    STREAM_MIN_WEIGHTS weights, and a GPU with TMA (sm_90+). Otherwise the tile kernel."""
+    STREAM_MIN_WEIGHTS weights, and a GPU that can run it (`stream_ok`, stream_fits). Otherwise the tile kernel."""
     stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and rows * n_blocks * BLOCK >= STREAM_MIN_WEIGHTS)
-    return tc_launch(32, 2, stream=True) if stream and capability >= (9, 0) else tc_launch()
+    return tc_launch(32, 2, stream=True) if stream and stream_ok else tc_launch()
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+_STREAM_OK: dict[tuple[int, int], bool] = {}
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def stream_supported(device: torch.device, bits: int) -> bool:
+    """stream_fits for a CUDA device, cached per (device, bits)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index]
+    if (index, bits) not in _STREAM_OK:
+        props = torch.cuda.get_device_properties(index)
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        _STREAM_OK[index, bits] = stream_fits((props.major, props.minor), optin, bits)
+    return _STREAM_OK[index, bits]
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -129,7 +152,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
         # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         n = TC_MAX_BATCH
-        launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, tiles.shape[1], _capability(x.device))
+        launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, tiles.shape[1], stream_supported(x.device, bits))
         parts = [
             torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, launch)
             for a in range(0, x2.shape[0], n)

@@ -527,8 +527,9 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
   using S = StreamSmem<BITS, STAGES, G>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int W = gridDim.x * KS, w = blockIdx.x * KS + warp;
-  const int U = n_tiles * n_blocks, lo = stream_start(w, U, W), hi = stream_start(w + 1, U, W);
+  // At most one warp per unit: a warp with an empty run inside a tile's owners would be counted and never arrive.
+  const int U = n_tiles * n_blocks, W = min((int)gridDim.x * KS, U), w = blockIdx.x * KS + warp;
+  const int lo = w < W ? stream_start(w, U, W) : 0, hi = w < W ? stream_start(w + 1, U, W) : 0;
   const int n_stages = (hi - lo + G - 1) / G;
   uint8_t* ring = reinterpret_cast<uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
@@ -862,11 +863,10 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
+  // Set before every launch: the limit belongs to the function and another warps count may have lowered it.
+  cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   static int resident[33] = {0};
-  if (!resident[warps]) {
-    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
-  }
+  if (!resident[warps]) resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
   const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
   tc_stream_kernel<BITS, STAGES, G, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
