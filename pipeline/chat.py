@@ -22,6 +22,12 @@ HELP = (
 )
 
 
+COMPILE_HELP = (
+    "compile the lean decoder's layers (torch.compile): the first answer waits for the compile, later "
+    "ones decode faster (31B on an H200: 93 tok/s compiled, 49 eager)"
+)
+
+
 def register_cli(sub: Any) -> None:
     c = sub.add_parser("chat", help="chat with an artifact (folder or Hub repo) in the terminal, streamed")
     c.add_argument("artifact", metavar="ARTIFACT_OR_REPO")
@@ -33,6 +39,8 @@ def register_cli(sub: Any) -> None:
     c.add_argument("--decoder", choices=["auto", "lean", "hf"], default="auto",
                    help="greedy answers by the static-cache CUDA-graph decoder (lean) or transformers' generate (hf); "
                         "auto: lean on a GPU")  # fmt: skip
+    c.add_argument("--compile", action="store_true",
+                   help=COMPILE_HELP)  # fmt: skip
     c.set_defaults(func=run)
 
 
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     first_image = open_image(args.image) if args.image else None  # a bad --image fails before the model loads
     tty = sys.stdin.isatty()
     term = Terminal(sys.stdout, sys.stdout if tty else sys.stderr)
-    engine = Engine.open(args.artifact, args.device, args.decoder)
+    engine = Engine.open(args.artifact, args.device, args.decoder, args.compile)
     chat = Chat(engine, settings)
     if first_image is not None:
         if not engine.has_vision:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pipeline.chat import COMPILE_HELP
 from pipeline.errors import InputError, PipelineError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def register_cli(sub: Any) -> None:
         default="auto",
         help="greedy answers by the lean CUDA-graph decoder or transformers' generate (auto: lean on a GPU)",
     )
+    d.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     d.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineError("the demo needs gradio: pip install 'hlwq[demo]' (or -r requirements.lock)") from None
     engine, error = None, None
     try:
-        engine = Engine.open(args.artifact, args.device, args.decoder)
+        engine = Engine.open(args.artifact, args.device, args.decoder, args.compile)
     except PipelineError as e:  # the page says why; a demo that will not start tells nobody anything
         error = str(e)
         log.error("%s", error)

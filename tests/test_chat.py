@@ -400,6 +400,19 @@ def test_the_lean_decoder_answers_as_generate_does(tiny_artifact: Path) -> None:
         Engine.open(tiny_artifact, "cpu", decoder="fast")
 
 
+def test_the_compiled_lean_decoder_answers_as_generate_does(tiny_artifact: Path) -> None:
+    """--compile: the lean decoder's layers go through torch.compile (on the CPU too), with generate's answer, and the
+    status line says so."""
+    answers = []
+    for eng in (Engine.open(tiny_artifact, "cpu", decoder="lean", compile_layers=True),
+                Engine.open(tiny_artifact, "cpu", decoder="hf")):  # fmt: skip
+        eng.model.float()
+        gen = Chat(eng, Settings(max_new_tokens=8)).send("hello there")
+        answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
+    (text, n, kv), (ref_text, ref_n, _) = answers
+    assert kv.endswith("lean decoder, compiled") and (text, n) == (ref_text, ref_n) and n > 0
+
+
 def test_a_lean_decoder_that_fails_hands_the_answer_to_generate(tiny_artifact: Path, monkeypatch) -> None:
     from pipeline.runtime.decode import LeanDecoder
 

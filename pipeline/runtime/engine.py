@@ -272,7 +272,7 @@ class Generation:
                 raise
             log.warning("the lean decoder failed (%s: %s); answers go through generate", type(e).__name__, e)
             self.engine.decoder, self.engine._lean = "hf", None
-            self.kv = self.kv.replace(" · lean decoder", "")
+            self.kv = self.kv.split(" · lean decoder")[0]
             return False
         return True
 
@@ -349,12 +349,13 @@ class Generation:
 class Engine:
     """A loaded artifact, ready to answer conversations."""
 
-    def __init__(self, model: Any, folder: Path, tokenizer: Any, processor: Any | None,
-                 device: torch.device, runtime: str, source: str, decoder: str = "auto"):  # fmt: skip
+    def __init__(self, model: Any, folder: Path, tokenizer: Any, processor: Any | None, device: torch.device,
+                 runtime: str, source: str, decoder: str = "auto", compile_layers: bool = False):  # fmt: skip
         if decoder not in DECODERS:
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.model: Any = model  # a transformers model (generate, config)
         self.decoder = decoder
+        self.compile_layers = compile_layers  # the lean decoder's layers through torch.compile
         self._lean: Any = None  # the LeanDecoder, built on the first answer it makes
         self.folder = folder
         self.tokenizer = tokenizer
@@ -365,11 +366,13 @@ class Engine:
         self.lock = threading.Lock()  # one generation at a time: the model and its caches are shared
 
     @classmethod
-    def open(cls, path_or_repo: str | Path, device: str | torch.device | None = None,
-             decoder: str = "auto") -> Engine:  # fmt: skip
+    def open(cls, path_or_repo: str | Path, device: str | torch.device | None = None, decoder: str = "auto",
+             compile_layers: bool = False) -> Engine:  # fmt: skip
         """Load an artifact folder or Hub repo id: on the GPU when CUDA is present, else on the CPU. decoder: who
         makes greedy answers ("lean": the static-cache CUDA-graph LeanDecoder, "hf": transformers' generate,
-        "auto": lean on a GPU); sampled answers and a compressed KV cache always go through generate."""
+        "auto": lean on a GPU); sampled answers and a compressed KV cache always go through generate.
+        compile_layers: the lean decoder compiles its layers (the first answer, and the first after the cache grows,
+        wait for the compile; later ones decode faster)."""
         if decoder not in DECODERS:
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -385,7 +388,7 @@ class Engine:
         except Exception as e:  # a Hub or transformers failure: one line naming the artifact and the cause
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise FormatError(f"{path_or_repo}: cannot load: {type(e).__name__}: {first[:300]}") from None
-        return cls(model.eval(), folder, tokenizer, processor, dev, runtime, str(path_or_repo), decoder)
+        return cls(model.eval(), folder, tokenizer, processor, dev, runtime, str(path_or_repo), decoder, compile_layers)
 
     @property
     def has_vision(self) -> bool:
@@ -517,7 +520,8 @@ class Engine:
 
             self._lean = None  # the old static cache goes before the new one is allocated
             try:
-                self._lean = LeanDecoder(self.model, max_len=max(2048, 1 << (need - 1).bit_length()))
+                length = max(2048, 1 << (need - 1).bit_length())
+                self._lean = LeanDecoder(self.model, max_len=length, compile_layers=self.compile_layers)
             except TypeError as e:  # no decoder stack it knows
                 log.info("answers through generate: %s", e)
                 self.decoder = "hf"
@@ -533,7 +537,8 @@ class Engine:
         # A rebuilt decoder does not disturb an answer in progress: that one holds its own (answers run one at a
         # time under the engine's lock).
         lean = self.lean_for(inputs, s)
-        return Generation(self, inputs, kwargs, kv + (" · lean decoder" if lean is not None else ""), on_done, lean)
+        how = "" if lean is None else " · lean decoder" + (", compiled" if self.compile_layers else "")
+        return Generation(self, inputs, kwargs, kv + how, on_done, lean)
 
     def card(self) -> list[tuple[str, str]]:
         """The artifact's figures for a status panel: what the card states, read from its files."""
