@@ -863,8 +863,13 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
-  // Set before every launch: the limit belongs to the function and another warps count may have lowered it.
-  cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  // The limit belongs to the function, whatever the warps count: only ever raised, so a smaller launch cannot lower
+  // it under a larger one's feet (and, once set, no call is made inside a graph capture). One device per process.
+  static size_t opted = 0;
+  if (smem > opted) {
+    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    opted = smem;
+  }
   static int resident[33] = {0};
   if (!resident[warps]) resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
