@@ -182,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    try:
-        return run(args)
-    except PipelineError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return quality.exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

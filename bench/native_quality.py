@@ -443,18 +443,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     if args.tokens < 2 or args.window < 2 or args.threads < 0:
         raise SystemExit("bench: --tokens and --window must be >= 2, --threads >= 0")
-    try:
-        if args.merge_only:
-            if not args.merge_into:
-                raise PipelineError("bench: --merge-only needs --merge-into")
-            merge_into(
-                _read(Path(args.out), "--merge-only"), Path(args.merge_into), Path(args.chart) if args.chart else None
-            )
-            return 0
-        return run(args)
-    except PipelineError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return e.exit_code
+
+    def merge_only() -> int:
+        if not args.merge_into:
+            raise PipelineError("bench: --merge-only needs --merge-into")
+        merge_into(
+            _read(Path(args.out), "--merge-only"), Path(args.merge_into), Path(args.chart) if args.chart else None
+        )
+        return 0
+
+    return quality.exit_code(merge_only if args.merge_only else lambda: run(args))
 
 
 if __name__ == "__main__":

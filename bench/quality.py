@@ -779,16 +779,21 @@ def register_cli(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def exit_code(run: Callable[[], int]) -> int:
+    """A bench's main around `run`: a PipelineError becomes one line on stderr and its exit code, not a traceback."""
+    try:
+        return run()
+    except PipelineError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_bench(args)
-    except PipelineError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return exit_code(lambda: cmd_bench(args))
 
 
 if __name__ == "__main__":
