@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import RuntimeBackendError
+from pipeline.runtime.kernels.layout import unit_bytes
 
 BLOCK = 128
 SUPPORTED_BITS = (4, 5, 6)
@@ -64,8 +65,7 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
 def stream_smem_bytes(bits: int, warps: int = 32, slots: int = 3, units: int = 1) -> int:
     """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
     `slots` x `units` units and one mbarrier per slot."""
-    unit = 1024 + (256 if bits == 5 else 0) + 32  # layout.unit_bytes
-    return 256 * 64 * 4 + warps * (slots * units * unit + slots * 8)
+    return 256 * 64 * 4 + warps * (slots * units * unit_bytes(bits) + slots * 8)
 
 
 def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) -> bool:

@@ -297,16 +297,17 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
   acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
 }
 
-// The pair table: entry (byte idx, lane) = fp16x2 levels of the byte's two nibbles / sqrt(B), one copy per lane.
-template <int BITS>
+// The pair table: entry (byte idx, lane) = fp16x2 levels of the byte's two nibbles / sqrt(B), one copy per lane, at
+// word idx * ROW + lane (ROW 32: the tile kernel's packed table; 64: stream mode's wide one).
+template <int BITS, int ROW = 32>
 __device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __restrict__ codebook) {
-  for (int i = threadIdx.x; i < TC_TABLE_WORDS; i += blockDim.x) {
-    const int idx = i >> 5;
+  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
+    const int idx = i >> 5, lane = i & 31;
     const int lo = idx & 15, hi = idx >> 4;
     // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
     const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
     __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
-    tab[i] = *reinterpret_cast<uint32_t*>(&v);
+    tab[idx * ROW + lane] = *reinterpret_cast<uint32_t*>(&v);
   }
 }
 
@@ -453,17 +454,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // table (byte*128 + lane*4) needs a shift-and-add beside it. One table per SM: stream mode runs one CTA per SM.
 #define TC_WIDE_TABLE_WORDS (256 * 64)
 
-template <int BITS>
-__device__ __forceinline__ void fill_wide_table(uint32_t* tab, const float* __restrict__ codebook) {
-  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-    const int idx = i >> 5, lane = i & 31;
-    const int lo = idx & 15, hi = idx >> 4;
-    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
-    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
-    tab[idx * 64 + lane] = *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
 template <int BITS, int K>
 __device__ __forceinline__ uint32_t wide_pair(uint32_t tb, uint32_t lane4, uint4 n, uint32_t s) {
   const uint32_t w = K < 4 ? n.x : K < 8 ? n.y : K < 12 ? n.z : n.w;
@@ -545,7 +535,7 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
     // The first stages are requested before the table is built: the fill then hides under their latency.
     for (int k = 0; k < STAGES - 1 && k < n_stages; ++k) fetch(k);
   }
-  fill_wide_table<BITS>(tab, codebook);
+  fill_pair_table<BITS, 64>(tab, codebook);
   __syncthreads();
   if (lo >= hi) return;
   const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
