@@ -17,6 +17,7 @@ import torch
 from torch.library import custom_op
 
 from pipeline.errors import RuntimeBackendError
+from pipeline.runtime import kernels
 from pipeline.runtime.kernels.build import library
 
 BLOCK = 128
@@ -169,8 +170,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
     ws = counters = None
     if launch_streamed(launch):
-        if torch.cuda.get_device_capability(xp.device) < (9, 0):
-            raise RuntimeBackendError("gemv_tc's stream mode needs a Hopper or newer GPU (TMA bulk copies)")
+        if not kernels.stream_supported(xp.device, bits):  # cached per device: no query per call
+            raise RuntimeBackendError("gemv_tc's stream mode needs sm_90+ (TMA) and ~187 KB of shared memory per block")
         ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
