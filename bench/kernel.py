@@ -37,7 +37,7 @@ SHAPES = {
     "o_global": (5376, 16384),
 }
 TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
-STREAM_VARIANTS = [(16, 2), (16, 4), (24, 2), (24, 3), (32, 2)]  # (warps, ring shape) of gemv_tc's stream mode
+STREAM_VARIANTS = [(24, 2), (32, 2), (24, 6), (32, 6), (24, 7), (32, 7), (28, 8)]  # (warps, ring shape) of gemv_tc's stream mode
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]
 

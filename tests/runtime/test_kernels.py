@@ -73,7 +73,7 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
     ("rows", "cols"), [(1000, 5376), (5376, 1024), (300, 640), (16, 128), (16, 256), (48, 1280), (21504, 5376)]
 )
 @pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2)])
+@pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2), (32, 6), (24, 7), (28, 8)])
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
     """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their last contributor)
     against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no

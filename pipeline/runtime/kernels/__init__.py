@@ -28,7 +28,10 @@ TC_MAX_BATCH = 8  # tokens one gemv_tc launch takes
 TC_CHUNKED_BATCH = 32  # up to this many tokens, gemv_tc launches in slices of TC_MAX_BATCH
 
 
-STREAM_PREFETCH = (2, 3, 4, 5)  # stream mode's ring shapes (hlwq.cu: 3x1, 4x1, 3x2, 6x1 slots x units)
+STREAM_PREFETCH = (2, 3, 4, 5, 6, 7, 8)
+# Stream mode's ring shapes (hlwq.cu), slots x units: 2-5 the first kernel (3x1, 4x1, 3x2, 6x1); 6-8 the lean-issue
+# kernel (2x1, 3x1, 4x1).
+STREAM_RINGS = {2: (3, 1), 3: (4, 1), 4: (3, 2), 5: (6, 1), 6: (2, 1), 7: (3, 1), 8: (4, 1)}
 STREAM_MIN_WEIGHTS = 1 << 26  # smaller weights (o_proj 5376x8192: 44M) measured faster on the tile kernel
 # HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). Read once at import, so a
 # compiled graph never sees the environment.

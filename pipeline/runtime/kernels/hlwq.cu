@@ -571,6 +571,93 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
   }
 }
 
+// ---- stream mode, lean issue: the same units, runs and flushes as tc_stream_kernel, with less work per unit ----------
+// What SASS showed the first design spends beside its 4 instructions per lookup (~120 of ~250 per unit): a TMA issue
+// that the compiler could not prove warp-uniform (an ELECT/R2UR loop per operand), a ring index modulo 3, activation
+// addresses rebuilt in 64 bits, and zero-fills of the activation registers of lanes whose batch row is absent. Here the
+// warp index is broadcast from lane 0 (the compiler then keeps the run, the source and the slot in uniform registers),
+// the ring advances by compare-and-reset, the activation pointers advance per unit, and lanes of absent batch rows
+// read row n-1: their products land only in output columns >= n, which are never stored.
+template <int BITS, int STAGES, typename T>
+__global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restrict__ tiles,
+                                                         const float* __restrict__ codebook,
+                                                         const uint4* __restrict__ xp, const float* __restrict__ xs,
+                                                         T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
+                                                         float* __restrict__ ws, int* __restrict__ counters) {
+  extern __shared__ __align__(16) uint32_t tab[];
+  constexpr int UB = Unit<BITS>::BYTES;
+  using S = StreamSmem<BITS, STAGES, 1>;
+  const int lane = threadIdx.x & 31, KS = blockDim.x >> 5;
+  const int warp = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 5, 0);  // provably warp-uniform
+  const int g = lane >> 2, q = lane & 3;
+  const int U = n_tiles * n_blocks, W = min((int)gridDim.x * KS, U), w = blockIdx.x * KS + warp;
+  const int lo = w < W ? stream_start(w, U, W) : 0, hi = w < W ? stream_start(w + 1, U, W) : 0;
+  const int count = hi - lo;
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(tab + TC_WIDE_TABLE_WORDS) + warp * (uint32_t)S::RING;
+  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(tab + TC_WIDE_TABLE_WORDS) + KS * (uint32_t)S::RING +
+                        warp * STAGES * 8;
+  const uint8_t* src = tiles + (size_t)lo * UB;  // the next unit to request
+  if (lane == 0) {
+    for (int i = 0; i < STAGES; ++i) mbar_init(bars + i * 8, 1);
+    for (int k = 0; k < STAGES - 1 && k < count; ++k, src += UB) bulk_fetch(ring_s + k * UB, src, UB, bars + k * 8);
+  }
+  fill_pair_table<BITS, 64>(tab, codebook);
+  __syncthreads();
+  if (count <= 0) return;
+  src = tiles + (size_t)(lo + STAGES - 1) * UB;
+  const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
+  const uint8_t* ring = reinterpret_cast<const uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
+  int t = lo / n_blocks, b = lo - t * n_blocks;
+  // Activation pointers at block b: pairs of batch row min(g, n-1), scales of rows min(2q, n-1) and min(2q+1, n-1).
+  const uint4* xq = xp + ((size_t)min(g, n - 1) * n_blocks + b) * 16 + q * 4;
+  const float* xs0 = xs + (size_t)min(2 * q, n - 1) * n_blocks + b;
+  const float* xs1 = xs + (size_t)min(2 * q + 1, n - 1) * n_blocks + b;
+  int slot = 0, refill = STAGES - 1;
+  uint32_t phase = 0;
+  int u = lo;
+  while (u < hi) {
+    const int seg = min(hi, (t + 1) * n_blocks), first = u;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (; u < seg; ++u) {
+      mbar_wait(bars + slot * 8, phase);
+      __syncwarp();  // every lane is done with the slot refilled next (the previous unit's)
+      if (lane == 0 && u + STAGES - 1 < hi) bulk_fetch(ring_s + refill * UB, src, UB, bars + refill * 8);
+      src += UB;
+      refill = refill + 1 == STAGES ? 0 : refill + 1;
+      const uint8_t* p = ring + slot * UB;
+      slot = slot + 1 == STAGES ? 0 : slot + 1;
+      phase ^= slot == 0;
+      const uint4 x0 = __ldg(xq), x1 = __ldg(xq + 1), x2 = __ldg(xq + 2), x3 = __ldg(xq + 3);
+      const float x0s = __ldg(xs0), x1s = __ldg(xs1);
+      xq += 16; ++xs0; ++xs1;
+      const uint4 n0 = reinterpret_cast<const uint4*>(p)[lane];
+      const uint4 n1 = reinterpret_cast<const uint4*>(p + 512)[lane];
+      uint32_t s0 = 0, s1 = 0;
+      if (BITS == 5) {
+        s0 = reinterpret_cast<const uint32_t*>(p + 1024)[lane];
+        s1 = reinterpret_cast<const uint32_t*>(p + 1024 + 128)[lane];
+      }
+      const uint32_t scw = reinterpret_cast<const uint32_t*>(p + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#define HLWQ_WSTEP(S_, XA, XB)                                                                              \
+  mma_f16_16816(c, wide_pair<BITS, 2 * S_>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S_>(tb, lane4, n1, s1), \
+                 wide_pair<BITS, 2 * S_ + 1>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S_ + 1>(tb, lane4, n1, s1), XA, XB)
+      HLWQ_WSTEP(0, x0.x, x0.y); HLWQ_WSTEP(1, x0.z, x0.w); HLWQ_WSTEP(2, x1.x, x1.y); HLWQ_WSTEP(3, x1.z, x1.w);
+      HLWQ_WSTEP(4, x2.x, x2.y); HLWQ_WSTEP(5, x2.z, x2.w); HLWQ_WSTEP(6, x3.x, x3.y); HLWQ_WSTEP(7, x3.z, x3.w);
+#undef HLWQ_WSTEP
+      const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&scw));
+      acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
+      acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
+    }
+    stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
+    // The next tile starts at block 0.
+    const int done = b + (u - first);
+    xq -= (size_t)done * 16; xs0 -= done; xs1 -= done;
+    b = 0;
+    ++t;
+  }
+}
+
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
 // z = H·D·(x / s) per block; xs[n, b] is a power of two that puts the block's largest |z| in [2^13, 2^14): exact to
 // undo, and fp16 keeps its 11-bit significand for any activation range.
@@ -869,6 +956,29 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   return (int)cudaGetLastError();
 }
 
+template <int BITS, int STAGES, typename T>
+static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
+                             int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
+  const int n_tiles = (R + 15) / 16;
+  const long units = (long)n_tiles * n_blocks;
+  const int threads = 32 * warps;
+  const size_t smem = StreamSmem<BITS, STAGES, 1>::bytes(warps);
+  static size_t opted = 0;
+  if (smem > opted) {
+    const cudaError_t e = cudaFuncSetAttribute(tc_stream2_kernel<BITS, STAGES, T>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return (int)e;
+    opted = smem;
+  }
+  static int resident[33] = {0};
+  if (!resident[warps]) resident[warps] = resident_ctas(tc_stream2_kernel<BITS, STAGES, T>, threads, smem);
+  const long wanted = (units + 2L * warps - 1) / (2L * warps);
+  const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
+  tc_stream2_kernel<BITS, STAGES, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
+                                                                      n, R, n_blocks, n_tiles, ws, counters);
+  return (int)cudaGetLastError();
+}
+
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
                    int R, int n_blocks, int warps, int pf, bool streamed, float* ws, int* counters,
@@ -883,7 +993,13 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
       : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, 1, T> : pf == 3 ? launch_tc_stream<5, 4, 1, T>
                      : pf == 4 ? launch_tc_stream<5, 3, 2, T> : pf == 5 ? launch_tc_stream<5, 6, 1, T> : nullptr)
       : nullptr;
-  else
+  if (streamed && pf >= 6)  // the lean-issue kernel: 6 -> 2 slots, 7 -> 3, 8 -> 4
+    f = bits == 4 ? (pf == 6 ? launch_tc_stream2<4, 2, T> : pf == 7 ? launch_tc_stream2<4, 3, T>
+                     : pf == 8 ? launch_tc_stream2<4, 4, T> : nullptr)
+      : bits == 5 ? (pf == 6 ? launch_tc_stream2<5, 2, T> : pf == 7 ? launch_tc_stream2<5, 3, T>
+                     : pf == 8 ? launch_tc_stream2<5, 4, T> : nullptr)
+      : nullptr;
+  else if (!streamed)
     f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, T> : pf == 2 ? launch_tc<4, 2, T> : nullptr)
       : bits == 5 ? (pf == 1 ? launch_tc<5, 1, T> : pf == 2 ? launch_tc<5, 2, T> : nullptr)
       : nullptr;
@@ -914,7 +1030,7 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
   // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1;
-  if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 5 : 2))
+  if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 8 : 2))
     return (int)cudaErrorInvalidValue;
   if (streamed && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
