@@ -37,7 +37,8 @@ SHAPES = {
     "o_global": (5376, 16384),
 }
 TC_VARIANTS = [(w, pf) for w in (8, 12, 16) for pf in (1, 2)]
-STREAM_VARIANTS = [(24, 2), (32, 2), (24, 6), (32, 6), (24, 7), (32, 7), (28, 8)]  # (warps, ring shape) of gemv_tc's stream mode
+# (warps, ring shape) of gemv_tc's stream mode: 2 the first kernel (3 slots), 6-8 the lean-issue one (2-4 slots)
+STREAM_VARIANTS = [(24, 2), (32, 2), (24, 6), (32, 6), (24, 7), (32, 7), (28, 8)]
 L2_BYTES = 60 << 20
 VARIANTS = [(r, w) for r in (2, 4, 8) for w in (4, 8)]
 
@@ -161,6 +162,8 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
                 "tb_s": round(qbytes / us / 1e6, 3),
             }
     out["tc_variants"] = variants
+    if stream_ok:
+        out["rotate_then_gemv"] = rotate_then_gemv(tiles, codebook, signs, rows, cols, bits, qbytes, device)
     batches: dict[str, Any] = {}
     for n in (1, 2, 4, 8, 16):
         x = torch.randn(n, cols, device=device, dtype=torch.bfloat16)
@@ -175,6 +178,30 @@ def bench_tiled(codes: list[torch.Tensor], scales: list[torch.Tensor], codebook:
     out["batches"] = batches
     x1 = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
     out["rotate_pairs_us"] = round(graph_time_us([functools.partial(torch.ops.hlwq.rotate_pairs, x1, signs, None)]), 2)
+    return out
+
+
+def _rotate_gemv(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
+                 rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+    xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
+    return torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, torch.bfloat16, launch)
+
+
+def rotate_then_gemv(tiles: list[torch.Tensor], codebook: torch.Tensor, signs: torch.Tensor, rows: int, cols: int,
+                     bits: int, qbytes: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """One token's rotation then the stream-mode matvec, as the runtime runs them: with a programmatic launch the
+    matvec's prologue and first weight fetches overlap the rotation (batch 1)."""
+    x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+    out: dict[str, Any] = {}
+    for key, launch in {
+        "stream_w32_pf2": kernels.tc_launch(32, 2, stream=True),
+        "stream_w32_pf6": kernels.tc_launch(32, 6, stream=True),
+        "stream_w32_pf6_pdl": kernels.tc_launch(32, 6, stream=True, pdl=True),
+        "stream_w24_pf6_pdl": kernels.tc_launch(24, 6, stream=True, pdl=True),
+    }.items():
+        calls = [functools.partial(_rotate_gemv, x, t, codebook, signs, bits, rows, launch) for t in tiles]
+        us = graph_time_us(calls)
+        out[key] = {"us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
     return out
 
 

@@ -90,23 +90,36 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
     assert not ops.tile_counters(xp.device, tiles.shape[0]).any()
 
 
-def test_gemv_tc_stream_in_cuda_graph() -> None:
-    """Replays of a captured stream-mode launch give the eager result each time, with no memset between them."""
-    from pipeline.runtime.kernels import tc_launch
+@pytest.mark.parametrize(("warps", "prefetch", "pdl"), [(24, 2, False), (32, 6, False), (32, 6, True)])
+def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> None:
+    """Replays of a captured rotation + stream-mode launch give the eager result each time, with no memset between
+    them; with a programmatic launch the matvec still reads the rotation of this replay's input, not a stale one."""
+    from pipeline.runtime.kernels import layout, tc_launch
 
-    xp, xs, tiles, codebook = _tc_inputs(5, 5376, 8192, 1, seed=12)
-    launch = tc_launch(24, 2, stream=True)
-    eager = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, 5376, torch.bfloat16, launch)
+    g = torch.Generator(device="cuda").manual_seed(12)
+    params = QuantParams(bits=5)
+    q = quantize(torch.randn(5376, 8192, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    launch = tc_launch(warps, prefetch, stream=True, pdl=pdl)
+    x = torch.randn(1, 8192, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
+        return torch.ops.hlwq.gemv_tc(xp, xs, tiles, q.codebook, 5, 5376, torch.bfloat16, launch)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, 5376, torch.bfloat16, launch)
+        step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, 5376, torch.bfloat16, launch)
-    for _ in range(5):
+        out = step()
+    for seed in range(4):
+        x.copy_(torch.randn(1, 8192, generator=g, device="cuda", dtype=torch.bfloat16))
+        eager = step()
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+        assert torch.equal(out, eager), seed

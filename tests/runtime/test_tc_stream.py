@@ -22,6 +22,11 @@ def test_launch_word() -> None:
     assert not ops.launch_streamed(kernels.tc_launch(16, 2))
     with pytest.raises(ValueError, match="prefetch"):
         kernels.tc_launch(32, 1, stream=True)
+    word = kernels.tc_launch(32, 6, stream=True, pdl=True)
+    assert word == 32 | 6 << 8 | 1 << 16 | 1 << 17 and ops.launch_streamed(word)
+    for warps, pf, stream in [(32, 2, True), (12, 1, False)]:  # only the lean-issue kernel waits for its input
+        with pytest.raises(ValueError, match="pdl"):
+            kernels.tc_launch(warps, pf, stream=stream, pdl=True)
 
 
 @pytest.mark.parametrize(
@@ -36,12 +41,17 @@ def test_launch_word() -> None:
 def test_choose_rule(tokens: int, rows: int, n_blocks: int, streamed: bool) -> None:
     word = kernels.tc_choose(tokens, rows, n_blocks, stream_ok=True)
     assert ops.launch_streamed(word) == (streamed and kernels.TC_STREAM == "auto")
+    if ops.launch_streamed(word) and kernels.TC_LEAN == "1":  # the lean-issue kernel, fewer warps for smaller weights
+        assert (word >> 8) & 15 == 6 and (word >> 17) & 1
+        assert word & 255 == (32 if rows * n_blocks * 128 >= kernels.STREAM_FULL_WEIGHTS else 24)
     assert not ops.launch_streamed(kernels.tc_choose(tokens, rows, n_blocks, stream_ok=False))
 
 
 def test_stream_fits_only_where_its_shared_memory_does() -> None:
     need5, need4 = kernels.stream_smem_bytes(5), kernels.stream_smem_bytes(4)
     assert need5 == 65536 + 32 * (3 * 1312 + 24) and need4 < need5
+    assert kernels.stream_smem_bytes(5, 32, 6) == 65536 + 32 * (2 * 1312 + 16)
+    assert kernels.stream_smem_bytes(5, 16, 4) == 65536 + 16 * (3 * 2 * 1312 + 24)
     assert kernels.stream_fits((9, 0), 232448, 5)  # H100 / H200: 227 KB per block
     assert not kernels.stream_fits((12, 0), 101376, 5)  # consumer Blackwell: 99 KB
     assert not kernels.stream_fits((8, 0), 232448, 5)  # no TMA

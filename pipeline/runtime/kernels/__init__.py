@@ -28,26 +28,36 @@ TC_MAX_BATCH = 8  # tokens one gemv_tc launch takes
 TC_CHUNKED_BATCH = 32  # up to this many tokens, gemv_tc launches in slices of TC_MAX_BATCH
 
 
-STREAM_PREFETCH = (2, 3, 4, 5, 6, 7, 8)
-# Stream mode's ring shapes (hlwq.cu), slots x units: 2-5 the first kernel (3x1, 4x1, 3x2, 6x1); 6-8 the lean-issue
-# kernel (2x1, 3x1, 4x1).
+# Stream mode's ring shapes (hlwq.cu), prefetch code -> (slots, units per slot): 2-5 the first kernel, 6-8 the
+# lean-issue one.
 STREAM_RINGS = {2: (3, 1), 3: (4, 1), 4: (3, 2), 5: (6, 1), 6: (2, 1), 7: (3, 1), 8: (4, 1)}
+STREAM_PREFETCH = tuple(STREAM_RINGS)
+LEAN_RINGS = (6, 7, 8)
 STREAM_MIN_WEIGHTS = 1 << 26  # smaller weights (o_proj 5376x8192: 44M) measured faster on the tile kernel
-# HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). Read once at import, so a
-# compiled graph never sees the environment.
+STREAM_FULL_WEIGHTS = 100_000_000  # from here stream mode runs 32 warps per SM, below 24
+# HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). HLWQ_TC_LEAN: "1" stream
+# mode runs the lean-issue kernel, programmatically launched (the default), "0" the first kernel (A/B runs). Read once
+# at import, so a compiled graph never sees the environment.
 TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "auto").strip().lower()
 if TC_STREAM not in {"auto", "0", "1"}:
     raise ValueError(f"HLWQ_TC_STREAM must be auto, 0 or 1, not {TC_STREAM!r}")
+TC_LEAN = os.environ.get("HLWQ_TC_LEAN", "1").strip()
+if TC_LEAN not in {"0", "1"}:
+    raise ValueError(f"HLWQ_TC_LEAN must be 0 or 1, not {TC_LEAN!r}")
 
 
-def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False) -> int:
+def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False) -> int:
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
     at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
-    sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json)."""
+    sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json). `pdl`: a
+    programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
+    kernel before it (rotate_pairs lets it start at once)."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
-    return warps | prefetch << 8 | int(stream) << 16
+    if pdl and not (stream and prefetch in LEAN_RINGS):
+        raise ValueError(f"a programmatic launch (pdl) needs stream mode with prefetch in {LEAN_RINGS}")
+    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17
 
 
 def stream_start(warp: int, units: int, warps: int) -> int:
@@ -65,10 +75,21 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
     return ((unit + 1) * warps + units - 1) // units - 1
 
 
-def stream_smem_bytes(bits: int, warps: int = 32, slots: int = 3, units: int = 1) -> int:
+def stream_smem_bytes(bits: int, warps: int = 32, prefetch: int = 2) -> int:
     """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
-    `slots` x `units` units and one mbarrier per slot."""
+    STREAM_RINGS[prefetch] (slots x units) and one mbarrier per slot."""
+    slots, units = STREAM_RINGS[prefetch]
     return 256 * 64 * 4 + warps * (slots * units * unit_bytes(bits) + slots * 8)
+
+
+def stream_default(weights: int = 1 << 30) -> int:
+    """tc_choose's stream launch for a weight of `weights` entries: the lean-issue kernel with 2 slots, launched
+    programmatically, 32 warps from STREAM_FULL_WEIGHTS and 24 below (bench/results/kernel_stream2_pdl.json, with
+    the rotation: 16384x5376 25.22 us at 24 warps vs 26.19 at 32; 21504x5376 29.63 at 32 vs 30.74 at 24).
+    HLWQ_TC_LEAN=0: the first kernel, 32 warps and 3 slots, as before."""
+    if TC_LEAN == "0":
+        return tc_launch(32, 2, stream=True)
+    return tc_launch(32 if weights >= STREAM_FULL_WEIGHTS else 24, 6, stream=True, pdl=True)
 
 
 def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) -> bool:
@@ -76,16 +97,20 @@ def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) 
     figure, only the data-centre parts known to give a block 227 KB (sm_90, sm_100)."""
     if capability < (9, 0):
         return False
-    return smem_optin >= stream_smem_bytes(bits) if smem_optin else capability[0] in (9, 10)
+    launch = stream_default()
+    need = stream_smem_bytes(bits, launch & 255, (launch >> 8) & 15)
+    return smem_optin >= need if smem_optin else capability[0] in (9, 10)
 
 
 def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool) -> int:
-    """The launch word of one gemv_tc call. Stream mode (32 warps, 3 slots) where bench/kernel.py measured it faster
-    on the H200 (bench/results/kernel_stream.json, 5-bit, one token: gate_up 30.45 vs 34.11 us, down 33.51 vs
-    35.90, o_global 28.40 vs 29.08; o_sliding 20.33 vs 17.22 and most 8-token launches slower): one token, at least
-    STREAM_MIN_WEIGHTS weights, and a GPU that can run it (`stream_ok`, stream_fits). Otherwise the tile kernel."""
-    stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and rows * n_blocks * BLOCK >= STREAM_MIN_WEIGHTS)
-    return tc_launch(32, 2, stream=True) if stream and stream_ok else tc_launch()
+    """The launch word of one gemv_tc call: stream_default where bench/kernel.py measured it faster on the H200
+    (one token, at least STREAM_MIN_WEIGHTS weights: bench/results/kernel_stream2_pdl.json, 5-bit, kernel alone:
+    21504x5376 29.15 us vs 34.03 for the tile kernel, 5376x21504 30.80 vs 35.66, 16384x5376 23.97 vs 25.99,
+    5376x16384 25.39 vs 28.81; 5376x8192 17.59 vs 17.10, kept on the tile kernel) on a GPU that can run it
+    (`stream_ok`, stream_fits); otherwise the tile kernel."""
+    weights = rows * n_blocks * BLOCK
+    stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and weights >= STREAM_MIN_WEIGHTS)
+    return stream_default(weights) if stream and stream_ok else tc_launch()
 
 
 _STREAM_OK: dict[tuple[int, int], bool] = {}

@@ -420,6 +420,19 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
 // A warp's units travel by TMA bulk copies (issued from lane 0 per stage of G units, completion counted in bytes on a
 // per-slot mbarrier) into its ring of STAGES slots in shared memory: (STAGES - 1) x G units are in flight per warp
 // without holding registers (Hopper and later). The issue still costs the warp ~30 instructions per stage (SASS).
+// Programmatic dependent launch (sm_90+): a kernel launched with it may start while the previous one runs, and must
+// wait before reading that kernel's output; a kernel that calls pdl_trigger lets its dependents start early.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
@@ -576,8 +589,9 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
 // that the compiler could not prove warp-uniform (an ELECT/R2UR loop per operand), a ring index modulo 3, activation
 // addresses rebuilt in 64 bits, and zero-fills of the activation registers of lanes whose batch row is absent. Here the
 // warp index is broadcast from lane 0 (the compiler then keeps the run, the source and the slot in uniform registers),
-// the ring advances by compare-and-reset, the activation pointers advance per unit, and lanes of absent batch rows
-// read row n-1: their products land only in output columns >= n, which are never stored.
+// the ring advances by compare-and-reset, and the activation pointers advance per unit. Launched programmatically
+// (PDL), its prologue and first weight fetches overlap the kernel before it; it reads the activation only after
+// griddepcontrol.wait.
 template <int BITS, int STAGES, typename T>
 __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restrict__ tiles,
                                                          const float* __restrict__ codebook,
@@ -608,10 +622,15 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
   const uint8_t* ring = reinterpret_cast<const uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
   int t = lo / n_blocks, b = lo - t * n_blocks;
-  // Activation pointers at block b: pairs of batch row min(g, n-1), scales of rows min(2q, n-1) and min(2q+1, n-1).
-  const uint4* xq = xp + ((size_t)min(g, n - 1) * n_blocks + b) * 16 + q * 4;
-  const float* xs0 = xs + (size_t)min(2 * q, n - 1) * n_blocks + b;
-  const float* xs1 = xs + (size_t)min(2 * q + 1, n - 1) * n_blocks + b;
+  // Activation pointers at block b: pairs of batch row g, scales of rows 2q and 2q + 1. Lanes of absent rows load
+  // nothing and keep stale registers: their products land only in output columns >= n, which are never stored.
+  const bool has_x = g < n, has_s0 = 2 * q < n, has_s1 = 2 * q + 1 < n;
+  const uint4* xq = xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
+  const float* xs0 = xs + (size_t)(2 * q) * n_blocks + b;
+  const float* xs1 = xs0 + n_blocks;
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+  float x0s = 0.f, x1s = 0.f;
+  pdl_wait();  // the activation is the previous kernel's output (a no-op without programmatic launch)
   int slot = 0, refill = STAGES - 1;
   uint32_t phase = 0;
   int u = lo;
@@ -627,8 +646,9 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
       const uint8_t* p = ring + slot * UB;
       slot = slot + 1 == STAGES ? 0 : slot + 1;
       phase ^= slot == 0;
-      const uint4 x0 = __ldg(xq), x1 = __ldg(xq + 1), x2 = __ldg(xq + 2), x3 = __ldg(xq + 3);
-      const float x0s = __ldg(xs0), x1s = __ldg(xs1);
+      if (has_x) { x0 = __ldg(xq); x1 = __ldg(xq + 1); x2 = __ldg(xq + 2); x3 = __ldg(xq + 3); }
+      if (has_s0) x0s = __ldg(xs0);
+      if (has_s1) x1s = __ldg(xs1);
       xq += 16; ++xs0; ++xs1;
       const uint4 n0 = reinterpret_cast<const uint4*>(p)[lane];
       const uint4 n1 = reinterpret_cast<const uint4*>(p + 512)[lane];
@@ -665,6 +685,7 @@ template <typename T>
 __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
                                     const float* __restrict__ inv_smooth, __half2* __restrict__ out,
                                     float* __restrict__ xs, int rows, int K, int n_blocks) {
+  pdl_trigger();  // the matvec after it may start its prologue and weight fetches now (it waits for this output)
   int row, blk, lane;
   size_t base;
   float v[4];
@@ -958,7 +979,8 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
 
 template <int BITS, int STAGES, typename T>
 static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                             int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
+                             int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
+                             cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const long units = (long)n_tiles * n_blocks;
   const int threads = 32 * warps;
@@ -974,15 +996,36 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
   if (!resident[warps]) resident[warps] = resident_ctas(tc_stream2_kernel<BITS, STAGES, T>, threads, smem);
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
   const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
-  tc_stream2_kernel<BITS, STAGES, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
-                                                                      n, R, n_blocks, n_tiles, ws, counters);
-  return (int)cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, T>, tiles, codebook, (const uint4*)xp, xs,
+                                 (T*)y, n, R, n_blocks, n_tiles, ws, counters);
 }
 
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
-                   int R, int n_blocks, int warps, int pf, bool streamed, float* ws, int* counters,
+                   int R, int n_blocks, int warps, int pf, bool streamed, bool pdl, float* ws, int* counters,
                    cudaStream_t stream) {
+  if (streamed && pf >= 6) {  // the lean-issue kernel: 6 -> 2 slots, 7 -> 3, 8 -> 4 (one unit each)
+    using Launch2 = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
+                            int*, bool, cudaStream_t);
+    Launch2 f = bits == 4 ? (pf == 6 ? launch_tc_stream2<4, 2, T> : pf == 7 ? launch_tc_stream2<4, 3, T>
+                             : pf == 8 ? launch_tc_stream2<4, 4, T> : nullptr)
+              : bits == 5 ? (pf == 6 ? launch_tc_stream2<5, 2, T> : pf == 7 ? launch_tc_stream2<5, 3, T>
+                             : pf == 8 ? launch_tc_stream2<5, 4, T> : nullptr)
+              : nullptr;
+    return f ? f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, counters, pdl, stream)
+             : (int)cudaErrorInvalidValue;
+  }
+  if (pdl) return (int)cudaErrorInvalidValue;  // only the lean-issue kernel waits for its input (griddepcontrol)
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
                          int*, cudaStream_t);
   Launch f = nullptr;
@@ -993,13 +1036,7 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
       : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, 1, T> : pf == 3 ? launch_tc_stream<5, 4, 1, T>
                      : pf == 4 ? launch_tc_stream<5, 3, 2, T> : pf == 5 ? launch_tc_stream<5, 6, 1, T> : nullptr)
       : nullptr;
-  if (streamed && pf >= 6)  // the lean-issue kernel: 6 -> 2 slots, 7 -> 3, 8 -> 4
-    f = bits == 4 ? (pf == 6 ? launch_tc_stream2<4, 2, T> : pf == 7 ? launch_tc_stream2<4, 3, T>
-                     : pf == 8 ? launch_tc_stream2<4, 4, T> : nullptr)
-      : bits == 5 ? (pf == 6 ? launch_tc_stream2<5, 2, T> : pf == 7 ? launch_tc_stream2<5, 3, T>
-                     : pf == 8 ? launch_tc_stream2<5, 4, T> : nullptr)
-      : nullptr;
-  else if (!streamed)
+  else
     f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, T> : pf == 2 ? launch_tc<4, 2, T> : nullptr)
       : bits == 5 ? (pf == 1 ? launch_tc<5, 1, T> : pf == 2 ? launch_tc<5, 2, T> : nullptr)
       : nullptr;
@@ -1027,18 +1064,20 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
 // return; unused otherwise.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
                  int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
-  // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16).
+  // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16),
+  // programmatic launch (bit 17; the lean-issue stream kernel only).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
-  const bool streamed = (launch >> 16) & 1;
+  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 8 : 2))
     return (int)cudaErrorInvalidValue;
   if (streamed && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, ws,
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, ws,
                                         counters, stream);
   if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed,
-                                                ws, counters, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, ws, counters, stream);
+                                                pdl, ws, counters, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, ws, counters,
+                         stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.
