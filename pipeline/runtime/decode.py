@@ -156,7 +156,9 @@ class LeanDecoder:
             dyn = torch._dynamo.config
             dyn.recompile_limit = max(dyn.recompile_limit, 4 * len(self.text.layers))
             dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * len(self.text.layers))
-            self._layer_call = torch.compile(_call_layer, dynamic=False)
+            from pipeline.runtime.gemma4_decode import compile_options
+
+            self._layer_call = torch.compile(_call_layer, dynamic=False, options=compile_options())
         self.cache = StaticKV(self.layer_types, max_len, self.window)
         ring = self.window or 1
         self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)

@@ -631,6 +631,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
   float x0s = 0.f, x1s = 0.f;
   pdl_wait();  // the activation is the previous kernel's output (a no-op without programmatic launch)
+  pdl_trigger();  // a programmatically launched successor may start now (it waits for this kernel's output)
   int slot = 0, refill = STAGES - 1;
   uint32_t phase = 0;
   int u = lo;
