@@ -2,7 +2,8 @@
 
 HF `generate` spends most of a token's time outside the matmuls at batch 1 (Python, mask building, cache bookkeeping,
 a host sync per token). Here the decoder layers of the transformers model are called directly with a cache whose
-buffers never move: full-attention layers write token t at slot t, sliding-window layers at slot t mod W (a ring).
+buffers never move: full-attention layers write token t at slot t, sliding-window layers at slot t mod R, a ring of
+R = min(W, max_len) slots (a sequence shorter than the window never reads empty slots).
 One decode step — embedding, layers, norm, head, argmax, and feeding the token back — is captured once as a CUDA graph
 and replayed; the host only reads the tokens at the end. Prefill runs the same code eagerly in chunks of <= W tokens.
 On a CPU (tests) the same step runs eagerly, so the code path that makes tokens is the one the GPU replays.
@@ -39,7 +40,8 @@ def _call_layer(layer: nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> An
 
 
 class StaticKV:
-    """Fixed KV buffers: [B, H, max_len, D] per full layer, a [B, H, W, D] ring per sliding layer.
+    """Fixed KV buffers: [B, H, max_len, D] per full layer, a [B, H, R, D] ring per sliding layer (R = min(W,
+    max_len)).
 
     The decoder sets `full_idx` (positions of the tokens being written) and `ring_idx` (their slots) before each
     forward. A prefill chunk's sliding layers attend over [ring as it was ; the chunk], then the chunk is written.
@@ -49,6 +51,7 @@ class StaticKV:
         self.layer_types = layer_types
         self.max_len = max_len
         self.window = window
+        self.ring = None if window is None else min(window, max_len)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         # Set by the decoder before every forward (positions being written, and their ring slots).
@@ -67,7 +70,7 @@ class StaticKV:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[2]
         if layer_idx not in self.keys:
-            length = self.window if self.window is not None and self.sliding(layer_idx) else self.max_len
+            length = self.ring if self.ring is not None and self.sliding(layer_idx) else self.max_len
             shape = (k.shape[0], k.shape[1], length, k.shape[3])
             self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.values[layer_idx] = torch.zeros((*shape[:3], v.shape[3]), dtype=v.dtype, device=v.device)
@@ -160,8 +163,9 @@ class LeanDecoder:
 
             self._layer_call = torch.compile(_call_layer, dynamic=False, options=compile_options())
         self.cache = StaticKV(self.layer_types, max_len, self.window)
-        ring = self.window or 1
-        self.slot_pos = torch.full((ring,), -1, dtype=torch.long, device=self.device)
+        # ring slots of the sliding layers: the window, or the whole sequence if shorter
+        self.ring: int = self.cache.ring or 1
+        self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long, device=self.device)
         self.key_pos = torch.arange(max_len, device=self.device)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -187,7 +191,7 @@ class LeanDecoder:
         text = self.text
         self.cache.full_idx = q_pos
         if self.window is not None:
-            self.cache.ring_idx = q_pos % self.window
+            self.cache.ring_idx = q_pos % self.ring
             if decode:
                 self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
         masks = self._masks(q_pos, decode)
@@ -218,7 +222,7 @@ class LeanDecoder:
             out = self._layer_call(layer, h, kwargs) if decode else layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         if not decode and self.window is not None:
-            self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.window :], q_pos[-self.window :])
+            self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.ring :], q_pos[-self.ring :])
         h = text.norm(h[:, -1:])
         logits = self.head(h).float()
         if self.softcap:

@@ -43,6 +43,19 @@ def test_same_tokens_as_generate(prompt: int, window: int | None, chunk: int | N
     assert dec.generate(ids, new).tokens == ref
 
 
+def test_a_sequence_shorter_than_the_window_gets_a_ring_of_its_length() -> None:
+    # Sliding layers then attend only the slots the sequence can fill (decode reads no empty window), same tokens.
+    torch.manual_seed(0)
+    model = _tiny_model(window=64)
+    ids = torch.randint(10, 500, (1, 10))
+    ref = _hf_greedy(model, ids, 20)
+    dec = LeanDecoder(model, max_len=30, prefill_chunk=4)
+    assert dec.generate(ids, 20).tokens == ref
+    sliding = [i for i, t in enumerate(dec.layer_types) if t == "sliding_attention"]
+    assert sliding and all(dec.cache.keys[i].shape[2] == 30 for i in sliding)
+    assert dec.slot_pos.numel() == 30
+
+
 def test_ring_slots_hold_the_last_window() -> None:
     kv = StaticKV(["sliding_attention"], max_len=100, window=4)
     for t in range(7):
