@@ -1,0 +1,174 @@
+"""LeanDecoder with the compressed KV cache (pipeline.runtime.lean_kv): the same greedy tokens and logits as
+transformers' forward with the streaming HLWQ cache (make_cache) configured the same way, the codes in its static
+buffers bit-exact, the refused combination, and the bytes it holds."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pipeline.errors import RuntimeBackendError
+from pipeline.quant import kv as kvq
+from pipeline.runtime.decode import LeanDecoder
+from pipeline.runtime.kv_cache import KVCacheConfig, make_cache
+from pipeline.runtime.lean_kv import packed_count, ring_slots
+from tests.runtime.test_decode import _hf_greedy, _tiny_model
+from tests.runtime.test_kv_cache import tiny_llama
+
+# Gemma-4's k_eq_v layers: the lean cache stores their keys, so the reference stores them too.
+KV4 = KVCacheConfig(bits=4, residual=8, block=8, sliding="bf16", keys_from_values=False)
+KV2 = KVCacheConfig(bits=2, residual=0, block=4, sliding="bf16", keys_from_values=False)
+
+
+def _ids(n: int) -> torch.Tensor:
+    return torch.randint(16, 200, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _hf_chunked(model, ids: torch.Tensor, new: int, kv: KVCacheConfig, chunk: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and logits of transformers' forward with make_cache, the prompt fed in the lean decoder's chunks
+    (a later chunk attends an earlier one's flushed tokens as codes: chunking is part of the cache's semantics)."""
+    cache = make_cache(model, kv)
+    for s in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    toks, logits = [], []
+    for _ in range(new):
+        lg = out.logits[:, -1].float()
+        tok = lg.argmax(-1, keepdim=True)
+        toks.append(int(tok))
+        logits.append(lg)
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return toks, torch.cat(logits)
+
+
+@torch.inference_mode()
+def _teacher_forced(dec: LeanDecoder, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits of the decode steps fed `tokens` (flushing between steps as generate does)."""
+    dec.generate(ids, 1)
+    n, out = ids.shape[1], []
+    for t, tok in enumerate(tokens):
+        if dec.packed is not None:
+            dec.packed.settle(n + t)
+        out.append(dec._forward(torch.tensor([[tok]]), torch.tensor([n + t]), decode=True))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    ("build", "kv", "chunk", "prompt", "new", "fused"),
+    [
+        (lambda: _tiny_model(window=16), KV4, 8, 40, 24, True),
+        (lambda: _tiny_model(window=16), KV4, 8, 40, 24, False),
+        (lambda: _tiny_model(window=16), KV2, 16, 37, 24, True),
+        (tiny_llama, KVCacheConfig(bits=3, residual=16, block=16), 16, 50, 30, True),
+    ],
+    ids=["gemma4-fused", "gemma4-transformers-layers", "gemma4-2bit-no-residual", "llama"],
+)
+def test_same_tokens_and_logits_as_the_streaming_cache(build, kv, chunk, prompt, new, fused) -> None:
+    model = build()
+    ids = _ids(prompt)
+    want, ref = _hf_chunked(model, ids, new, kv, chunk)
+    dec = LeanDecoder(model, max_len=prompt + new, prefill_chunk=chunk, kv_cache=kv, fused=fused)
+    assert (dec.decode_layers is not None) == (fused and build is not tiny_llama)
+    assert dec.generate(ids, new).tokens == want
+    assert dec.packed is not None and dec.packed.packed_host == packed_count(prompt + new - 2, kv) > 0
+    got = _teacher_forced(dec, ids, want[:-1])
+    assert float((got - ref[1:]).abs().max()) < 1e-4  # measured <= 2.2e-5 (float32; summation order differs)
+    # the codes matter: the BF16 cache's logits are further off than that
+    plain = _teacher_forced(LeanDecoder(model, max_len=prompt + new, prefill_chunk=chunk, fused=fused), ids, want[:-1])
+    assert float((plain - ref[1:]).abs().max()) > 1e-3
+
+
+def test_same_tokens_as_generate_with_make_cache() -> None:
+    """The issue's check: greedy tokens = transformers' generate with make_cache (one prefill chunk, as generate
+    prefills; the 64-token window slides during decode)."""
+    torch.manual_seed(0)
+    model = _tiny_model()
+    ids = _ids(50)
+    dec = LeanDecoder(model, max_len=80, kv_cache=KV4)
+    got = dec.generate(ids, 30).tokens
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(model, KV4),
+                          max_new_tokens=30, min_new_tokens=30, do_sample=False)[0, 50:].tolist()  # fmt: skip
+    assert got == want
+    assert dec.generate(ids, 30).tokens == want  # a second sequence: buffers reused, state reset
+
+
+def test_packed_buffers_hold_the_quantizers_codes() -> None:
+    """After prefill + decode steps the static buffers hold exactly quantize_kv's codes and scales of the K/V the
+    model computed (taken from a BF16-cache decoder fed the same tokens: the full layer is the last one, so its
+    inputs do not depend on the cache), the ring exactly the newest states, and nothing past what was packed."""
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    kv = KVCacheConfig(bits=3, residual=8, block=8, sliding="bf16", keys_from_values=False)
+    ids, new, max_len = _ids(37), 20, 64
+    dec = LeanDecoder(model, max_len=max_len, prefill_chunk=8, kv_cache=kv)
+    tokens = dec.generate(ids, new).tokens
+    assert dec.packed is not None and list(dec.packed.layers) == [5]
+    plain = LeanDecoder(model, max_len=max_len, prefill_chunk=8)
+    _teacher_forced(plain, ids, tokens[:-1])
+    stored = ids.shape[1] + new - 1  # positions written (the last token is not fed back)
+    packed = packed_count(stored - 1, kv)  # the last settle was before the last step
+    assert dec.packed.packed_host == packed == 40
+    layer = dec.packed.layers[5]
+    signs = kvq.kv_signs(128, kv.sign_seed)
+    pairs = ((plain.cache.keys[5], layer.k_codes, layer.k_scales, layer.res_k),
+             (plain.cache.values[5], layer.v_codes, layer.v_scales, layer.res_v))  # fmt: skip
+    for states, codes, scales, ring in pairs:
+        want = kvq.quantize_kv(states[:, :, :packed], 3, signs, kv.scale)
+        assert torch.equal(codes[:, :, :packed], want.codes) and torch.equal(scales[:, :, :packed], want.scales)
+        assert not codes[:, :, packed:].any() and not scales[:, :, packed:].any()
+        slots = torch.arange(packed, stored) % ring_slots(kv)
+        assert torch.equal(ring.index_select(2, slots), states[:, :, packed:stored])
+    assert codes.shape == (1, 1, max_len, 128 * 3 // 8)
+
+
+def test_compressed_sliding_layers_are_refused() -> None:
+    model = _tiny_model(window=16)
+    with pytest.raises(RuntimeBackendError, match=r"sliding='bf16'"):
+        LeanDecoder(model, max_len=64, kv_cache=KVCacheConfig(bits=4))  # sliding="compressed" is the default
+
+
+def test_keys_from_values_is_said_and_stores_keys(caplog) -> None:
+    """keys_from_values=True (the default) on Gemma-4's k_eq_v layers: the lean cache stores keys anyway, says so,
+    and decodes as with keys_from_values=False."""
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    ids = _ids(30)
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime.lean_kv"):
+        dec = LeanDecoder(model, max_len=50, prefill_chunk=8, kv_cache=KVCacheConfig(bits=4, sliding="bf16",
+                                                                                      residual=8, block=8))  # fmt: skip
+    assert "store their keys too" in caplog.text
+    got = dec.generate(ids, 12).tokens
+    assert got == LeanDecoder(model, max_len=50, prefill_chunk=8, kv_cache=KV4).generate(ids, 12).tokens
+
+
+def test_kv_bytes_are_the_compressed_size() -> None:
+    """DecodeResult.kv_bytes: the BF16-cache decoder's sliding rings + the full layer's codes and scales for max_len
+    positions (keys and values) + its ring of residual + block exact tokens."""
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    ids, max_len = _ids(20), 512
+    plain = LeanDecoder(model, max_len=max_len, prefill_chunk=8).generate(ids, 4)
+    res = LeanDecoder(model, max_len=max_len, prefill_chunk=8, kv_cache=KV4).generate(ids, 4)
+    d, heads, f32 = 128, 1, 4  # the tiny model's global layer; float32 model
+    full_bf16 = 2 * heads * max_len * d * f32
+    packed = 2 * heads * (max_len * (d * 4 // 8) + max_len * 2) + 2 * heads * ring_slots(KV4) * d * f32
+    assert res.kv_bytes == plain.kv_bytes - full_bf16 + packed
+    assert res.kv_bytes < plain.kv_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_steps_are_the_eager_steps_on_the_gpu(compiled: bool) -> None:
+    """The captured step (flushes between replays) makes the eager step's tokens; the BF16 decoder is the sanity
+    reference for the first tokens (before the codes can move a near-tie)."""
+    torch.manual_seed(0)
+    model = _tiny_model(window=16).cuda()
+    ids = _ids(40)
+    eager = LeanDecoder(model, max_len=80, prefill_chunk=8, kv_cache=KV4, graph=False).generate(ids, 32)
+    dec = LeanDecoder(model, max_len=80, prefill_chunk=8, kv_cache=KV4, compile_layers=compiled)
+    got = dec.generate(ids, 32)
+    assert got.graphed and got.tokens == eager.tokens
+    assert _hf_greedy(model, ids, 4) == got.tokens[:4]
