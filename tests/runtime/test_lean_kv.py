@@ -158,6 +158,27 @@ def test_kv_bytes_are_the_compressed_size() -> None:
     assert res.kv_bytes < plain.kv_bytes
 
 
+def test_31b_bench_lean_decoder_runs_on_the_tiny_shape(tmp_path) -> None:
+    """bench.kv_cache_31b --decoder lean, CPU-sized: the lean speed keys and the ratio, a refused kind noted."""
+    import json
+
+    from bench import kv_cache_31b
+
+    out = tmp_path / "kv.json"
+    args = ["--tiny", "--out", str(out), "--decoder", "lean", "--skip-memory", "--check-context", "0", "--kinds",
+            "bf16,q4_sliding_bf16,q4", "--speed-contexts", "1024,2048", "--lean-steps", "8"]  # fmt: skip
+    assert kv_cache_31b.main(args) == 0
+    run = json.loads(out.read_text())["gpu_31b_tiny"]
+    assert run["last_step"] == "done" and "memory" in run and not run["memory"]
+    for tag in ("1k", "2k"):
+        assert run[f"decode_tok_s_lean_bf16_{tag}"] > 0 and run[f"decode_tok_s_lean_q4_sliding_bf16_{tag}"] > 0
+        assert run[f"decode_speed_ratio_lean_q4_sliding_bf16_{tag}_vs_bf16"] > 0
+        lean = run["lean"]["q4_sliding_bf16"][tag]
+        assert lean["kv_cache_gb"] < run["lean"]["bf16"][tag]["kv_cache_gb"] and lean["steps"] == 8
+    assert "decode_tok_s_1k_bf16" not in run  # transformers' path not asked for
+    assert sum("lean decode q4:" in s and "sliding='bf16'" in s for s in run["skipped"]) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
