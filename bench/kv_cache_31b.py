@@ -18,8 +18,9 @@ Figures:
 - decode_tok_s_<ctx>_<kind>: batch-1 decode steps (model forward + greedy pick, eager) on a cache holding ctx tokens.
 - decode_tok_s_lean_<kind>_<ctx> (--decoder lean|both): LeanDecoder's greedy decode (one CUDA graph per step; the
   compressed kinds in its static packed cache, flushed between steps) after a real chunked prefill of ctx tokens,
-  --lean-steps steps (>= 2 flushes of a 128-token block); decode_speed_ratio_lean_<kind>_<ctx>_vs_bf16 divides by
-  the lean BF16 figure of the same run. The lean cache keeps sliding layers in BF16: kinds that compress them are
+  --lean-steps steps (>= 2 flushes of a 128-token block), compiled with --compile-layers (the first decode waits
+  for the compile, outside the timing); decode_speed_ratio_lean_<kind>_<ctx>_vs_bf16 divides by the lean BF16
+  figure of the same run. The lean cache keeps sliding layers in BF16: kinds that compress them are
   skipped (noted under "skipped").
 Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too; the k_eq_v global layers store values only),
 q3_keys_stored (q3 with the global layers' keys stored too, as before), q3_sliding_bf16 (HLWQ Q3 on the global layers
@@ -236,17 +237,18 @@ def decode_speed(model: Any, kind: str, context: int, device: torch.device, step
     return {"context": context, "tok_s": round(steps / dt, 2), "ms_per_token": round(1e3 * dt / steps, 2)}
 
 
-def lean_decode_speed(model: Any, kind: str, context: int, device: torch.device, steps: int,
-                      chunk: int) -> dict[str, Any]:  # fmt: skip
+def lean_decode_speed(model: Any, kind: str, context: int, device: torch.device, steps: int, chunk: int,
+                      compile_layers: bool = False) -> dict[str, Any]:  # fmt: skip
     """LeanDecoder's decode speed after a real chunked prefill of `context` tokens (its graph captured before the
     timed steps; DecodeResult.decode_s times the replays and the flushes between them)."""
     from pipeline.runtime.decode import LeanDecoder
 
     model.set_attn_implementation(model._hlwq_stock_attn)  # its prefill runs transformers' layers
-    dec = LeanDecoder(model, max_len=context + steps + 8, prefill_chunk=chunk, kv_cache=KINDS[kind])
+    dec = LeanDecoder(model, max_len=context + steps + 8, prefill_chunk=chunk, kv_cache=KINDS[kind],
+                      compile_layers=compile_layers)  # fmt: skip
     r = dec.generate(_ids(model, context, device, 8), steps + 1)
     out = {"context": context, "tok_s": round(r.decode_tok_s, 2), "ms_per_token": round(1e3 * r.decode_s / steps, 3),
-           "steps": steps, "prefill_s": round(r.prefill_s, 2), "graphed": r.graphed,
+           "steps": steps, "prefill_s": round(r.prefill_s, 2), "graphed": r.graphed, "compiled": compile_layers,
            "kv_cache_gb": round(r.kv_bytes / 1e9, 4), "capture_s": round(r.extra["capture_s"], 2)}  # fmt: skip
     del dec, r
     gc.collect()
@@ -300,7 +302,7 @@ def lean_speeds(model: Any, kinds: list[str], ctx: int, dev: torch.device, args:
         if kind == "q2" or out_of_time(f"lean decode {kind} at {ctx}"):
             continue
         try:
-            r = lean_decode_speed(model, kind, ctx, dev, args.lean_steps, args.chunk)
+            r = lean_decode_speed(model, kind, ctx, dev, args.lean_steps, args.chunk, args.compile_layers)
         except RuntimeBackendError as exc:  # a kind the lean cache refuses (compressed sliding layers)
             res.setdefault("skipped", []).append(f"lean decode {kind}: {exc}")
             continue
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoder", choices=("hf", "lean", "both"), default="hf",
                     help="decode speed through transformers' forward (hf), LeanDecoder (lean) or both")  # fmt: skip
     ap.add_argument("--lean-steps", type=int, default=256, help="timed LeanDecoder steps per speed figure")
+    ap.add_argument("--compile-layers", action="store_true", help="LeanDecoder's layer steps through torch.compile")
     ap.add_argument("--skip-memory", action="store_true", help="no max-context probes (speed figures only)")
     ap.add_argument("--check-context", type=int, default=8192, help="real chunked prefill to check the probe (0: off)")
     ap.add_argument("--no-host-embed", action="store_true", help="keep the BF16 embedding on the GPU")

@@ -44,6 +44,17 @@ def check_config(kv: KVCacheConfig, model: Any, window: int | None) -> None:
         log.warning("lean decoder KV cache: the k_eq_v layers store their keys too (keys_from_values=False)")
 
 
+def rotation_matrix(signs: torch.Tensor) -> torch.Tensor:
+    """M [block, block] float32 with kv.rotate(x) = x @ M per block (M = (HD)ᵀ, so kv.unrotate(y) = y @ Mᵀ): a
+    decode step rotates a few vectors, one small GEMM instead of log2(block) butterfly stages of launches."""
+    return kvq.rotate(torch.eye(signs.numel(), device=signs.device), signs)
+
+
+def _blockwise(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [..., d] @ m per block of m's size (d a multiple of it)."""
+    return torch.matmul(x.unflatten(-1, (-1, m.shape[0])), m).flatten(-2)
+
+
 def packed_count(total: int, kv: KVCacheConfig) -> int:
     """Positions HLWQKVLayer holds as codes once `total` tokens are stored (whole blocks beyond the residual)."""
     return max(0, (total - kv.residual) // kv.block * kv.block)
@@ -65,12 +76,13 @@ class PackedLayer:
     res_k: torch.Tensor  # compute dtype [1, H, ring, d]
     res_v: torch.Tensor
     signs: torch.Tensor  # float32 [rotation block]
+    rotation: torch.Tensor  # float32 [block, block]: rotation_matrix(signs)
     codebook: torch.Tensor  # float32 [2**bits]
     bits: int
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """What the fused step takes (a tuple of tensors: one compiled graph serves every layer of a shape)."""
-        return (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.res_k, self.res_v, self.signs,
+        return (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.res_k, self.res_v, self.rotation,
                 self.codebook)  # fmt: skip
 
     def nbytes(self) -> int:
@@ -97,10 +109,10 @@ def packed_attention(q: torch.Tensor, store: tuple[torch.Tensor, ...], bits: int
     """One query token over a PackedLayer's tensors: q [Hq, d] (query head h uses KV head h // g, as repeat_kv),
     mask [max_len + ring] True = attend (packed positions, then ring slots) -> [Hq * d] in the ring's dtype.
     Scores and the softmax in float32, as grouped_attention keeps them."""
-    k_codes, k_scales, v_codes, v_scales, res_k, res_v, signs, codebook = store
+    k_codes, k_scales, v_codes, v_scales, res_k, res_v, rotation, codebook = store
     hkv, length, d = res_k.shape[1], k_codes.shape[2], res_k.shape[-1]
     qg = q.view(hkv, -1, d).float()
-    qr = kvq.rotate(qg, signs)  # q·k = (HDq)·(HDk): the packed keys stay rotated
+    qr = _blockwise(qg, rotation)  # q·k = (HDq)·(HDk): the packed keys stay rotated
     kp, vp = kvq.PackedKV(k_codes[0], k_scales[0], bits, d), kvq.PackedKV(v_codes[0], v_scales[0], bits, d)
     kl, vl = kvq.code_levels(kp, codebook), kvq.code_levels(vp, codebook)  # [Hkv, max_len, d]
     rk = res_k[0].float()
@@ -118,7 +130,7 @@ def packed_attention(q: torch.Tensor, store: tuple[torch.Tensor, ...], bits: int
     else:
         out_rot = torch.matmul(p_packed, vl)
     # Σ p_i v_i = D Hᵀ Σ p_i (HD v_i): one inverse rotation of the packed part's output
-    out = kvq.unrotate(out_rot, signs) + torch.matmul(p[..., length:], res_v[0].float())
+    out = _blockwise(out_rot, rotation.T) + torch.matmul(p[..., length:], res_v[0].float())
     return out.reshape(-1).to(res_v.dtype)
 
 
@@ -164,10 +176,11 @@ class PackedStaticKV(StaticKV):
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
+        signs = kvq.kv_signs(d, kv.sign_seed, dev)
         return PackedLayer(
             zeros(codes, torch.uint8), zeros(codes[:3], torch.float16), zeros(codes, torch.uint8),
             zeros(codes[:3], torch.float16), zeros((1, h, self.ring, d), k.dtype), zeros((1, h, self.ring, d), v.dtype),
-            kvq.kv_signs(d, kv.sign_seed, dev), lloyd_max.gaussian_codebook(kv.bits, dev), kv.bits,
+            signs, rotation_matrix(signs), lloyd_max.gaussian_codebook(kv.bits, dev), kv.bits,
         )  # fmt: skip
 
     @torch.compiler.disable

@@ -22,6 +22,20 @@ KV4 = KVCacheConfig(bits=4, residual=8, block=8, sliding="bf16", keys_from_value
 KV2 = KVCacheConfig(bits=2, residual=0, block=4, sliding="bf16", keys_from_values=False)
 
 
+@pytest.mark.parametrize("d", [64, 96, 512])
+def test_rotation_matrix_is_the_rotation(d: int) -> None:
+    """x @ M per block is kv.rotate (96: three blocks of 32), y @ Mᵀ is kv.unrotate."""
+    from pipeline.runtime.lean_kv import _blockwise, rotation_matrix
+
+    signs = kvq.kv_signs(d, 3)
+    x = torch.randn(5, 7, d, generator=torch.Generator().manual_seed(0))
+    m = rotation_matrix(signs)
+    assert m.shape == (kvq.rotation_block(d),) * 2
+    torch.testing.assert_close(_blockwise(x, m), kvq.rotate(x, signs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_blockwise(kvq.rotate(x, signs), m.T), x, atol=1e-5, rtol=1e-5)
+    assert float((_blockwise(x, m) - x).abs().max()) > 0.1  # not the identity
+
+
 def _ids(n: int) -> torch.Tensor:
     return torch.randint(16, 200, (1, n), generator=torch.Generator().manual_seed(1))
 
