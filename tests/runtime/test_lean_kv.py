@@ -15,7 +15,7 @@ from pipeline.runtime.decode import LeanDecoder
 from pipeline.runtime.kv_cache import KVCacheConfig, make_cache
 from pipeline.runtime.lean_kv import packed_count, ring_slots
 from tests.runtime.test_decode import _hf_greedy, _tiny_model
-from tests.runtime.test_kv_cache import tiny_llama
+from tests.runtime.test_kv_cache import tiny_gemma_kv_shared, tiny_llama
 
 # Gemma-4's k_eq_v layers: the lean cache stores their keys, so the reference stores them too.
 KV4 = KVCacheConfig(bits=4, residual=8, block=8, sliding="bf16", keys_from_values=False)
@@ -75,18 +75,22 @@ def _teacher_forced(dec: LeanDecoder, ids: torch.Tensor, tokens: list[int]) -> t
         (lambda: _tiny_model(window=16), KV4, 8, 40, 24, True),
         (lambda: _tiny_model(window=16), KV4, 8, 40, 24, False),
         (lambda: _tiny_model(window=16), KV2, 16, 37, 24, True),
-        (tiny_llama, KVCacheConfig(bits=3, residual=16, block=16), 16, 50, 30, True),
+        (tiny_gemma_kv_shared, KV4, 8, 40, 24, False),  # per-layer inputs, KV sharing: transformers' layers
+        (tiny_llama, KVCacheConfig(bits=3, residual=16, block=16), 16, 50, 30, False),
     ],
-    ids=["gemma4-fused", "gemma4-transformers-layers", "gemma4-2bit-no-residual", "llama"],
+    ids=["gemma4-fused", "gemma4-transformers-layers", "gemma4-2bit-no-residual", "gemma4-kv-shared", "llama"],
 )
 def test_same_tokens_and_logits_as_the_streaming_cache(build, kv, chunk, prompt, new, fused) -> None:
+    """fused: the full layers' decode steps run gemma4_decode's packed step; else transformers' layers, which read
+    the store dequantized (and, KV sharing, hand it on to the layers that reuse it)."""
     model = build()
     ids = _ids(prompt)
     want, ref = _hf_chunked(model, ids, new, kv, chunk)
     dec = LeanDecoder(model, max_len=prompt + new, prefill_chunk=chunk, kv_cache=kv, fused=fused)
-    assert (dec.decode_layers is not None) == (fused and build is not tiny_llama)
     assert dec.generate(ids, new).tokens == want
     assert dec.packed is not None and dec.packed.packed_host == packed_count(prompt + new - 2, kv) > 0
+    covered = set(dec.decode_layers.plans) if dec.decode_layers is not None else set()
+    assert bool(covered & set(dec.packed.layers)) == fused
     got = _teacher_forced(dec, ids, want[:-1])
     assert float((got - ref[1:]).abs().max()) < 1e-4  # measured <= 2.2e-5 (float32; summation order differs)
     # the codes matter: the BF16 cache's logits are further off than that
