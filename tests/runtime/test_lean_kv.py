@@ -141,6 +141,21 @@ def test_packed_buffers_hold_the_quantizers_codes() -> None:
     assert codes.shape == (1, 1, max_len, 128 * 3 // 8)
 
 
+def test_stream_and_a_sequence_too_short_to_pack() -> None:
+    """stream flushes between steps as generate does (same tokens); a sequence shorter than residual + block packs
+    nothing (its decode steps attend a fully masked store and the ring alone): the BF16 cache's tokens."""
+    torch.manual_seed(0)
+    model = _tiny_model(window=16)
+    dec = LeanDecoder(model, max_len=64, prefill_chunk=8, kv_cache=KV4)
+    ids = _ids(30)
+    assert list(dec.stream(ids, 20)) == dec.generate(ids, 20).tokens and dec.packed is not None
+    assert dec.packed.packed_host == packed_count(30 + 18, KV4)
+    short = _ids(5)
+    got = dec.generate(short, 10)
+    assert dec.packed.packed_host == 0 == packed_count(5 + 8, KV4)
+    assert got.tokens == LeanDecoder(model, max_len=64, prefill_chunk=8).generate(short, 10).tokens
+
+
 def test_compressed_sliding_layers_are_refused() -> None:
     model = _tiny_model(window=16)
     with pytest.raises(RuntimeBackendError, match=r"sliding='bf16'"):
