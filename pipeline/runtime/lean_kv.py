@@ -16,6 +16,7 @@ compute dtype. Which positions are packed follows HLWQKVLayer: a forward that st
 - Gemma-4's k_eq_v (global) layers store their keys too (KVCacheConfig.keys_from_values=False semantics): rebuilding
   keys as rope(value * gain) would un-rotate the whole store every step.
 - Sliding-window layers stay BF16 rings (their size is fixed by the window); sliding="compressed" is refused.
+- page_tokens does not apply (one static buffer per layer); residual, block, bits, scale and sign_seed do.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class PackedStaticKV(StaticKV):
         if self.sliding(layer_idx):
             return super().update(k, v, layer_idx, *args, **kwargs)
         if v.shape[-1] != k.shape[-1]:
-            raise ValueError("the lean decoder's compressed cache needs keys and values of one head_dim")
+            raise RuntimeBackendError("the lean decoder's compressed cache needs keys and values of one head_dim")
         if layer_idx not in self.layers:
             self.layers[layer_idx] = self._new_layer(k, v)
         layer = self.layers[layer_idx]
@@ -226,9 +227,7 @@ class PackedStaticKV(StaticKV):
 
     def commit(self, total: int) -> None:
         """After a prefill chunk (every layer flushed in update): the ring and packed length for `total` tokens."""
-        b = packed_count(total, self.kv)
-        if total - b > self.ring:
-            raise AssertionError(f"ring of {self.ring} slots cannot hold {total - b} exact tokens")
+        b = packed_count(total, self.kv)  # total - b < residual + block: the ring holds them
         self.packed_host = b
         self.packed_len.fill_(b)
         pos = torch.arange(b, total, device=self.res_pos.device)
@@ -237,7 +236,8 @@ class PackedStaticKV(StaticKV):
 
     def settle(self, total: int) -> None:
         """Before a decode step at position `total`: flush the ring's tokens HLWQKVLayer would have packed by then.
-        Eager, outside the captured step; every `block` steps it quantizes one block per layer."""
+        Eager, outside the captured step; every `block` steps it quantizes one block per layer (quantize_kv's
+        overflow check syncs with the device then, not on the other steps)."""
         a, b = self.packed_host, packed_count(total, self.kv)
         if b <= a:
             return
