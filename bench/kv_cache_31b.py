@@ -4,6 +4,8 @@ BF16, host embedding as in the load_check anchors) + the HLWQ cache vs transform
     python -m bench.kv_cache_31b                      # on the H200: ~3-5 min; merges into bench/results/kv_cache.json
     python -m bench.kv_cache_31b --tiny --out /tmp/kv_tiny.json    # the same code path on the CPU, in seconds
     python -m bench.kv_cache_31b --weights native5 --kinds q4,bf16 --budget-gb 25   # native Q5 weights, 24 GB card
+    python -m bench.kv_cache_31b --weights native5 --decoder lean --kinds bf16,q4_sliding_bf16 --skip-memory \
+        --check-context 0 --speed-contexts 4096       # decode speed through LeanDecoder (CUDA graph), BF16 vs Q4
 
 Figures:
 - max_context_tokens_<budget>gb_<weights>_<kind> (e.g. _22gb_int4_q3): the longest context whose peak GPU memory
@@ -14,6 +16,12 @@ Figures:
   peaks (largest cache, widest attention). `check_real_prefill` compares this with a real chunked prefill at
   --check-context tokens.
 - decode_tok_s_<ctx>_<kind>: batch-1 decode steps (model forward + greedy pick, eager) on a cache holding ctx tokens.
+- decode_tok_s_lean_<kind>_<ctx> (--decoder lean|both): LeanDecoder's greedy decode (one CUDA graph per step; the
+  compressed kinds in its static packed cache, flushed between steps) after a real chunked prefill of ctx tokens,
+  --lean-steps steps (>= 2 flushes of a 128-token block), compiled with --compile-layers (the first decode waits
+  for the compile, outside the timing); decode_speed_ratio_lean_<kind>_<ctx>_vs_bf16 divides by the lean BF16
+  figure of the same run. The lean cache keeps sliding layers in BF16: kinds that compress them are
+  skipped (noted under "skipped").
 Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too; the k_eq_v global layers store values only),
 q3_keys_stored (q3 with the global layers' keys stored too, as before), q3_sliding_bf16 (HLWQ Q3 on the global layers
 only), q2 (HLWQ Q2).
@@ -46,6 +54,7 @@ KINDS: dict[str, KVCacheConfig | None] = {
     "q3_keys_stored": KVCacheConfig(bits=3, keys_from_values=False),
     "q2": KVCacheConfig(bits=2),
     "q4": KVCacheConfig(bits=4),
+    "q4_sliding_bf16": KVCacheConfig(bits=4, sliding="bf16"),
 }
 FILL_CHUNK = 4096
 
@@ -228,6 +237,26 @@ def decode_speed(model: Any, kind: str, context: int, device: torch.device, step
     return {"context": context, "tok_s": round(steps / dt, 2), "ms_per_token": round(1e3 * dt / steps, 2)}
 
 
+def lean_decode_speed(model: Any, kind: str, context: int, device: torch.device, steps: int, chunk: int,
+                      compile_layers: bool = False) -> dict[str, Any]:  # fmt: skip
+    """LeanDecoder's decode speed after a real chunked prefill of `context` tokens (its graph captured before the
+    timed steps; DecodeResult.decode_s times the replays and the flushes between them)."""
+    from pipeline.runtime.decode import LeanDecoder
+
+    model.set_attn_implementation(model._hlwq_stock_attn)  # its prefill runs transformers' layers
+    dec = LeanDecoder(model, max_len=context + steps + 8, prefill_chunk=chunk, kv_cache=KINDS[kind],
+                      compile_layers=compile_layers)  # fmt: skip
+    r = dec.generate(_ids(model, context, device, 8), steps + 1)
+    out = {"context": context, "tok_s": round(r.decode_tok_s, 2), "ms_per_token": round(1e3 * r.decode_s / steps, 3),
+           "steps": steps, "prefill_s": round(r.prefill_s, 2), "graphed": r.graphed, "compiled": compile_layers,
+           "kv_cache_gb": round(r.kv_bytes / 1e9, 4), "capture_s": round(r.extra["capture_s"], 2)}  # fmt: skip
+    del dec, r
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 @torch.inference_mode()
 def real_prefill_peak(model: Any, kind: str, context: int, chunk: int, mem: Memory,
                       device: torch.device) -> dict[str, Any]:  # fmt: skip
@@ -262,6 +291,31 @@ def native_weights(model: Any, device: torch.device, bits: int) -> None:
         cfg.tie_word_embeddings = False
 
 
+def lean_speeds(model: Any, kinds: list[str], ctx: int, dev: torch.device, args: argparse.Namespace,
+                res: dict[str, Any], out_of_time: Callable[[str], bool],
+                log: Callable[[str], None]) -> None:  # fmt: skip
+    """decode_tok_s_lean_<kind>_<ctx>k for each kind, and each compressed kind's ratio to the lean BF16 figure."""
+    from pipeline.errors import RuntimeBackendError
+
+    tag = f"{ctx // 1024}k"
+    for kind in kinds:
+        if kind == "q2" or out_of_time(f"lean decode {kind} at {ctx}"):
+            continue
+        try:
+            r = lean_decode_speed(model, kind, ctx, dev, args.lean_steps, args.chunk, args.compile_layers)
+        except RuntimeBackendError as exc:  # a kind the lean cache refuses (compressed sliding layers)
+            res.setdefault("skipped", []).append(f"lean decode {kind}: {exc}")
+            continue
+        res.setdefault("lean", {}).setdefault(kind, {})[tag] = r
+        res[f"decode_tok_s_lean_{kind}_{tag}"] = r["tok_s"]
+        log(f"lean decode {kind} @ {ctx}: {r['tok_s']} tok/s, cache {r['kv_cache_gb']} GB")
+    base = res.get(f"decode_tok_s_lean_bf16_{tag}")
+    for kind in kinds:
+        got = res.get(f"decode_tok_s_lean_{kind}_{tag}")
+        if kind != "bf16" and base and got is not None:
+            res[f"decode_speed_ratio_lean_{kind}_{tag}_vs_bf16"] = round(got / base, 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -271,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=8, help="memory probes per kind (at most)")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per speed figure")
     ap.add_argument("--speed-contexts", default="4096,32768")
+    ap.add_argument("--decoder", choices=("hf", "lean", "both"), default="hf",
+                    help="decode speed through transformers' forward (hf), LeanDecoder (lean) or both")  # fmt: skip
+    ap.add_argument("--lean-steps", type=int, default=256, help="timed LeanDecoder steps per speed figure")
+    ap.add_argument("--compile-layers", action="store_true", help="LeanDecoder's layer steps through torch.compile")
+    ap.add_argument("--skip-memory", action="store_true", help="no max-context probes (speed figures only)")
     ap.add_argument("--check-context", type=int, default=8192, help="real chunked prefill to check the probe (0: off)")
     ap.add_argument("--no-host-embed", action="store_true", help="keep the BF16 embedding on the GPU")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start after this")
@@ -335,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         save(f"skipped {what}")
         return True
 
-    for kind in kinds:
+    for kind in [] if args.skip_memory else kinds:
         if out_of_time(f"memory {kind}"):
             continue
         r = max_context(model, kind, budget, args.chunk, lo, hi, mem, dev, args.probes, log)
@@ -348,9 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "probe": probe(model, k, ctx, args.chunk, mem, dev)}
                                      for k in ("bf16", "q3") if k in kinds}  # fmt: skip
         save("real prefill check")
-    for ctx in (int(c) for c in args.speed_contexts.split(",")):
-        ctx = min(ctx, hi)
-        for kind in kinds:
+    for ctx in dict.fromkeys(min(int(c), hi) for c in args.speed_contexts.split(",")):  # capped ones once
+        for kind in kinds if args.decoder in ("hf", "both") else []:
             if kind == "q2" or out_of_time(f"decode {kind} at {ctx}"):
                 continue
             r = decode_speed(model, kind, ctx, dev, args.steps)
@@ -363,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                         res[f"decode_tok_s_{ctx // 1024}k_{kind}"] / res[f"decode_tok_s_{ctx // 1024}k_bf16"], 3
                     )
         save(f"decode speed at {ctx}")
+        if args.decoder in ("lean", "both"):
+            lean_speeds(model, kinds, ctx, dev, args, res, out_of_time, log)
+            save(f"lean decode speed at {ctx}")
     save("done")
     return 0
 

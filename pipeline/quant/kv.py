@@ -115,10 +115,20 @@ def quantize_kv(x: torch.Tensor, bits: int, signs: torch.Tensor, scale: ScaleKin
 def dequantize_kv(p: PackedKV, signs: torch.Tensor, dtype: torch.dtype = torch.float32, rotated: bool = False,
                   codebook: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Packed codes -> vectors [..., d]: in the rotated basis (rotated=True) or the original one."""
-    cb = lloyd_max.gaussian_codebook(p.bits, p.codes.device) if codebook is None else codebook
-    levels = lloyd_max.lookup(_unpack_codes(p.codes, p.bits, p.head_dim), cb)
-    y = levels * (p.scales.to(torch.float32) * (1.0 / math.sqrt(p.head_dim))).unsqueeze(-1)
+    y = code_levels(p, codebook) * vector_factors(p).unsqueeze(-1)
     return (y if rotated else unrotate(y, signs)).to(dtype)
+
+
+def code_levels(p: PackedKV, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """The Lloyd-Max levels of the codes, float32 [..., d]: the rotated vectors before their per-vector factor."""
+    cb = lloyd_max.gaussian_codebook(p.bits, p.codes.device) if codebook is None else codebook
+    return lloyd_max.lookup(_unpack_codes(p.codes, p.bits, p.head_dim), cb)
+
+
+def vector_factors(p: PackedKV) -> torch.Tensor:
+    """float32 [...]: rotated vector = levels * factor. Attention can apply it to a score or a probability (one
+    multiply per vector) instead of to every element: q·(f l) = f (q·l), Σ p_i f_i l_i = Σ (p_i f_i) l_i."""
+    return p.scales.to(torch.float32) * (1.0 / math.sqrt(p.head_dim))
 
 
 def quantize_absmax(x: torch.Tensor, bits: int) -> PackedKV:

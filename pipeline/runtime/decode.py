@@ -15,12 +15,16 @@ import inspect
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.runtime.measure import sync
+
+if TYPE_CHECKING:
+    from pipeline.runtime.kv_cache import KVCacheConfig
+    from pipeline.runtime.lean_kv import PackedStaticKV
 
 
 def text_parts(model: Any) -> tuple[Any, Any, Any]:
@@ -60,6 +64,10 @@ class StaticKV:
 
     def sliding(self, layer_idx: int) -> bool:
         return self.window is not None and self.layer_types[layer_idx] == "sliding_attention"
+
+    def has(self, layer_idx: int) -> bool:
+        """Whether the layer's buffers exist (made by its first update, in prefill)."""
+        return layer_idx in self.keys
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -113,10 +121,12 @@ class DecodeResult:
 
 
 class LeanDecoder:
-    """Greedy decoding of one sequence with a static cache; `graph=True` (CUDA only) replays one captured step."""
+    """Greedy decoding of one sequence with a static cache; `graph=True` (CUDA only) replays one captured step.
+    kv_cache: full-attention layers keep K/V as HLWQ codes in static buffers (pipeline.runtime.lean_kv: keys stored
+    for k_eq_v layers too; sliding layers stay BF16 rings, so it needs sliding="bf16" on models that have them)."""
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool | None = None, prefill_chunk: int | None = None,
-                 compile_layers: bool = False, fused: bool = True):  # fmt: skip
+                 compile_layers: bool = False, fused: bool = True, kv_cache: KVCacheConfig | None = None):  # fmt: skip
         self.model = model
         self.text, self.head, self.cfg = text_parts(model)
         self.device = next(self.text.layers[0].parameters()).device
@@ -162,7 +172,15 @@ class LeanDecoder:
             from pipeline.runtime.gemma4_decode import compile_options
 
             self._layer_call = torch.compile(_call_layer, dynamic=False, options=compile_options())
-        self.cache = StaticKV(self.layer_types, max_len, self.window)
+        self.packed: PackedStaticKV | None = None
+        if kv_cache is None:
+            self.cache = StaticKV(self.layer_types, max_len, self.window)
+        else:
+            from pipeline.runtime.lean_kv import PackedStaticKV, check_config
+
+            check_config(kv_cache, model, self.window)
+            self.cache = self.packed = PackedStaticKV(self.layer_types, max_len, self.window, kv_cache, self.device)
+        self._host_pos = 0  # position of the next decode step, as the host knows it (packed-cache flushes)
         # ring slots of the sliding layers: the window, or the whole sequence if shorter
         self.ring: int = self.cache.ring or 1
         self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long, device=self.device)
@@ -176,7 +194,15 @@ class LeanDecoder:
     # -- one forward over `n` tokens at positions pos..pos+n-1 --------------------------------------------------------
     def _masks(self, q_pos: torch.Tensor, decode: bool) -> dict[str, torch.Tensor]:
         qp = q_pos.view(-1, 1)
-        masks = {"full_attention": (self.key_pos.view(1, -1) <= qp).view(1, 1, qp.shape[0], -1)}
+        p = self.packed
+        if p is None:
+            full = self.key_pos.view(1, -1) <= qp
+        elif decode:  # the packed store's layout: [packed positions ; ring slots], read from device tensors
+            packed = (self.key_pos < p.packed_len).view(1, -1).expand(qp.shape[0], -1)
+            full = torch.cat([packed, (p.res_pos.view(1, -1) >= 0) & (p.res_pos.view(1, -1) <= qp)], dim=-1)
+        else:  # a prefill chunk attends positions 0..start+n-1 in order (PackedStaticKV._prefill)
+            full = self.key_pos[: p.start + qp.shape[0]].view(1, -1) <= qp
+        masks = {"full_attention": full.view(1, 1, qp.shape[0], -1)}
         if self.window is not None:
             if decode:
                 kp = self.slot_pos.view(1, -1)
@@ -194,6 +220,11 @@ class LeanDecoder:
             self.cache.ring_idx = q_pos % self.ring
             if decode:
                 self.slot_pos.index_copy_(0, self.cache.ring_idx, q_pos)
+        if self.packed is not None:
+            self.packed.decoding = decode
+            self.packed.res_idx = q_pos % self.packed.res_slots
+            if decode:
+                self.packed.res_pos.index_copy_(0, self.packed.res_idx, q_pos)
         masks = self._masks(q_pos, decode)
         ids = self._text_ids(ids)
         h = self._embed(ids) if embeds is None else embeds
@@ -211,7 +242,7 @@ class LeanDecoder:
         plans = self.decode_layers.plans if decode and self.decode_layers is not None else {}
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]
-            if i in plans and i in self.cache.keys:
+            if i in plans and self.cache.has(i):
                 h = self._step(i, h, rope[lt], masks[lt])
                 continue
             kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
@@ -272,6 +303,12 @@ class LeanDecoder:
         assert self.decode_layers is not None
         spec, w = self.decode_layers.plans[i]
         cos, sin = rope
+        if self.packed is not None and i in self.packed.layers:
+            layer = self.packed.layers[i]
+            out = self.decode_layers.packed_step(spec, w, h.view(1, -1), layer.tensors(), layer.bits,
+                                                 self.packed.res_idx, mask.reshape(-1), cos.reshape(-1),
+                                                 sin.reshape(-1))  # fmt: skip
+            return out.view_as(h)
         slot = self.cache.ring_idx if self.cache.sliding(i) else self.cache.full_idx
         out = self.decode_layers.step(spec, w, h.view(1, -1), self.cache.keys[i], self.cache.values[i], slot,
                                       mask.reshape(-1), cos.reshape(-1), sin.reshape(-1))  # fmt: skip
@@ -310,28 +347,38 @@ class LeanDecoder:
             raise ValueError(f"prompt {n} + {new_tokens} new tokens exceed the cache ({self.max_len} tokens)")
         ids = input_ids.to(self.device)
         self.slot_pos.fill_(-1)
+        if self.packed is not None:
+            self.packed.reset()
         logits = None
         embeds = None if pixel_values is None else self._prompt_embeds(ids, pixel_values, image_position_ids)
         for s in range(0, n, self.chunk):
             chunk = ids[:, s : s + self.chunk]
             q_pos = torch.arange(s, s + chunk.shape[1], device=self.device)
             part = None if embeds is None else embeds[:, s : s + self.chunk]
+            if self.packed is not None:
+                self.packed.start = s
             logits = self._forward(chunk, q_pos, decode=False, embeds=part)
+            if self.packed is not None:
+                self.packed.commit(s + chunk.shape[1])
         assert logits is not None
         first = logits.argmax(-1)
         self.out[0] = first[0]
         self.ids.copy_(first.view(1, 1))
         self.pos.fill_(n)
         self.step.fill_(1)
+        self._host_pos = n
 
     def _advance(self) -> None:
         """One decode step: the captured graph's replay, or the same body eagerly."""
+        if self.packed is not None:  # flush a block of the ring into the codes, eagerly, outside the captured step
+            self.packed.settle(self._host_pos)
         if self.graph_enabled and self._graph is None:
             self._capture()
         if self._graph is not None:
             self._graph.replay()
         else:
             self._decode_body()
+        self._host_pos += 1
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, new_tokens: int, pixel_values: torch.Tensor | None = None,

@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.quant.hadamard import rotate
 from pipeline.runtime import kernels
 from pipeline.runtime.kernels import layout
+from pipeline.runtime.lean_kv import packed_attention
 from pipeline.runtime.linear import HLWQLinear
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,8 @@ def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tens
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """h [1, hidden] -> h after the layer; writes this token's key/value into keys/values [1, Hkv, L, d] at `slot`."""
+def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tensors:
+    """The token's query [heads, d], key and value [1, Hkv, 1, d] (normed, rope on q and k)."""
     d = spec.head_dim
     x = rms_norm(h, w["input_norm"], spec.eps)
     qkv = project(spec.qkv, w["qkv"], x).split(spec.qkv_split, dim=-1)
@@ -123,14 +122,39 @@ def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tenso
     raw_k = qkv[1].view(spec.kv_heads, d)
     k = rope(rms_norm(raw_k, w["k_norm"], spec.eps), cos, sin)
     v = rms_norm(raw_k if spec.k_eq_v else qkv[2].view(spec.kv_heads, d), None, spec.eps)
-    keys.index_copy_(2, slot, k.view(1, spec.kv_heads, 1, d))
-    values.index_copy_(2, slot, v.view(1, spec.kv_heads, 1, d))
-    a = grouped_attention(q, keys[0], values[0], mask, spec.scaling).view(1, -1)
+    return q, k.view(1, spec.kv_heads, 1, d), v.view(1, spec.kv_heads, 1, d)
+
+
+def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer from the attention output a [1, heads * d]."""
     h = h + rms_norm(project(spec.o, w["o"], a), w["post_attn_norm"], spec.eps)
     x = rms_norm(h, w["pre_ffn_norm"], spec.eps)
     gate, up = project(spec.mlp, w["mlp"], x).split(spec.mlp_split, dim=-1)
     y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
     return (h + rms_norm(y, w["post_ffn_norm"], spec.eps)) * w["layer_scalar"]
+
+
+def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """h [1, hidden] -> h after the layer; writes this token's key/value into keys/values [1, Hkv, L, d] at `slot`."""
+    q, k, v = _qkv(spec, w, h, cos, sin)
+    keys.index_copy_(2, slot, k)
+    values.index_copy_(2, slot, v)
+    a = grouped_attention(q, keys[0], values[0], mask, spec.scaling).view(1, -1)
+    return _after_attention(spec, w, h, a)
+
+
+def packed_layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, store: Tensors, bits: int,
+                      slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """layer_step over a compressed store (lean_kv.PackedLayer.tensors()): the token's key/value go to the ring at
+    `slot`; mask [max_len + ring] covers the packed positions, then the ring slots."""
+    q, k, v = _qkv(spec, w, h, cos, sin)
+    store[4].index_copy_(2, slot, k)
+    store[5].index_copy_(2, slot, v)
+    a = packed_attention(q, store, bits, mask, spec.scaling).view(1, -1)
+    return _after_attention(spec, w, h, a)
 
 
 # -- building a layer's plan from the transformers modules -------------------------------------------------------
@@ -284,4 +308,8 @@ class DecodeLayers:
                 self.skipped[i] = str(exc)
                 continue
             self.plans[i] = (specs.setdefault(spec, spec), w)
-        self.step = torch.compile(layer_step, dynamic=False, options=compile_options()) if compile_step else layer_step
+        options = compile_options()
+        self.step = torch.compile(layer_step, dynamic=False, options=options) if compile_step else layer_step
+        self.packed_step = (
+            torch.compile(packed_layer_step, dynamic=False, options=options) if compile_step else packed_layer_step
+        )
