@@ -478,13 +478,12 @@ __device__ __forceinline__ uint32_t wide_pair(uint32_t tb, uint32_t lane4, uint4
   return v;
 }
 
-// One unit from the ring slot `u`: the codes come from shared memory, the activation from global memory at offsets
-// the caller advances per block (xo: uint4 units into xp for batch row g; so: into xs for row 2q, row 2q + 1 being
-// n_blocks further on).
+// One unit in shared memory `u` (its codes, signs and the two rows' scales) against this lane's activation pairs
+// x0..x3 (the B fragments) and the block scales of batch rows 2q, 2q + 1: acc += the unit's part of the tile.
 template <int BITS>
-__device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, uint32_t tb, uint32_t lane4, int lane,
-                                             const uint4* __restrict__ xp, const float* __restrict__ xs, bool has_x,
-                                             bool has_s0, bool has_s1, int xo, int so, int n_blocks) {
+__device__ __forceinline__ void unit_mma(float (&acc)[4], const uint8_t* u, uint32_t tb, uint32_t lane4, int lane,
+                                         const uint4& x0, const uint4& x1, const uint4& x2, const uint4& x3, float x0s,
+                                         float x1s) {
   const uint4 n0 = reinterpret_cast<const uint4*>(u)[lane];
   const uint4 n1 = reinterpret_cast<const uint4*>(u + 512)[lane];
   uint32_t s0 = 0, s1 = 0;
@@ -493,13 +492,6 @@ __device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, 
     s1 = reinterpret_cast<const uint32_t*>(u + 1024 + 128)[lane];
   }
   const uint32_t scw = reinterpret_cast<const uint32_t*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
-  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
-  if (has_x) {
-    const uint4* p = xp + xo;
-    x0 = __ldg(p); x1 = __ldg(p + 1); x2 = __ldg(p + 2); x3 = __ldg(p + 3);
-  }
-  const float x0s = has_s0 ? __ldg(xs + so) : 0.f;
-  const float x1s = has_s1 ? __ldg(xs + so + n_blocks) : 0.f;
   float c[4] = {0.f, 0.f, 0.f, 0.f};
 #define HLWQ_WSTEP(S, XA, XB)                                                                       \
   mma_f16_16816(c, wide_pair<BITS, 2 * S>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S>(tb, lane4, n1, s1), \
@@ -510,6 +502,22 @@ __device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, 
   const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&scw));
   acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
   acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
+}
+
+// The first stream kernel's unit: the activation from global memory at offsets the caller advances per block (xo:
+// uint4 units into xp for batch row g; so: into xs for row 2q, row 2q + 1 being n_blocks further on).
+template <int BITS>
+__device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, uint32_t tb, uint32_t lane4, int lane,
+                                             const uint4* __restrict__ xp, const float* __restrict__ xs, bool has_x,
+                                             bool has_s0, bool has_s1, int xo, int so, int n_blocks) {
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+  if (has_x) {
+    const uint4* p = xp + xo;
+    x0 = __ldg(p); x1 = __ldg(p + 1); x2 = __ldg(p + 2); x3 = __ldg(p + 3);
+  }
+  const float x0s = has_s0 ? __ldg(xs + so) : 0.f;
+  const float x1s = has_s1 ? __ldg(xs + so + n_blocks) : 0.f;
+  unit_mma<BITS>(acc, u, tb, lane4, lane, x0, x1, x2, x3, x0s, x1s);
 }
 
 template <int BITS, int STAGES, int G>
@@ -651,24 +659,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
       if (has_s0) x0s = __ldg(xs0);
       if (has_s1) x1s = __ldg(xs1);
       xq += 16; ++xs0; ++xs1;
-      const uint4 n0 = reinterpret_cast<const uint4*>(p)[lane];
-      const uint4 n1 = reinterpret_cast<const uint4*>(p + 512)[lane];
-      uint32_t s0 = 0, s1 = 0;
-      if (BITS == 5) {
-        s0 = reinterpret_cast<const uint32_t*>(p + 1024)[lane];
-        s1 = reinterpret_cast<const uint32_t*>(p + 1024 + 128)[lane];
-      }
-      const uint32_t scw = reinterpret_cast<const uint32_t*>(p + Unit<BITS>::NIB + Unit<BITS>::SGN)[lane >> 2];
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-#define HLWQ_WSTEP(S_, XA, XB)                                                                              \
-  mma_f16_16816(c, wide_pair<BITS, 2 * S_>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S_>(tb, lane4, n1, s1), \
-                 wide_pair<BITS, 2 * S_ + 1>(tb, lane4, n0, s0), wide_pair<BITS, 2 * S_ + 1>(tb, lane4, n1, s1), XA, XB)
-      HLWQ_WSTEP(0, x0.x, x0.y); HLWQ_WSTEP(1, x0.z, x0.w); HLWQ_WSTEP(2, x1.x, x1.y); HLWQ_WSTEP(3, x1.z, x1.w);
-      HLWQ_WSTEP(4, x2.x, x2.y); HLWQ_WSTEP(5, x2.z, x2.w); HLWQ_WSTEP(6, x3.x, x3.y); HLWQ_WSTEP(7, x3.z, x3.w);
-#undef HLWQ_WSTEP
-      const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&scw));
-      acc[0] = fmaf(c[0], sc.x * x0s, acc[0]); acc[1] = fmaf(c[1], sc.x * x1s, acc[1]);
-      acc[2] = fmaf(c[2], sc.y * x0s, acc[2]); acc[3] = fmaf(c[3], sc.y * x1s, acc[3]);
+      unit_mma<BITS>(acc, p, tb, lane4, lane, x0, x1, x2, x3, x0s, x1s);
     }
     stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
     // The next tile starts at block 0.
