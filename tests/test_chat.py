@@ -396,6 +396,27 @@ def test_the_lean_decoder_answers_as_generate_does(tiny_artifact: Path) -> None:
         assert (text, n) == (ref_text, ref_n) and n > 0
         assert kv.endswith("lean decoder") and "lean" not in ref_kv
     assert lean.lean_for(lean.inputs([Message("user", "hi")]), Settings(temperature=0.7)) is None
+
+
+def test_kv_bits_answer_through_the_lean_decoder_with_its_compressed_cache(tiny_artifact: Path) -> None:
+    """--kv-bits with the lean decoder: the answer is that of a LeanDecoder holding the same compressed cache
+    (full-attention layers as codes, sliding layers BF16), and the decoder is rebuilt when the bits change."""
+    from pipeline.runtime.decode import LeanDecoder
+    from pipeline.runtime.kv_cache import KVCacheConfig
+
+    eng = Engine.open(tiny_artifact, "cpu", decoder="lean")
+    eng.model.float()
+    gen = Chat(eng, Settings(max_new_tokens=10, kv_bits=4)).send("hello there")
+    text = "".join(gen)
+    assert gen.stats.kv == "KV cache HLWQ 4-bit · lean decoder" and gen.stats.new_tokens > 0
+    assert eng._lean.packed is not None and eng._lean_bits == 4
+    ids = eng.inputs([Message("user", "hello there")])["input_ids"]
+    ref = LeanDecoder(eng.model, max_len=2048, kv_cache=KVCacheConfig(bits=4, sliding="bf16"))
+    tokens = ref.generate(ids, gen.stats.new_tokens).tokens
+    assert text == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+    gen = Chat(eng, Settings(max_new_tokens=4)).send("hello there")
+    "".join(gen)
+    assert gen.stats.kv == "KV cache BF16 · lean decoder" and eng._lean.packed is None
     with pytest.raises(InputError, match="decoder must be one of"):
         Engine.open(tiny_artifact, "cpu", decoder="fast")
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import FormatError, InputError, PipelineError
+from pipeline.errors import FormatError, InputError, PipelineError, RuntimeBackendError
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,16 @@ class Generation:
 # The engine
 
 
+def _lean_kv_config(bits: int) -> Any:
+    """The lean decoder's compressed KV cache for --kv-bits: full-attention layers as codes, sliding layers BF16."""
+    from pipeline.runtime.kv_cache import KVCacheConfig  # type: ignore[import-not-found]
+
+    try:
+        return KVCacheConfig(bits=bits, sliding="bf16")
+    except ValueError as e:
+        raise InputError(f"KV-cache bits {bits}: {e}") from None
+
+
 class Engine:
     """A loaded artifact, ready to answer conversations."""
 
@@ -357,6 +367,7 @@ class Engine:
         self.decoder = decoder
         self.compile_layers = compile_layers  # the lean decoder's layers through torch.compile
         self._lean: Any = None  # the LeanDecoder, built on the first answer it makes
+        self._lean_bits: int | None = None  # its compressed KV cache's bits (None: BF16)
         self.folder = folder
         self.tokenizer = tokenizer
         self.processor = processor
@@ -370,7 +381,8 @@ class Engine:
              compile_layers: bool = False) -> Engine:  # fmt: skip
         """Load an artifact folder or Hub repo id: on the GPU when CUDA is present, else on the CPU. decoder: who
         makes greedy answers ("lean": the static-cache CUDA-graph LeanDecoder, "hf": transformers' generate,
-        "auto": lean on a GPU); sampled answers and a compressed KV cache always go through generate.
+        "auto": lean on a GPU); sampled answers always go through generate. A compressed KV cache (kv_bits) in the
+        lean decoder holds the full-attention layers as codes and keeps sliding-window layers BF16.
         compile_layers: the lean decoder compiles its layers (the first answer, and the first after the cache grows,
         wait for the compile; later ones decode faster)."""
         if decoder not in DECODERS:
@@ -504,10 +516,10 @@ class Engine:
         return set() if eos is None else {int(t) for t in (eos if isinstance(eos, list | tuple) else [eos])}
 
     def lean_for(self, inputs: dict[str, Any], s: Settings) -> Any | None:
-        """The LeanDecoder that makes this answer, or None where generate does: sampling, a compressed KV cache,
-        decoder "hf" (or "auto" off the GPU), a model it does not run. Its static cache is sized in powers of two
-        (>= 2048 tokens) and rebuilt larger when a conversation outgrows it."""
-        if s.temperature > 0 or s.kv_bits is not None or self.decoder == "hf":
+        """The LeanDecoder that makes this answer, or None where generate does: sampling, decoder "hf" (or "auto" off
+        the GPU), a model it does not run, a compressed KV cache it cannot hold. Its static cache is sized in powers
+        of two (>= 2048 tokens) and rebuilt larger when a conversation outgrows it, or when the KV bits change."""
+        if s.temperature > 0 or self.decoder == "hf":
             return None
         if self.decoder == "auto" and self.device.type != "cuda":
             return None
@@ -515,17 +527,22 @@ class Engine:
         if "pixel_values" in inputs and getattr(text_cfg, "use_bidirectional_attention", None) is not None:
             return None  # image blocks attended both ways: masks the lean decoder does not build
         need = int(inputs["input_ids"].shape[1]) + s.max_new_tokens
-        if self._lean is None or self._lean.max_len < need:
+        if self._lean is None or self._lean.max_len < need or self._lean_bits != s.kv_bits:
             from pipeline.runtime.decode import LeanDecoder
 
             self._lean = None  # the old static cache goes before the new one is allocated
+            length = max(2048, 1 << (need - 1).bit_length())
             try:
-                length = max(2048, 1 << (need - 1).bit_length())
-                self._lean = LeanDecoder(self.model, max_len=length, compile_layers=self.compile_layers)
+                kv = None if s.kv_bits is None else _lean_kv_config(s.kv_bits)
+                self._lean = LeanDecoder(self.model, max_len=length, compile_layers=self.compile_layers, kv_cache=kv)
             except TypeError as e:  # no decoder stack it knows
                 log.info("answers through generate: %s", e)
                 self.decoder = "hf"
                 return None
+            except (ImportError, RuntimeBackendError) as e:  # a compressed cache it cannot hold: generate has one
+                log.info("a %s-bit KV cache goes through generate: %s", s.kv_bits, e)
+                return None
+            self._lean_bits = s.kv_bits
         return self._lean
 
     def generate(self, messages: Sequence[Message], settings: Settings | None = None,
