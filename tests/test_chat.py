@@ -408,7 +408,8 @@ def test_kv_bits_answer_through_the_lean_decoder_with_its_compressed_cache(tiny_
     eng.model.float()
     gen = Chat(eng, Settings(max_new_tokens=10, kv_bits=4)).send("hello there")
     text = "".join(gen)
-    assert gen.stats.kv == "KV cache HLWQ 4-bit · lean decoder" and gen.stats.new_tokens > 0
+    assert gen.stats.kv == "KV cache HLWQ 4-bit (full-attention layers; sliding BF16) · lean decoder"
+    assert gen.stats.new_tokens > 0
     assert eng._lean.packed is not None and eng._lean_bits == 4
     ids = eng.inputs([Message("user", "hello there")])["input_ids"]
     ref = LeanDecoder(eng.model, max_len=2048, kv_cache=KVCacheConfig(bits=4, sliding="bf16"))

@@ -3,7 +3,7 @@
 HF `generate` spends most of a token's time outside the matmuls at batch 1 (Python, mask building, cache bookkeeping,
 a host sync per token). Here the decoder layers of the transformers model are called directly with a cache whose
 buffers never move: full-attention layers write token t at slot t, sliding-window layers at slot t mod R, a ring of
-R = min(W, max_len) slots (a sequence shorter than the window never reads empty slots).
+R = min(W, max_len) slots (a decoder built for fewer tokens than the window reads no empty window slots).
 One decode step — embedding, layers, norm, head, argmax, and feeding the token back — is captured once as a CUDA graph
 and replayed; the host only reads the tokens at the end. Prefill runs the same code eagerly in chunks of <= W tokens.
 On a CPU (tests) the same step runs eagerly, so the code path that makes tokens is the one the GPU replays.
@@ -323,13 +323,16 @@ class LeanDecoder:
         self.step.add_(1)
 
     def _capture(self) -> None:
-        saved = (self.ids.clone(), self.pos.clone(), self.step.clone(), self.slot_pos.clone())
+        state = [self.ids, self.pos, self.step, self.slot_pos]
+        if self.packed is not None:
+            state.append(self.packed.res_pos)  # the compressed cache's ring positions, written by the step too
+        saved = [buf.clone() for buf in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._decode_body()  # warm-up: writes the same cache slots the first real step will overwrite
         torch.cuda.current_stream().wait_stream(side)
-        for buf, old in zip((self.ids, self.pos, self.step, self.slot_pos), saved, strict=True):
+        for buf, old in zip(state, saved, strict=True):
             buf.copy_(old)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a server's other threads may touch CUDA meanwhile (the chat engine captures in its worker)

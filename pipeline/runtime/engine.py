@@ -368,6 +368,7 @@ class Engine:
         self.compile_layers = compile_layers  # the lean decoder's layers through torch.compile
         self._lean: Any = None  # the LeanDecoder, built on the first answer it makes
         self._lean_bits: int | None = None  # its compressed KV cache's bits (None: BF16)
+        self._lean_refused: set[int | None] = set()  # KV bits the lean decoder could not hold for this model
         self.folder = folder
         self.tokenizer = tokenizer
         self.processor = processor
@@ -519,7 +520,7 @@ class Engine:
         """The LeanDecoder that makes this answer, or None where generate does: sampling, decoder "hf" (or "auto" off
         the GPU), a model it does not run, a compressed KV cache it cannot hold. Its static cache is sized in powers
         of two (>= 2048 tokens) and rebuilt larger when a conversation outgrows it, or when the KV bits change."""
-        if s.temperature > 0 or self.decoder == "hf":
+        if s.temperature > 0 or self.decoder == "hf" or s.kv_bits in self._lean_refused:
             return None
         if self.decoder == "auto" and self.device.type != "cuda":
             return None
@@ -539,8 +540,12 @@ class Engine:
                 log.info("answers through generate: %s", e)
                 self.decoder = "hf"
                 return None
-            except (ImportError, RuntimeBackendError) as e:  # a compressed cache it cannot hold: generate has one
+            except (ImportError, RuntimeBackendError) as e:
+                if s.kv_bits is None:
+                    raise
+                # a compressed cache it cannot hold: generate has one, for this and later answers at these bits
                 log.info("a %s-bit KV cache goes through generate: %s", s.kv_bits, e)
+                self._lean_refused.add(s.kv_bits)
                 return None
             self._lean_bits = s.kv_bits
         return self._lean
@@ -555,6 +560,8 @@ class Engine:
         # time under the engine's lock).
         lean = self.lean_for(inputs, s)
         how = "" if lean is None else " · lean decoder" + (", compiled" if self.compile_layers else "")
+        if lean is not None and lean.packed is not None and lean.window is not None:
+            kv += " (full-attention layers; sliding BF16)"  # what the lean decoder's cache compresses
         return Generation(self, inputs, kwargs, kv + how, on_done, lean)
 
     def card(self) -> list[tuple[str, str]]:

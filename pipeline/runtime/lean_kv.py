@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,9 @@ from pipeline.errors import RuntimeBackendError
 from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
 from pipeline.runtime.decode import StaticKV
-from pipeline.runtime.kv_cache import KVCacheConfig, keys_from_values
+
+if TYPE_CHECKING:  # the decode step imports this module; kv_cache stays optional for a build without it
+    from pipeline.runtime.kv_cache import KVCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ def check_config(kv: KVCacheConfig, model: Any, window: int | None) -> None:
     if window is not None and kv.sliding == "compressed":
         raise RuntimeBackendError("the lean decoder keeps sliding-window layers as BF16 rings: use "
                                   "KVCacheConfig(sliding='bf16') (or HF generate with make_cache)")  # fmt: skip
+    from pipeline.runtime.kv_cache import keys_from_values
+
     if kv.keys_from_values and keys_from_values(model):
         log.warning("lean decoder KV cache: the k_eq_v layers store their keys too (keys_from_values=False)")
 

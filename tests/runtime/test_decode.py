@@ -121,3 +121,28 @@ def test_stream_yields_generates_tokens_and_stops() -> None:
     for tok in dec.stream(ids, 12, stop=lambda: len(seen) >= 3):
         seen.append(tok)
     assert seen == ref[:3]
+
+
+def test_the_lean_decoder_runs_in_a_build_without_the_kv_cache_module() -> None:
+    """pipeline.runtime.kv_cache is optional (the chat engine says so when it is missing): the fused decode step must
+    not need it unless a compressed cache is asked for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pipeline.runtime.kv_cache':\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from tests.runtime.test_decode import _tiny_model\n"
+        "from pipeline.runtime.decode import LeanDecoder\n"
+        "dec = LeanDecoder(_tiny_model(window=16), max_len=24)\n"
+        "assert dec.decode_layers is not None and dec.decode_layers.plans\n"
+        "print(len(dec.generate(torch.randint(10, 500, (1, 8)), 4).tokens))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr.strip().splitlines()[-1:]
+    assert out.stdout.strip() == "4"

@@ -421,7 +421,9 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
 // per-slot mbarrier) into its ring of STAGES slots in shared memory: (STAGES - 1) x G units are in flight per warp
 // without holding registers (Hopper and later). The issue still costs the warp ~30 instructions per stage (SASS).
 // Programmatic dependent launch (sm_90+): a kernel launched with it may start while the previous one runs, and must
-// wait before reading that kernel's output; a kernel that calls pdl_trigger lets its dependents start early.
+// wait before reading that kernel's output. A kernel that calls pdl_trigger lets its dependents start early; as in
+// inductor's Triton kernels (which may be such dependents), it does so only once every thread of the CTA has read its
+// inputs, since a dependent that does not read this kernel's output may not wait and may reuse their memory.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -631,7 +633,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   const uint8_t* ring = reinterpret_cast<const uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
   int t = lo / n_blocks, b = lo - t * n_blocks;
   // Activation pointers at block b: pairs of batch row g, scales of rows 2q and 2q + 1. Lanes of absent rows load
-  // nothing and keep stale registers: their products land only in output columns >= n, which are never stored.
+  // nothing and keep zeros: their products land only in output columns >= n, which are never stored.
   const bool has_x = g < n, has_s0 = 2 * q < n, has_s1 = 2 * q + 1 < n;
   const uint4* xq = xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
   const float* xs0 = xs + (size_t)(2 * q) * n_blocks + b;
@@ -639,7 +641,6 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
   float x0s = 0.f, x1s = 0.f;
   pdl_wait();  // the activation is the previous kernel's output (a no-op without programmatic launch)
-  pdl_trigger();  // a programmatically launched successor may start now (it waits for this kernel's output)
   int slot = 0, refill = STAGES - 1;
   uint32_t phase = 0;
   int u = lo;
@@ -677,11 +678,15 @@ template <typename T>
 __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
                                     const float* __restrict__ inv_smooth, __half2* __restrict__ out,
                                     float* __restrict__ xs, int rows, int K, int n_blocks) {
-  pdl_trigger();  // the matvec after it may start its prologue and weight fetches now (it waits for this output)
   int row, blk, lane;
   size_t base;
   float v[4];
-  if (!warp_rotated_block<T>(x, signs, inv_smooth, rows, K, n_blocks, row, blk, lane, base, v)) return;
+  const bool live = warp_rotated_block<T>(x, signs, inv_smooth, rows, K, n_blocks, row, blk, lane, base, v);
+  // Every warp of the CTA has read its input: the matvec after it may start its prologue and weight fetches (it
+  // waits for this kernel's output).
+  __syncthreads();
+  pdl_trigger();
+  if (!live) return;
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));

@@ -171,7 +171,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
     ws = counters = None
     if launch_streamed(launch):
         if not kernels.stream_supported(xp.device, bits):  # cached per device: no query per call
-            raise RuntimeBackendError("gemv_tc's stream mode needs sm_90+ (TMA) and ~187 KB of shared memory per block")
+            need = kernels.stream_smem_bytes(bits, launch & 255, (launch >> 8) & 15) / 1024
+            raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
         ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
