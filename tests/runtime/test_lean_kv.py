@@ -232,7 +232,10 @@ def test_31b_bench_lean_decoder_runs_on_the_tiny_shape(tmp_path) -> None:
 @pytest.mark.parametrize("compiled", [False, True])
 def test_graphed_steps_are_the_eager_steps_on_the_gpu(compiled: bool) -> None:
     """The captured step, replayed with the flushes between replays, makes the tokens of the same step run eagerly
-    (same kernels); its teacher-forced logits are the streaming cache's on the GPU (float32 model) within 1e-3."""
+    (same kernels): each graphed token is the eager step's argmax when fed the graphed tokens before it, up to
+    near-ties (graph capture and eager may pick other GEMM kernels; on a random tiny model a 1e-7 difference can flip
+    a near-tie, and free-running sequences then part); its teacher-forced logits are the streaming cache's on the GPU
+    (float32 model) within 1e-3."""
     torch.manual_seed(0)
     model = _tiny_model(window=16).cuda()
     ids = _ids(40)
@@ -240,7 +243,10 @@ def test_graphed_steps_are_the_eager_steps_on_the_gpu(compiled: bool) -> None:
     eager = LeanDecoder(model, max_len=80, prefill_chunk=8, kv_cache=KV4, graph=False, compile_layers=compiled)
     dec = LeanDecoder(model, max_len=80, prefill_chunk=8, kv_cache=KV4, compile_layers=compiled)
     got = dec.generate(ids, 32)
-    assert got.graphed and got.tokens == eager.generate(ids, 32).tokens
-    assert dec.packed is not None and dec.packed.packed_host > 40
+    assert got.graphed and dec.packed is not None and dec.packed.packed_host > 40
+    assert got.tokens[0] == eager.generate(ids, 1).tokens[0]
+    forced = _teacher_forced(eager, ids, got.tokens[:-1])  # eager steps fed the graphed tokens
+    picked = forced.gather(1, torch.tensor(got.tokens[1:]).view(-1, 1)).squeeze(1)
+    assert float((forced.max(-1).values - picked).max()) <= 1e-4 * float(forced.abs().max())
     logits = _teacher_forced(dec, ids, want[:-1])
     assert float((logits - ref[1:]).abs().max()) < 1e-3 * float(ref.abs().max())
