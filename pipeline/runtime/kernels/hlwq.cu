@@ -950,27 +950,38 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
   return (int)cudaGetLastError();
 }
 
-// Stream mode's grid: the CTAs that fit at once, fewer when that would leave a warp under two units.
+// A stream kernel's launch setup: its shared-memory limit, only ever raised (per kernel function: the caller's
+// `opted`), so a smaller launch cannot lower it under a larger one's feet and, once set, no call is made inside a
+// graph capture (one device per process); and its grid, the CTAs that fit at once (`resident`, cached per warps
+// count), fewer when that would leave a warp under two units.
+template <typename Kernel>
+static int stream_grid(Kernel kernel, size_t smem, int warps, long units, size_t& opted, int (&resident)[33],
+                       unsigned& grid) {
+  if (smem > opted) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return (int)e;
+    opted = smem;
+  }
+  if (!resident[warps]) resident[warps] = resident_ctas(kernel, 32 * warps, smem);
+  const long wanted = (units + 2L * warps - 1) / (2L * warps);
+  grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
+  return 0;
+}
+
 template <int BITS, int STAGES, int G, typename T>
 static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
                             int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
-  const long units = (long)n_tiles * n_blocks;
-  const int threads = 32 * warps;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
-  // The limit belongs to the function, whatever the warps count: only ever raised, so a smaller launch cannot lower
-  // it under a larger one's feet (and, once set, no call is made inside a graph capture). One device per process.
   static size_t opted = 0;
-  if (smem > opted) {
-    cudaFuncSetAttribute(tc_stream_kernel<BITS, STAGES, G, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    opted = smem;
-  }
   static int resident[33] = {0};
-  if (!resident[warps]) resident[warps] = resident_ctas(tc_stream_kernel<BITS, STAGES, G, T>, threads, smem);
-  const long wanted = (units + 2L * warps - 1) / (2L * warps);
-  const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
-  tc_stream_kernel<BITS, STAGES, G, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
-                                                                        n, R, n_blocks, n_tiles, ws, counters);
+  unsigned grid = 0;
+  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, opted,
+                             resident, grid);
+  if (rc) return rc;
+  tc_stream_kernel<BITS, STAGES, G, T><<<grid, 32 * warps, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs,
+                                                                           (T*)y, n, R, n_blocks, n_tiles, ws,
+                                                                           counters);
   return (int)cudaGetLastError();
 }
 
@@ -979,23 +990,16 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
                              int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
                              cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
-  const long units = (long)n_tiles * n_blocks;
-  const int threads = 32 * warps;
   const size_t smem = StreamSmem<BITS, STAGES, 1>::bytes(warps);
   static size_t opted = 0;
-  if (smem > opted) {
-    const cudaError_t e = cudaFuncSetAttribute(tc_stream2_kernel<BITS, STAGES, T>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return (int)e;
-    opted = smem;
-  }
   static int resident[33] = {0};
-  if (!resident[warps]) resident[warps] = resident_ctas(tc_stream2_kernel<BITS, STAGES, T>, threads, smem);
-  const long wanted = (units + 2L * warps - 1) / (2L * warps);
-  const unsigned grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
+  unsigned grid = 0;
+  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, T>, smem, warps, (long)n_tiles * n_blocks, opted,
+                             resident, grid);
+  if (rc) return rc;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
+  cfg.blockDim = dim3(32 * warps);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
