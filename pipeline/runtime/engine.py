@@ -346,6 +346,11 @@ class Generation:
 # The engine
 
 
+def _check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+
 def _lean_kv_config(bits: int) -> Any:
     """The lean decoder's compressed KV cache for --kv-bits: full-attention layers as codes, sliding layers BF16."""
     from pipeline.runtime.kv_cache import KVCacheConfig  # type: ignore[import-not-found]
@@ -361,14 +366,13 @@ class Engine:
 
     def __init__(self, model: Any, folder: Path, tokenizer: Any, processor: Any | None, device: torch.device,
                  runtime: str, source: str, decoder: str = "auto", compile_layers: bool = False):  # fmt: skip
-        if decoder not in DECODERS:
-            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        _check_decoder(decoder)
         self.model: Any = model  # a transformers model (generate, config)
         self.decoder = decoder
         self.compile_layers = compile_layers  # the lean decoder's layers through torch.compile
         self._lean: Any = None  # the LeanDecoder, built on the first answer it makes
         self._lean_bits: int | None = None  # its compressed KV cache's bits (None: BF16)
-        self._lean_refused: set[int | None] = set()  # KV bits the lean decoder could not hold for this model
+        self._lean_refused: set[int] = set()  # KV bits the lean decoder could not hold for this model
         self.folder = folder
         self.tokenizer = tokenizer
         self.processor = processor
@@ -386,8 +390,7 @@ class Engine:
         lean decoder holds the full-attention layers as codes and keeps sliding-window layers BF16.
         compile_layers: the lean decoder compiles its layers (the first answer, and the first after the cache grows,
         wait for the compile; later ones decode faster)."""
-        if decoder not in DECODERS:
-            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        _check_decoder(decoder)  # before the load, which takes long
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)

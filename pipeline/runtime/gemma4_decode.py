@@ -283,8 +283,8 @@ def compile_options() -> dict[str, Any]:
     """Inductor options of the decode step's torch.compile: its Triton kernels launch programmatically (PDL) on
     Hopper and later (inductor skips it elsewhere), so each one's launch overlaps the kernel before it: 31B Q5 decode
     103.46 tok/s against 100.8 without (bench/results/runtime_31b_inductor_pdl_ab.json, where the same inductor
-    option came from TORCHINDUCTOR_ENABLE_PDL=1). HLWQ_INDUCTOR_PDL=0 turns it
-    off (A/B runs); releases without the option get none."""
+    option came from TORCHINDUCTOR_ENABLE_PDL=1). HLWQ_INDUCTOR_PDL=0 turns it off (A/B runs); releases without
+    the option get none."""
     import torch._inductor.config as inductor
 
     if os.environ.get("HLWQ_INDUCTOR_PDL", "1") == "0" or not hasattr(inductor.triton, "enable_pdl"):

@@ -100,6 +100,13 @@ class PackedLayer:
         k = kvq.PackedKV(self.k_codes[:, :, a:b], self.k_scales[:, :, a:b], self.bits, d)
         return k, kvq.PackedKV(self.v_codes[:, :, a:b], self.v_scales[:, :, a:b], self.bits, d)
 
+    def dequantized(self, a: int, b: int, k_dtype: torch.dtype,
+                    v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Keys and values of positions a..b-1 of the packed store, dequantized to the original basis."""
+        pk, pv = self.packed(a, b)
+        return (kvq.dequantize_kv(pk, self.signs, k_dtype, codebook=self.codebook),
+                kvq.dequantize_kv(pv, self.signs, v_dtype, codebook=self.codebook))  # fmt: skip
+
     def write(self, a: int, k: torch.Tensor, v: torch.Tensor, kv: KVCacheConfig) -> None:
         """Quantize k, v [1, H, n, d] (positions a..a+n-1) into the packed store."""
         n = k.shape[2]
@@ -207,9 +214,7 @@ class PackedStaticKV(StaticKV):
 
     def _decode_states(self, layer: PackedLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[whole packed store, original basis ; ring] for the decode mask's layout (slow: transformers' path only)."""
-        pk, pv = layer.packed(0, self.max_len)
-        keys = kvq.dequantize_kv(pk, layer.signs, dtype, codebook=layer.codebook)
-        values = kvq.dequantize_kv(pv, layer.signs, dtype, codebook=layer.codebook)
+        keys, values = layer.dequantized(0, self.max_len, dtype, dtype)
         return torch.cat([keys, layer.res_k], dim=2), torch.cat([values, layer.res_v], dim=2)
 
     def _prefill(self, layer: PackedLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,9 +225,8 @@ class PackedStaticKV(StaticKV):
         old = torch.arange(a, t0, device=k.device) % self.res_slots
         exact_k = torch.cat([layer.res_k.index_select(2, old), k], dim=2)  # positions a..end-1
         exact_v = torch.cat([layer.res_v.index_select(2, old), v], dim=2)
-        pk, pv = layer.packed(0, a)
-        keys = torch.cat([kvq.dequantize_kv(pk, layer.signs, k.dtype, codebook=layer.codebook), exact_k], dim=2)
-        values = torch.cat([kvq.dequantize_kv(pv, layer.signs, v.dtype, codebook=layer.codebook), exact_v], dim=2)
+        old_k, old_v = layer.dequantized(0, a, k.dtype, v.dtype)
+        keys, values = torch.cat([old_k, exact_k], dim=2), torch.cat([old_v, exact_v], dim=2)
         if b > a:
             layer.write(a, exact_k[:, :, : b - a], exact_v[:, :, : b - a], self.kv)
         keep = torch.arange(b, end, device=k.device) % self.res_slots

@@ -52,12 +52,17 @@ def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: boo
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
     sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json). `pdl`: a
     programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
-    kernel before it (rotate_pairs lets it start at once)."""
+    kernel before it (rotate_pairs lets it start once it has read its input)."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
     if pdl and not (stream and prefetch in LEAN_RINGS):
         raise ValueError(f"a programmatic launch (pdl) needs stream mode with prefetch in {LEAN_RINGS}")
     return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17
+
+
+def tc_fields(launch: int) -> tuple[int, int, bool, bool]:
+    """tc_launch's word -> (warps, prefetch, stream, pdl)."""
+    return launch & 255, (launch >> 8) & 15, bool((launch >> 16) & 1), bool((launch >> 17) & 1)
 
 
 def stream_start(warp: int, units: int, warps: int) -> int:
@@ -97,8 +102,8 @@ def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) 
     figure, only the data-centre parts known to give a block 227 KB (sm_90, sm_100)."""
     if capability < (9, 0):
         return False
-    launch = stream_default()
-    need = stream_smem_bytes(bits, launch & 255, (launch >> 8) & 15)
+    warps, prefetch, _, _ = tc_fields(stream_default())
+    need = stream_smem_bytes(bits, warps, prefetch)
     return smem_optin >= need if smem_optin else capability[0] in (9, 10)
 
 

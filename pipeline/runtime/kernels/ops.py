@@ -146,7 +146,7 @@ def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
 
 def launch_streamed(launch: int) -> bool:
     """Whether a tc_launch word asks for stream mode (bit 16)."""
-    return bool((launch >> 16) & 1)
+    return kernels.tc_fields(launch)[2]
 
 
 _WARPS: dict[torch.device, int] = {}
@@ -171,7 +171,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
     ws = counters = None
     if launch_streamed(launch):
         if not kernels.stream_supported(xp.device, bits):  # cached per device: no query per call
-            need = kernels.stream_smem_bytes(bits, launch & 255, (launch >> 8) & 15) / 1024
+            warps, prefetch, _, _ = kernels.tc_fields(launch)
+            need = kernels.stream_smem_bytes(bits, warps, prefetch) / 1024
             raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
         ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
         counters = tile_counters(xp.device, tiles.shape[0])
