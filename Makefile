@@ -3,6 +3,7 @@
 PY      := .venv/bin/python
 HLWQ    := .venv/bin/hlwq
 STAMP   := .venv/.hlwq-installed
+TSTAMP  := .venv/.hlwq-test-installed
 MODEL   ?=
 ARGS    ?=
 
@@ -17,6 +18,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
+$(TSTAMP): $(STAMP) tests/requirements.txt
+	.venv/bin/pip install -q --no-deps -r tests/requirements.txt
+	touch $@
+
 convert: setup
 ifeq ($(MODEL),)
 	$(HLWQ) tiny work/tiny-gemma4-bf16
@@ -27,7 +32,7 @@ endif
 
 # The Slurm tests need Debian's slurm-wlm, the demo's browser test Debian's chromium + chromium-driver; the
 # installers are no-ops when they are there (and skipped when not root).
-test: setup
+test: setup $(TSTAMP)
 	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-slurm.sh || [ -z "$$CI" ]; fi
 	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-chromium.sh || [ -z "$$CI" ]; fi
 	$(PY) -m pytest -q $(ARGS)

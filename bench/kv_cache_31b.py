@@ -24,7 +24,7 @@ Figures:
   skipped (noted under "skipped").
 Kinds: bf16 (DynamicCache), q3 (HLWQ Q3, sliding layers compressed too; the k_eq_v global layers store values only),
 q3_keys_stored (q3 with the global layers' keys stored too, as before), q3_sliding_bf16 (HLWQ Q3 on the global layers
-only), q2 (HLWQ Q2).
+only), q2 (HLWQ Q2); q4_sliding_bf16 / q2_sliding_bf16 as q3_sliding_bf16 at 4 / 2 bits.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ KINDS: dict[str, KVCacheConfig | None] = {
     "q3_sliding_bf16": KVCacheConfig(bits=3, sliding="bf16"),
     "q3_keys_stored": KVCacheConfig(bits=3, keys_from_values=False),
     "q2": KVCacheConfig(bits=2),
+    "q2_sliding_bf16": KVCacheConfig(bits=2, sliding="bf16"),
     "q4": KVCacheConfig(bits=4),
     "q4_sliding_bf16": KVCacheConfig(bits=4, sliding="bf16"),
 }

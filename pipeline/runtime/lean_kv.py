@@ -31,6 +31,7 @@ from pipeline.errors import RuntimeBackendError
 from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
 from pipeline.runtime.decode import StaticKV
+from pipeline.runtime.kernels import kv_attention
 
 if TYPE_CHECKING:  # the decode step imports this module; kv_cache stays optional for a build without it
     from pipeline.runtime.kv_cache import KVCacheConfig
@@ -125,6 +126,8 @@ def packed_attention(q: torch.Tensor, store: tuple[torch.Tensor, ...], bits: int
     hkv, length, d = res_k.shape[1], k_codes.shape[2], res_k.shape[-1]
     qg = q.view(hkv, -1, d).float()
     qr = _blockwise(qg, rotation)  # q·k = (HDq)·(HDk): the packed keys stay rotated
+    if kv_attention.supported(q, d, bits):
+        return _split_attention(qg, qr, store, bits, mask, scaling)
     kp, vp = kvq.PackedKV(k_codes[0], k_scales[0], bits, d), kvq.PackedKV(v_codes[0], v_scales[0], bits, d)
     kl, vl = kvq.code_levels(kp, codebook), kvq.code_levels(vp, codebook)  # [Hkv, max_len, d]
     rk = res_k[0].float()
@@ -144,6 +147,35 @@ def packed_attention(q: torch.Tensor, store: tuple[torch.Tensor, ...], bits: int
     # Σ p_i v_i = D Hᵀ Σ p_i (HD v_i): one inverse rotation of the packed part's output
     out = _blockwise(out_rot, rotation.T) + torch.matmul(p[..., length:], res_v[0].float())
     return out.reshape(-1).to(res_v.dtype)
+
+
+def _split_attention(qg: torch.Tensor, qr: torch.Tensor, store: tuple[torch.Tensor, ...], bits: int,
+                     mask: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+    """packed_attention on the GPU: the kernel's per-split partials over the filled packed positions only (their
+    count is the mask's packed part, a device value), merged with the ring's exact scores by their maxima."""
+    k_codes, k_scales, v_codes, v_scales, res_k, res_v, rotation, codebook = store
+    hkv, length = k_codes.shape[1], k_codes.shape[2]
+    filled = mask[:length].sum().view(1)
+    o, m, l_ = torch.ops.hlwq.kv_packed_partials(
+        qr * scaling,
+        k_codes[0],
+        k_scales[0],
+        v_codes[0],
+        v_scales[0],
+        codebook,
+        filled,
+        bits,
+        kv_attention.splits_for(length, hkv),
+    )
+    s_ring = torch.matmul(qg, res_k[0].float().transpose(1, 2)) * scaling
+    s_ring = s_ring.masked_fill(~mask[length:], float("-inf"))  # [Hkv, G, ring]
+    top = torch.maximum(m.amax(1), s_ring.amax(-1))  # the ring holds the token itself: finite
+    w = torch.exp(m - top.unsqueeze(1))  # [Hkv, S, G]; an empty split (m = -inf) weighs 0
+    p_ring = torch.exp(s_ring - top.unsqueeze(-1))
+    den = (w * l_).sum(1) + p_ring.sum(-1)
+    out_rot = (w.unsqueeze(-1) * o).sum(1)
+    out = _blockwise(out_rot, rotation.T) + torch.matmul(p_ring, res_v[0].float())
+    return (out / den.unsqueeze(-1)).reshape(-1).to(res_v.dtype)
 
 
 class PackedStaticKV(StaticKV):

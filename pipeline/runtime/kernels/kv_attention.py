@@ -1,0 +1,82 @@
+"""One decode token's attention over the compressed KV cache's codes (Triton), reading only the filled positions.
+
+The lean decoder's static store holds max_len positions per full-attention layer; packed_len of them are filled. The
+kernel splits [0, packed_len) over `splits` programs per KV head (packed_len read on the device, so one captured
+graph serves every step) and returns each split's flash-decoding partials in the rotated basis:
+
+    o [Hkv, S, G, d]  Σ_i exp(s_i - m) · f_i · levels(v_i)      s_i = q·levels(k_i) · g_i   (q pre-scaled)
+    m [Hkv, S, G]     max_i s_i (-inf for an empty split)       f_i, g_i: the per-vector factors (scale / sqrt d)
+    l [Hkv, S, G]     Σ_i exp(s_i - m)
+
+lean_kv.packed_attention merges them with the exact ring and rotates the result back once. Codes are unpacked in
+registers with bitpack's plane layout and looked up in the codebook; products are float32 FMAs (input_precision
+"ieee"), so the result matches the dequantize-then-attend reference to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch.library import custom_op
+
+BLOCK_N = 16  # positions per loop step
+CHUNK_D = 128  # head_dim slice of one score product (keeps the key levels' registers small)
+MAX_PROGRAMS = 256  # programs per launch (KV heads x splits): two per SM of an H200
+KV_BITS = (2, 3, 4)
+
+
+@functools.cache
+def _triton() -> Any:
+    """The Triton module, or None (CPU-only torch builds have none: the caller keeps its torch path)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton
+
+
+def supported(q: torch.Tensor, head_dim: int, bits: int) -> bool:
+    """Whether the kernel serves this query: a CUDA tensor, Triton present, a power-of-two head_dim ≥ CHUNK_D."""
+    pow2 = head_dim & (head_dim - 1) == 0
+    return q.is_cuda and bits in KV_BITS and pow2 and head_dim >= CHUNK_D and _triton() is not None
+
+
+def splits_for(max_len: int, kv_heads: int) -> int:
+    """Splits per KV head: enough programs to fill the GPU, none shorter than one loop step of the static store."""
+    return max(1, min(-(-max_len // BLOCK_N), MAX_PROGRAMS // max(1, kv_heads)))
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The jitted kernel (Triton imported on first use)."""
+    from pipeline.runtime.kernels.kv_attention_triton import split_kernel
+
+    return split_kernel
+
+
+@custom_op("hlwq::kv_packed_partials", mutates_args=())
+def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
+             v_scales: torch.Tensor, codebook: torch.Tensor, n: torch.Tensor, bits: int,
+             splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """q float32 [Hkv, G, d] (rotated, times the attention scaling); codes uint8 [Hkv, L, d*bits/8], scales float16
+    [Hkv, L]; codebook float32 [2**bits]; n int64 [1]: positions filled -> (o, m, l) as the module docstring says."""
+    hkv, g, d = q.shape
+    length = k_codes.shape[1]
+    o = torch.empty(hkv, splits, g, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(hkv, splits, g, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    gp = max(16, 1 << (g - 1).bit_length())  # tl.dot's smallest M
+    _kernel()[(hkv, splits)](
+        q.contiguous(), k_codes, k_scales, v_codes, v_scales, codebook, n, o, m, l_, length, d**-0.5,
+        G=g, GP=gp, D=d, DC=CHUNK_D, BITS=bits, BN=BLOCK_N, S=splits, num_warps=8,
+    )  # fmt: skip
+    return o, m, l_
+
+
+@partials.register_fake
+def _(q, k_codes, k_scales, v_codes, v_scales, codebook, n, bits, splits):  # type: ignore[no-untyped-def]
+    hkv, g, d = q.shape
+    o = q.new_empty(hkv, splits, g, d)
+    return o, q.new_empty(hkv, splits, g), q.new_empty(hkv, splits, g)

@@ -1,0 +1,67 @@
+"""The Triton kernel behind kv_attention (imported on first use: CPU-only torch builds have no Triton)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def codes_of(row, c, ok, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes at indices c [1, C] of the rows at byte pointers row [N, 1] (bitpack: a plane of width k holds code
+    j + s*(D*k/8) of byte j in bits [s*k, s*k + k), planes low bits first; 3 = 2 + 1, 2 and 4 one plane)."""
+    if BITS == 4:
+        b = tl.load(row + c % (D // 2), mask=ok, other=0).to(tl.int32)
+        code = (b >> ((c // (D // 2)) * 4)) & 15
+    elif BITS == 3:
+        lo = tl.load(row + c % (D // 4), mask=ok, other=0).to(tl.int32)
+        hi = tl.load(row + D // 4 + c % (D // 8), mask=ok, other=0).to(tl.int32)
+        code = ((lo >> ((c // (D // 4)) * 2)) & 3) | (((hi >> (c // (D // 8))) & 1) << 2)
+    else:
+        b = tl.load(row + c % (D // 4), mask=ok, other=0).to(tl.int32)
+        code = (b >> ((c // (D // 4)) * 2)) & 3
+    return code
+
+
+@triton.jit
+def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_ptr, l_ptr, L, factor,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr,
+                 BN: tl.constexpr, S: tl.constexpr):  # fmt: skip
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)  # a scalar (the interpreter's too)
+    per = tl.cdiv(tl.cdiv(n, S), BN) * BN  # whole loop steps per split
+    lo = s * per
+    hi = tl.minimum(lo + per, n)
+    RB: tl.constexpr = D * BITS // 8
+    g = tl.arange(0, GP)
+    gm = g < G
+    dc = tl.arange(0, DC)
+    d = tl.arange(0, D)
+    q_base = q_ptr + h * G * D
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for start in range(lo, hi, BN):
+        pos = start + tl.arange(0, BN)
+        ok = pos < hi
+        rows = (h * L + pos).to(tl.int64)
+        krow = kc_ptr + rows[:, None] * RB
+        sc = tl.zeros([GP, BN], tl.float32)
+        for c0 in tl.static_range(0, D, DC):
+            c = c0 + dc
+            kl = tl.load(cb_ptr + codes_of(krow, c[None, :], ok[:, None], D, BITS))
+            qc = tl.load(q_base + g[:, None] * D + c[None, :], mask=gm[:, None], other=0.0)
+            sc += tl.dot(qc, tl.trans(kl), input_precision="ieee")
+        ks = tl.load(ks_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
+        sc = tl.where(ok[None, :], sc * ks[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vs = tl.load(vs_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
+        vl = tl.load(cb_ptr + codes_of(vc_ptr + rows[:, None] * RB, d[None, :], ok[:, None], D, BITS))
+        acc = acc * alpha[:, None] + tl.dot(p * vs[None, :], vl, input_precision="ieee")
+        m_i = m_new
+    at = (h * S + s) * G + g
+    tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])
+    tl.store(m_ptr + at, m_i, mask=gm)
+    tl.store(l_ptr + at, l_i, mask=gm)

@@ -1,0 +1,144 @@
+"""The Triton attention over the compressed cache's codes (kernels.kv_attention): lean_kv.packed_attention through
+its per-split partials equals the dequantize-then-attend path, on the CPU through Triton's interpreter and on the GPU
+compiled, for 2-4 bits, GQA groups, an empty store and a full one, and inside a CUDA graph whose filled length
+changes between replays."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.quant import kv as kvq
+from pipeline.quant import lloyd_max
+from pipeline.runtime import lean_kv
+from pipeline.runtime.kernels import kv_attention
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _store(bits: int, hkv: int, d: int, length: int, ring: int, device: str, seed: int = 0) -> tuple[Any, ...]:
+    """A PackedLayer.tensors() tuple of random keys/values quantized as the cache does."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = kvq.kv_signs(d, 0)
+    cb = lloyd_max.gaussian_codebook(bits, "cpu")
+    k, v = (torch.randn(1, hkv, length, d, generator=gen) * 3 for _ in range(2))
+    pk, pv = kvq.quantize_kv(k, bits, signs, "lsq", cb), kvq.quantize_kv(v, bits, signs, "lsq", cb)
+    res_k, res_v = (torch.randn(1, hkv, ring, d, generator=gen) for _ in range(2))
+    parts = (pk.codes, pk.scales, pv.codes, pv.scales, res_k, res_v, lean_kv.rotation_matrix(signs), cb)
+    return tuple(t.to(device) for t in parts)
+
+
+def _mask(length: int, ring: int, filled: int, device: str, seed: int = 0) -> torch.Tensor:
+    live = torch.rand(ring, generator=torch.Generator().manual_seed(seed)) < 0.7
+    live[0] = True  # the token itself
+    return torch.cat([torch.arange(length) < filled, live]).to(device)
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, q: torch.Tensor, store: tuple[Any, ...], bits: int, mask: torch.Tensor,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(kernel path, torch path) of packed_attention for the same inputs."""
+    monkeypatch.setattr(kv_attention, "supported", lambda *a: True)
+    got = lean_kv.packed_attention(q, store, bits, mask, scaling)
+    monkeypatch.setattr(kv_attention, "supported", lambda *a: False)
+    return got, lean_kv.packed_attention(q, store, bits, mask, scaling)
+
+
+INTERPRETED_CASES = [
+    (bits, *shape)
+    for bits in (2, 3, 4)
+    for shape in ((2, 4, 128, 80, 37), (1, 1, 256, 48, 48), (2, 8, 128, 64, 0), (1, 2, 512, 40, 17))
+]
+
+
+def interpreted_errors() -> list[dict[str, Any]]:
+    """Run in a process started with TRITON_INTERPRET=1 (Triton's own jit helpers, tl.sum and tl.cdiv among them,
+    are bound to the interpreter when triton is first imported): kernel vs torch path for INTERPRETED_CASES."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor: Any, scope: Any) -> None:
+        # Triton 3.6's interpreter takes int() of a 1-element array (a loop bound read from memory); numpy 2 refuses
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        for bits, hkv, group, d, length, filled in INTERPRETED_CASES:
+            store = _store(bits, hkv, d, length, 24, "cpu")
+            q = torch.randn(hkv * group, d, generator=torch.Generator().manual_seed(5))
+            got, want = _both(mp, q, store, bits, _mask(length, 24, filled, "cpu"), 0.0625)
+            out.append({"case": [bits, hkv, group, d, length, filled], "shape_ok": got.shape == want.shape,
+                        "err": float((got - want).abs().max()), "scale": float(want.abs().max())})  # fmt: skip
+    return out
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
+def test_partials_are_the_dequantized_attention_interpreted() -> None:
+    """On the CPU, through Triton's interpreter (a fresh process), 2-4 bits: GQA groups, a full store, an empty one,
+    head_dim 512."""
+    code = "import json; from tests.runtime.test_kv_attention import interpreted_errors as f; print(json.dumps(f()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["case"] for r in rows] == [list(c) for c in INTERPRETED_CASES]
+    for r in rows:
+        assert r["shape_ok"] and r["scale"] > 0.1, r
+        assert r["err"] <= 1e-5 * r["scale"], r
+
+
+def test_splits_cover_the_store_and_fill_the_gpu() -> None:
+    assert kv_attention.splits_for(4352, 4) == 64  # 256 programs
+    assert kv_attention.splits_for(40, 4) == 3  # no split shorter than one loop step
+    assert kv_attention.splits_for(1 << 17, 16) == 16
+
+
+def test_supported_only_where_the_kernel_runs() -> None:
+    q = torch.zeros(8, 512)
+    assert not kv_attention.supported(q, 512, 4)  # a CPU tensor
+    if torch.cuda.is_available() and _HAS_TRITON:
+        qc = q.cuda()
+        assert kv_attention.supported(qc, 512, 3)
+        assert not kv_attention.supported(qc, 96, 3) and not kv_attention.supported(qc, 64, 3)
+        assert not kv_attention.supported(qc, 512, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _HAS_TRITON, reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
+    """Gemma-4-31B's global layers (4 KV heads of 512, 8 query heads each), a 4k store partly filled."""
+    store = _store(bits, 4, 512, 4352, 192, "cuda")
+    q = torch.randn(32, 512, device="cuda")
+    for filled in (0, 1, 1000, 4352):
+        got, want = _both(monkeypatch, q, store, bits, _mask(4352, 192, filled, "cuda"), 512**-0.5)
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), filled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_captured_attention_follows_the_filled_length() -> None:
+    """One CUDA graph, replayed as the store fills: the kernel reads packed_len from the mask on the device."""
+    length, ring = 1024, 64
+    store = _store(4, 4, 512, length, ring, "cuda")
+    q = torch.randn(32, 512, device="cuda")
+    mask = _mask(length, ring, 100, "cuda")
+    lean_kv.packed_attention(q, store, 4, mask, 0.05)  # build the kernel before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lean_kv.packed_attention(q, store, 4, mask, 0.05)
+    for filled in (100, 517, 1024, 3):
+        mask.copy_(_mask(length, ring, filled, "cuda"))
+        graph.replay()
+        want = lean_kv.packed_attention(q, store, 4, mask, 0.05)
+        assert torch.equal(out, want), filled
