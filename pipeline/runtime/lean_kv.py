@@ -156,17 +156,10 @@ def _split_attention(qg: torch.Tensor, qr: torch.Tensor, store: tuple[torch.Tens
     k_codes, k_scales, v_codes, v_scales, res_k, res_v, rotation, codebook = store
     hkv, length = k_codes.shape[1], k_codes.shape[2]
     filled = mask[:length].sum().view(1)
-    o, m, l_ = torch.ops.hlwq.kv_packed_partials(
-        qr * scaling,
-        k_codes[0],
-        k_scales[0],
-        v_codes[0],
-        v_scales[0],
-        codebook,
-        filled,
-        bits,
-        kv_attention.splits_for(length, hkv),
-    )
+    splits = kv_attention.splits_for(length, hkv)
+    q16, cb16 = (qr * scaling).half(), codebook.half()
+    o, m, l_ = torch.ops.hlwq.kv_packed_partials(q16, k_codes[0], k_scales[0], v_codes[0], v_scales[0], cb16, filled,
+                                                 bits, splits)  # fmt: skip
     s_ring = torch.matmul(qg, res_k[0].float().transpose(1, 2)) * scaling
     s_ring = s_ring.masked_fill(~mask[length:], float("-inf"))  # [Hkv, G, ring]
     top = torch.maximum(m.amax(1), s_ring.amax(-1))  # the ring holds the token itself: finite

@@ -21,6 +21,8 @@ from pipeline.runtime import lean_kv
 from pipeline.runtime.kernels import kv_attention
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+# float16 query, levels and probabilities on the tensor cores against the float32 path: ~2**-11 relative per operand
+TOL = 4e-3
 
 
 def _store(bits: int, hkv: int, d: int, length: int, ring: int, device: str, seed: int = 0) -> tuple[Any, ...]:
@@ -93,13 +95,14 @@ def test_partials_are_the_dequantized_attention_interpreted() -> None:
     assert [r["case"] for r in rows] == [list(c) for c in INTERPRETED_CASES]
     for r in rows:
         assert r["shape_ok"] and r["scale"] > 0.1, r
-        assert r["err"] <= 1e-5 * r["scale"], r
+        assert r["err"] <= TOL * r["scale"], r
 
 
 def test_splits_cover_the_store_and_fill_the_gpu() -> None:
-    assert kv_attention.splits_for(4352, 4) == 64  # 256 programs
-    assert kv_attention.splits_for(40, 4) == 3  # no split shorter than one loop step
-    assert kv_attention.splits_for(1 << 17, 16) == 16
+    assert kv_attention.splits_for(4352, 4) == 34  # one per 128 positions
+    assert kv_attention.splits_for(40, 4) == 1
+    assert kv_attention.splits_for(1 << 15, 4) == 128  # at most 512 programs: longer splits instead
+    assert kv_attention.splits_for(1 << 17, 16) == 32
 
 
 def test_supported_only_where_the_kernel_runs() -> None:
@@ -108,7 +111,7 @@ def test_supported_only_where_the_kernel_runs() -> None:
     if torch.cuda.is_available() and _HAS_TRITON:
         qc = q.cuda()
         assert kv_attention.supported(qc, 512, 3)
-        assert not kv_attention.supported(qc, 96, 3) and not kv_attention.supported(qc, 64, 3)
+        assert not kv_attention.supported(qc, 96, 3) and not kv_attention.supported(qc, 8, 3)
         assert not kv_attention.supported(qc, 512, 5)
 
 
@@ -121,7 +124,7 @@ def test_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch, bits
     q = torch.randn(32, 512, device="cuda")
     for filled in (0, 1, 1000, 4352):
         got, want = _both(monkeypatch, q, store, bits, _mask(4352, 192, filled, "cuda"), 512**-0.5)
-        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), filled
+        assert float((got - want).abs().max()) <= TOL * float(want.abs().max()), filled
 
 
 @pytest.mark.gpu

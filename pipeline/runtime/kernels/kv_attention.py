@@ -9,8 +9,10 @@ graph serves every step) and returns each split's flash-decoding partials in the
     l [Hkv, S, G]     Σ_i exp(s_i - m)
 
 lean_kv.packed_attention merges them with the exact ring and rotates the result back once. Codes are unpacked in
-registers with bitpack's plane layout and looked up in the codebook; products are float32 FMAs (input_precision
-"ieee"), so the result matches the dequantize-then-attend reference to float32 rounding.
+registers with bitpack's plane layout and looked up in a float16 codebook; the query and the probabilities go to the
+tensor cores in float16 with float32 accumulation (the BF16 cache's own attention reads bf16 keys and bf16
+probabilities). A first version multiplied in float32 FMAs (input_precision "ieee") over fewer, longer splits: at a
+32k context it cost 5.7 ms per token more than the BF16 cache (bench/results/kv_cache_lean_kernel_v1.json).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from torch.library import custom_op
 
 BLOCK_N = 16  # positions per loop step
-CHUNK_D = 128  # head_dim slice of one score product (keeps the key levels' registers small)
-MAX_PROGRAMS = 256  # programs per launch (KV heads x splits): two per SM of an H200
+SPLIT_POSITIONS = 128  # a split's share of a full store: latency, not bandwidth, bounds one program's loop
+MAX_PROGRAMS = 512  # programs per launch (KV heads x splits): ~4 per SM of an H200
+MIN_HEAD_DIM = 16  # tl.dot's smallest K
 KV_BITS = (2, 3, 4)
 
 
@@ -38,14 +41,15 @@ def _triton() -> Any:
 
 
 def supported(q: torch.Tensor, head_dim: int, bits: int) -> bool:
-    """Whether the kernel serves this query: a CUDA tensor, Triton present, a power-of-two head_dim ≥ CHUNK_D."""
+    """Whether the kernel serves this query: a CUDA tensor, Triton present, a power-of-two head_dim ≥ 16."""
     pow2 = head_dim & (head_dim - 1) == 0
-    return q.is_cuda and bits in KV_BITS and pow2 and head_dim >= CHUNK_D and _triton() is not None
+    return q.is_cuda and bits in KV_BITS and pow2 and head_dim >= MIN_HEAD_DIM and _triton() is not None
 
 
 def splits_for(max_len: int, kv_heads: int) -> int:
-    """Splits per KV head: enough programs to fill the GPU, none shorter than one loop step of the static store."""
-    return max(1, min(-(-max_len // BLOCK_N), MAX_PROGRAMS // max(1, kv_heads)))
+    """Splits per KV head: one per SPLIT_POSITIONS of the static store, at most MAX_PROGRAMS in all (a long store's
+    splits grow instead); the filled positions are shared out among them on the device."""
+    return max(1, min(-(-max_len // SPLIT_POSITIONS), MAX_PROGRAMS // max(1, kv_heads)))
 
 
 @functools.cache
@@ -60,8 +64,8 @@ def _kernel() -> Any:
 def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
              v_scales: torch.Tensor, codebook: torch.Tensor, n: torch.Tensor, bits: int,
              splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """q float32 [Hkv, G, d] (rotated, times the attention scaling); codes uint8 [Hkv, L, d*bits/8], scales float16
-    [Hkv, L]; codebook float32 [2**bits]; n int64 [1]: positions filled -> (o, m, l) as the module docstring says."""
+    """q float16 [Hkv, G, d] (rotated, times the attention scaling); codes uint8 [Hkv, L, d*bits/8], scales float16
+    [Hkv, L]; codebook float16 [2**bits]; n int64 [1]: positions filled -> (o, m, l) as the module docstring says."""
     hkv, g, d = q.shape
     length = k_codes.shape[1]
     o = torch.empty(hkv, splits, g, d, dtype=torch.float32, device=q.device)
@@ -70,7 +74,7 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
     gp = max(16, 1 << (g - 1).bit_length())  # tl.dot's smallest M
     _kernel()[(hkv, splits)](
         q.contiguous(), k_codes, k_scales, v_codes, v_scales, codebook, n, o, m, l_, length, d**-0.5,
-        G=g, GP=gp, D=d, DC=CHUNK_D, BITS=bits, BN=BLOCK_N, S=splits, num_warps=8,
+        G=g, GP=gp, D=d, BITS=bits, BN=BLOCK_N, S=splits, num_warps=4,
     )  # fmt: skip
     return o, m, l_
 
@@ -78,5 +82,5 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
 @partials.register_fake
 def _(q, k_codes, k_scales, v_codes, v_scales, codebook, n, bits, splits):  # type: ignore[no-untyped-def]
     hkv, g, d = q.shape
-    o = q.new_empty(hkv, splits, g, d)
-    return o, q.new_empty(hkv, splits, g), q.new_empty(hkv, splits, g)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    return torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32), torch.empty(hkv, splits, g, **f32)

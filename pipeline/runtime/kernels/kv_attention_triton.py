@@ -23,20 +23,21 @@ def codes_of(row, c, ok, D: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_ptr, l_ptr, L, factor,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr,
-                 BN: tl.constexpr, S: tl.constexpr):  # fmt: skip
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
+                 S: tl.constexpr):  # fmt: skip
+    """Program (h, s): KV head h, positions [s*per, (s+1)*per) ∩ [0, n), per = n / S in whole steps of BN.
+    fp16 operands on tensor cores, fp32 accumulation (the BF16 cache's attention rounds its keys to bf16)."""
     h = tl.program_id(0)
     s = tl.program_id(1)
     n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)  # a scalar (the interpreter's too)
-    per = tl.cdiv(tl.cdiv(n, S), BN) * BN  # whole loop steps per split
+    per = tl.cdiv(tl.cdiv(n, S), BN) * BN
     lo = s * per
     hi = tl.minimum(lo + per, n)
     RB: tl.constexpr = D * BITS // 8
     g = tl.arange(0, GP)
     gm = g < G
-    dc = tl.arange(0, DC)
     d = tl.arange(0, D)
-    q_base = q_ptr + h * G * D
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0)  # fp16 [GP, D]
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -44,13 +45,8 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
         pos = start + tl.arange(0, BN)
         ok = pos < hi
         rows = (h * L + pos).to(tl.int64)
-        krow = kc_ptr + rows[:, None] * RB
-        sc = tl.zeros([GP, BN], tl.float32)
-        for c0 in tl.static_range(0, D, DC):
-            c = c0 + dc
-            kl = tl.load(cb_ptr + codes_of(krow, c[None, :], ok[:, None], D, BITS))
-            qc = tl.load(q_base + g[:, None] * D + c[None, :], mask=gm[:, None], other=0.0)
-            sc += tl.dot(qc, tl.trans(kl), input_precision="ieee")
+        kl = tl.load(cb_ptr + codes_of(kc_ptr + rows[:, None] * RB, d[None, :], ok[:, None], D, BITS))
+        sc = tl.dot(q, tl.trans(kl))  # [GP, BN]
         ks = tl.load(ks_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
         sc = tl.where(ok[None, :], sc * ks[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -59,7 +55,7 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
         l_i = l_i * alpha + tl.sum(p, 1)
         vs = tl.load(vs_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
         vl = tl.load(cb_ptr + codes_of(vc_ptr + rows[:, None] * RB, d[None, :], ok[:, None], D, BITS))
-        acc = acc * alpha[:, None] + tl.dot(p * vs[None, :], vl, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(tl.float16), vl)
         m_i = m_new
     at = (h * S + s) * G + g
     tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])

@@ -1,0 +1,109 @@
+"""One decode token's attention for one of Gemma-4-31B's global layers (4 KV heads of 512, 32 query heads): the lean
+decoder's BF16 cache (gemma4_decode.grouped_attention) against the compressed cache (lean_kv.packed_attention, the
+Triton kernel over the codes), both compiled as the decode step compiles them, timed by CUDA-graph replay over enough
+layer copies that L2 cannot serve them.
+
+    python -m bench.kv_attention --out bench/results/kv_attention.json      # GPU, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.quant import kv as kvq
+from pipeline.quant import lloyd_max
+from pipeline.runtime import lean_kv
+from pipeline.runtime.gemma4_decode import grouped_attention
+from pipeline.shards import atomic_write_json
+
+HKV, GROUP, D, RING = 4, 8, 512, 192
+L2_BYTES = 50e6
+
+
+def _replay_us(fn: Any, copies: int, reps: int = 20) -> float:
+    """Mean µs of fn(i) over copies, one CUDA graph holding every copy's call once, replayed reps times."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * copies)
+
+
+def measure(context: int, bits_list: list[int]) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    max_len = context + 256
+    q = torch.randn(HKV * GROUP, D, device=dev, dtype=torch.bfloat16)
+    scaling = 1.0
+    bf16_bytes = 2 * HKV * max_len * D * 2
+    copies = max(2, int(4 * L2_BYTES // bf16_bytes) + 1)
+    copies = min(copies, 64)
+    keys = [torch.randn(HKV, max_len, D, device=dev, dtype=torch.bfloat16) for _ in range(min(copies, 4))]
+    mask = torch.arange(max_len, device=dev) < context
+    attend = torch.compile(grouped_attention, dynamic=False)
+    row: dict[str, Any] = {"context": context, "max_len": max_len}
+    row["bf16_us"] = round(_replay_us(lambda i: attend(q, keys[i % 4], keys[(i + 1) % 4], mask, scaling), copies), 2)
+    del keys
+    signs = kvq.kv_signs(D, 0, dev)
+    for bits in bits_list:
+        cb = lloyd_max.gaussian_codebook(bits, dev)
+        pk = kvq.quantize_kv(torch.randn(1, HKV, 512, D, device=dev), bits, signs, "lsq", cb)
+        reps = max_len // 512 + 1
+        codes = pk.codes.repeat(1, 1, reps, 1)[:, :, :max_len].contiguous()
+        scales = pk.scales.repeat(1, 1, reps)[:, :, :max_len].contiguous()
+        packed_bytes = 2 * codes.numel() + 2 * scales.numel() * 2
+        n_copies = min(64, max(2, int(4 * L2_BYTES // packed_bytes) + 1))
+        ring = torch.randn(1, HKV, RING, D, device=dev, dtype=torch.bfloat16)
+        stores = [(codes.clone(), scales.clone(), codes.clone(), scales.clone(), ring, ring,
+                   lean_kv.rotation_matrix(signs), cb) for _ in range(n_copies)]  # fmt: skip
+        pmask = torch.cat([torch.arange(max_len, device=dev) < context, torch.ones(RING, dtype=torch.bool, device=dev)])
+        packed = torch.compile(lean_kv.packed_attention, dynamic=False)
+        us = _replay_us(lambda i: packed(q, stores[i], bits, pmask, scaling), n_copies)
+        row[f"q{bits}_us"] = round(us, 2)
+        row[f"q{bits}_vs_bf16"] = round(row["bf16_us"] / us, 3)
+        row[f"q{bits}_gb_per_s"] = round(packed_bytes * context / max_len / us / 1e3, 1)
+        del stores
+    row["bf16_gb_per_s"] = round(bf16_bytes * context / max_len / row["bf16_us"] / 1e3, 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench.kv_attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bits = [int(b) for b in args.bits.split(",")]
+    result: dict[str, Any] = {
+        "what": "one 31B global layer's decode attention, µs per call (CUDA-graph replay, layer copies cycled)",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "rows": [measure(int(c), bits) for c in args.contexts.split(",")],
+    }  # fmt: skip
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
