@@ -47,40 +47,45 @@ def _replay_us(fn: Any, copies: int, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * copies)
 
 
-def measure(context: int, bits_list: list[int]) -> dict[str, Any]:
-    dev = torch.device("cuda")
-    max_len = context + 256
-    q = torch.randn(HKV * GROUP, D, device=dev, dtype=torch.bfloat16)
-    scaling = 1.0
-    bf16_bytes = 2 * HKV * max_len * D * 2
-    copies = max(2, int(4 * L2_BYTES // bf16_bytes) + 1)
-    copies = min(copies, 64)
-    keys = [torch.randn(HKV, max_len, D, device=dev, dtype=torch.bfloat16) for _ in range(min(copies, 4))]
-    mask = torch.arange(max_len, device=dev) < context
+def _bf16_us(q: torch.Tensor, context: int, max_len: int) -> float:
+    keys = [torch.randn(HKV, max_len, D, device=q.device, dtype=torch.bfloat16) for _ in range(4)]  # > 4 x L2 at 4k
+    mask = torch.arange(max_len, device=q.device) < context
     attend = torch.compile(grouped_attention, dynamic=False)
-    row: dict[str, Any] = {"context": context, "max_len": max_len}
-    row["bf16_us"] = round(_replay_us(lambda i: attend(q, keys[i % 4], keys[(i + 1) % 4], mask, scaling), copies), 2)
-    del keys
+    return _replay_us(lambda i: attend(q, keys[i % 4], keys[(i + 1) % 4], mask, 1.0), 4)
+
+
+def _packed_us(q: torch.Tensor, context: int, max_len: int, bits: int) -> tuple[float, int]:
+    """µs per call and the bytes of one layer's packed store (codes + scales, keys and values)."""
+    dev = q.device
     signs = kvq.kv_signs(D, 0, dev)
+    cb = lloyd_max.gaussian_codebook(bits, dev)
+    pk = kvq.quantize_kv(torch.randn(1, HKV, 512, D, device=dev), bits, signs, "lsq", cb)
+    reps = max_len // 512 + 1
+    codes = pk.codes.repeat(1, 1, reps, 1)[:, :, :max_len].contiguous()
+    scales = pk.scales.repeat(1, 1, reps)[:, :, :max_len].contiguous()
+    nbytes = 2 * codes.numel() + 2 * scales.numel() * 2
+    copies = min(64, max(2, int(4 * L2_BYTES // nbytes) + 1))
+    ring = torch.randn(1, HKV, RING, D, device=dev, dtype=torch.bfloat16)
+    rot = lean_kv.rotation_matrix(signs)
+    stores = [
+        (codes.clone(), scales.clone(), codes.clone(), scales.clone(), ring, ring, rot, cb) for _ in range(copies)
+    ]
+    live = torch.ones(RING, dtype=torch.bool, device=dev)
+    mask = torch.cat([torch.arange(max_len, device=dev) < context, live])
+    packed = torch.compile(lean_kv.packed_attention, dynamic=False)
+    return _replay_us(lambda i: packed(q, stores[i], bits, mask, 1.0), copies), nbytes
+
+
+def measure(context: int, bits_list: list[int]) -> dict[str, Any]:
+    max_len = context + 256
+    q = torch.randn(HKV * GROUP, D, device="cuda", dtype=torch.bfloat16)
+    row: dict[str, Any] = {"context": context, "max_len": max_len, "bf16_us": round(_bf16_us(q, context, max_len), 2)}
+    row["bf16_gb_per_s"] = round(2 * HKV * context * D * 2 / row["bf16_us"] / 1e3, 1)
     for bits in bits_list:
-        cb = lloyd_max.gaussian_codebook(bits, dev)
-        pk = kvq.quantize_kv(torch.randn(1, HKV, 512, D, device=dev), bits, signs, "lsq", cb)
-        reps = max_len // 512 + 1
-        codes = pk.codes.repeat(1, 1, reps, 1)[:, :, :max_len].contiguous()
-        scales = pk.scales.repeat(1, 1, reps)[:, :, :max_len].contiguous()
-        packed_bytes = 2 * codes.numel() + 2 * scales.numel() * 2
-        n_copies = min(64, max(2, int(4 * L2_BYTES // packed_bytes) + 1))
-        ring = torch.randn(1, HKV, RING, D, device=dev, dtype=torch.bfloat16)
-        stores = [(codes.clone(), scales.clone(), codes.clone(), scales.clone(), ring, ring,
-                   lean_kv.rotation_matrix(signs), cb) for _ in range(n_copies)]  # fmt: skip
-        pmask = torch.cat([torch.arange(max_len, device=dev) < context, torch.ones(RING, dtype=torch.bool, device=dev)])
-        packed = torch.compile(lean_kv.packed_attention, dynamic=False)
-        us = _replay_us(lambda i: packed(q, stores[i], bits, pmask, scaling), n_copies)
+        us, nbytes = _packed_us(q, context, max_len, bits)
         row[f"q{bits}_us"] = round(us, 2)
         row[f"q{bits}_vs_bf16"] = round(row["bf16_us"] / us, 3)
-        row[f"q{bits}_gb_per_s"] = round(packed_bytes * context / max_len / us / 1e3, 1)
-        del stores
-    row["bf16_gb_per_s"] = round(bf16_bytes * context / max_len / row["bf16_us"] / 1e3, 1)
+        row[f"q{bits}_gb_per_s"] = round(nbytes * context / max_len / us / 1e3, 1)
     print(json.dumps(row), flush=True)
     return row
 
