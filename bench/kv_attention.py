@@ -21,6 +21,7 @@ from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
 from pipeline.runtime import lean_kv
 from pipeline.runtime.gemma4_decode import grouped_attention
+from pipeline.runtime.kernels import kv_attention
 from pipeline.shards import atomic_write_json
 
 HKV, GROUP, D, RING = 4, 8, 512, 192
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--sweep",
+        help="kernel launch shapes to compare, e.g. 128/512/16/4,64/2048/16/4 "
+        "(split positions / max programs / positions per step / warps); default: the shipped one",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench.kv_attention needs a CUDA GPU", file=sys.stderr)
@@ -103,8 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "what": "one 31B global layer's decode attention, µs per call (CUDA-graph replay, layer copies cycled)",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "rows": [measure(int(c), bits) for c in args.contexts.split(",")],
+        "torch": torch.__version__,
     }  # fmt: skip
+    shipped = (kv_attention.SPLIT_POSITIONS, kv_attention.MAX_PROGRAMS, kv_attention.BLOCK_N, kv_attention.WARPS)
+    result["launch"] = "/".join(map(str, shipped))
+    if not args.sweep:
+        result["rows"] = [measure(int(c), bits) for c in args.contexts.split(",")]
+    else:
+        result["sweep"] = {}
+        for shape in args.sweep.split(","):
+            split, programs, block, warps = (int(v) for v in shape.split("/"))
+            kv_attention.SPLIT_POSITIONS, kv_attention.MAX_PROGRAMS = split, programs
+            kv_attention.BLOCK_N, kv_attention.WARPS = block, warps
+            torch._dynamo.reset()  # the splits are read when packed_attention is traced
+            result["sweep"][shape] = [measure(int(c), bits) for c in args.contexts.split(",")]
     if args.out:
         atomic_write_json(args.out, result)
     return 0

@@ -27,6 +27,7 @@ BLOCK_N = 16  # positions per loop step
 SPLIT_POSITIONS = 128  # a split's share of a full store: latency, not bandwidth, bounds one program's loop
 MAX_PROGRAMS = 512  # programs per launch (KV heads x splits): ~4 per SM of an H200
 MIN_HEAD_DIM = 16  # tl.dot's smallest K
+WARPS = 4
 KV_BITS = (2, 3, 4)
 
 
@@ -74,7 +75,7 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
     gp = max(16, 1 << (g - 1).bit_length())  # tl.dot's smallest M
     _kernel()[(hkv, splits)](
         q.contiguous(), k_codes, k_scales, v_codes, v_scales, codebook, n, o, m, l_, length, d**-0.5,
-        G=g, GP=gp, D=d, BITS=bits, BN=BLOCK_N, S=splits, num_warps=4,
+        G=g, GP=gp, D=d, BITS=bits, BN=BLOCK_N, S=splits, num_warps=WARPS,
     )  # fmt: skip
     return o, m, l_
 
