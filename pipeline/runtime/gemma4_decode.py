@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.quant.hadamard import rotate
 from pipeline.runtime import kernels
-from pipeline.runtime.kernels import layout
+from pipeline.runtime.kernels import kv_attention, layout
 from pipeline.runtime.lean_kv import packed_attention
 from pipeline.runtime.linear import HLWQLinear
 
@@ -79,6 +79,8 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """One query token: q [Hq, d], cache keys/values [Hkv, L, d] read in place (query head h uses KV head h // g,
     transformers' repeat_kv order), mask [L] True = attend -> [Hq * d]."""
     hkv, _, d = keys.shape
+    if kv_attention.dense_supported(q, keys):
+        return _split_grouped_attention(q, keys, values, mask, scaling)
     qg = q.view(hkv, -1, d).float()
     # Scores in fp32, as SDPA keeps them (a bf16 matmul rounds each score to 8 bits of significand). Compiled: one
     # fused reduction reads the bf16 cache and accumulates in fp32; eager: an fp32 copy of this layer's keys.
@@ -88,6 +90,20 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         s = torch.matmul(qg, keys.float().transpose(1, 2))
     p = torch.softmax((s * scaling).masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
     return torch.matmul(p, values).reshape(-1)  # probabilities in the cache dtype, as flash attention does
+
+
+def _split_grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             scaling: float) -> torch.Tensor:  # fmt: skip
+    """grouped_attention on the GPU (kernels.kv_attention): only positions up to the last attended one are read (a
+    static cache holds max_len), scores in fp32 from cache-dtype operands, as SDPA and flash attention compute them."""
+    hkv, length, d = keys.shape
+    idx = torch.arange(1, length + 1, device=mask.device)
+    bound = torch.where(mask, idx, 0).amax().view(1)
+    qs = (q.view(hkv, -1, d).float() * scaling).to(keys.dtype)
+    o, m, l_ = torch.ops.hlwq.kv_dense_partials(qs, keys, values, mask, bound, kv_attention.splits_for(length, hkv))
+    w = torch.exp(m - m.amax(1, keepdim=True))  # the token itself is attended: every head's max is finite
+    out = (w.unsqueeze(-1) * o).sum(1) / (w * l_).sum(1).unsqueeze(-1)
+    return out.reshape(-1).to(values.dtype)
 
 
 def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:

@@ -59,19 +59,23 @@ INTERPRETED_CASES = [
 ]
 
 
-def interpreted_errors() -> list[dict[str, Any]]:
-    """Run in a process started with TRITON_INTERPRET=1 (Triton's own jit helpers, tl.sum and tl.cdiv among them,
-    are bound to the interpreter when triton is first imported): kernel vs torch path for INTERPRETED_CASES."""
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter takes int() of a 1-element array (a loop bound read from memory); numpy 2 refuses."""
     import triton.runtime.interpreter as interp
 
     original = interp._patch_lang_tensor
 
     def patched(tensor: Any, scope: Any) -> None:
-        # Triton 3.6's interpreter takes int() of a 1-element array (a loop bound read from memory); numpy 2 refuses
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interp._patch_lang_tensor = patched
+
+
+def interpreted_errors() -> list[dict[str, Any]]:
+    """Run in a process started with TRITON_INTERPRET=1 (Triton's own jit helpers, tl.sum and tl.cdiv among them,
+    are bound to the interpreter when triton is first imported): kernel vs torch path for INTERPRETED_CASES."""
+    _patch_interpreter()
     out = []
     with pytest.MonkeyPatch.context() as mp:
         for bits, hkv, group, d, length, filled in INTERPRETED_CASES:
@@ -81,6 +85,66 @@ def interpreted_errors() -> list[dict[str, Any]]:
             out.append({"case": [bits, hkv, group, d, length, filled], "shape_ok": got.shape == want.shape,
                         "err": float((got - want).abs().max()), "scale": float(want.abs().max())})  # fmt: skip
     return out
+
+
+DENSE_CASES = [(2, 4, 128, 80, "prefix"), (16, 2, 256, 64, "ring"), (1, 8, 512, 48, "prefix"), (2, 1, 64, 40, "one")]
+
+
+def _dense(hkv: int, d: int, length: int, kind: str, device: str, dtype: torch.dtype = torch.bfloat16,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A static cache [1, Hkv, L, d] (keys, values) and the decode mask of one of its fillings: a prefix (global
+    layer), scattered ring slots (sliding layer), or the token alone."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(1, hkv, length, d, generator=gen).to(dtype) for _ in range(2))
+    if kind == "prefix":
+        mask = torch.arange(length) < length * 2 // 3
+    elif kind == "ring":
+        mask = torch.rand(length, generator=gen) < 0.6
+    else:
+        mask = torch.arange(length) == 5
+    return keys.to(device), values.to(device), mask.to(device)
+
+
+def _dense_both(monkeypatch: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from pipeline.runtime.gemma4_decode import grouped_attention
+
+    monkeypatch.setattr(kv_attention, "dense_supported", lambda *a: True)
+    got = grouped_attention(q, keys[0], values[0], mask, scaling)
+    monkeypatch.setattr(kv_attention, "dense_supported", lambda *a: False)
+    return got, grouped_attention(q, keys[0], values[0], mask, scaling)
+
+
+def interpreted_dense_errors() -> list[dict[str, Any]]:
+    """As interpreted_errors, for the BF16 cache's kernel (float16 operands: the interpreter's numpy has no bf16)."""
+    _patch_interpreter()
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        for hkv, group, d, length, kind in DENSE_CASES:
+            keys, values, mask = _dense(hkv, d, length, kind, "cpu", torch.float16)
+            q = torch.randn(hkv * group, d, generator=torch.Generator().manual_seed(5)).half()
+            got, want = _dense_both(mp, q, keys, values, mask, 0.0625)
+            out.append({"case": [hkv, group, d, length, kind], "shape_ok": got.shape == want.shape,
+                        "err": float((got.float() - want.float()).abs().max()),
+                        "scale": float(want.float().abs().max())})  # fmt: skip
+    return out
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
+def test_dense_partials_are_grouped_attention_interpreted() -> None:
+    """The BF16 cache's kernel on the CPU through Triton's interpreter: a global layer's prefix, a sliding ring's
+    scattered slots (GQA 2, 16 KV heads), head_dim 512, a single attended position."""
+    code = (
+        "import json; from tests.runtime.test_kv_attention import interpreted_dense_errors as f; print(json.dumps(f()))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["case"] for r in rows] == [list(c) for c in DENSE_CASES]
+    for r in rows:
+        assert r["shape_ok"] and r["scale"] > 0.1, r
+        assert r["err"] <= TOL * r["scale"], r
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
@@ -145,3 +209,20 @@ def test_captured_attention_follows_the_filled_length() -> None:
         graph.replay()
         want = lean_kv.packed_attention(q, store, 4, mask, 0.05)
         assert torch.equal(out, want), filled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _HAS_TRITON, reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize(
+    ("hkv", "group", "d", "length", "kind"),
+    [(16, 2, 256, 1024, "ring"), (4, 8, 512, 4352, "prefix"), (4, 8, 512, 4352, "one")],
+)
+def test_dense_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch, hkv: int, group: int, d: int,
+                                                 length: int, kind: str) -> None:  # fmt: skip
+    """Gemma-4-31B's sliding ring (16 KV heads of 256, a full 1024-slot window) and global store, BF16, against
+    grouped_attention's own fp32-score path (which reads bf16 keys and rounds probabilities to bf16 too)."""
+    keys, values, mask = _dense(hkv, d, length, kind, "cuda")
+    q = torch.randn(hkv * group, d, device="cuda", dtype=torch.bfloat16)
+    got, want = _dense_both(monkeypatch, q, keys, values, mask, d**-0.5)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())

@@ -18,6 +18,7 @@ probabilities). A first version multiplied in float32 FMAs (input_precision "iee
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ SPLIT_POSITIONS = 128  # a split's share of a full store: latency, not bandwidth
 MAX_PROGRAMS = 512  # programs per launch (KV heads x splits): ~4 per SM of an H200
 MIN_HEAD_DIM = 16  # tl.dot's smallest K
 WARPS = 4
+# HLWQ_DENSE_ATTENTION=0: the BF16 cache's decode attention stays the compiled torch reduction (A/B runs); read once.
+DENSE = os.environ.get("HLWQ_DENSE_ATTENTION", "1").strip() != "0"
 KV_BITS = (2, 3, 4)
 
 
@@ -61,6 +64,23 @@ def _kernel() -> Any:
     return split_kernel
 
 
+@functools.cache
+def _dense_kernel() -> Any:
+    from pipeline.runtime.kernels.kv_attention_triton import dense_split_kernel
+
+    return dense_split_kernel
+
+
+def dense_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether dense_partials serves this BF16/FP16 cache: CUDA, Triton, a power-of-two head_dim >= 16, unit stride
+    along head_dim in place."""
+    d = keys.shape[-1]
+    pow2 = d & (d - 1) == 0
+    half = keys.dtype in (torch.bfloat16, torch.float16)
+    fits = pow2 and d >= MIN_HEAD_DIM and keys.stride(-1) == 1
+    return DENSE and q.is_cuda and half and fits and _triton() is not None
+
+
 @custom_op("hlwq::kv_packed_partials", mutates_args=())
 def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
              v_scales: torch.Tensor, codebook: torch.Tensor, n: torch.Tensor, bits: int,
@@ -82,6 +102,31 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
 
 @partials.register_fake
 def _(q, k_codes, k_scales, v_codes, v_scales, codebook, n, bits, splits):  # type: ignore[no-untyped-def]
+    hkv, g, d = q.shape
+    f32 = {"dtype": torch.float32, "device": q.device}
+    return torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32), torch.empty(hkv, splits, g, **f32)
+
+
+@custom_op("hlwq::kv_dense_partials", mutates_args=())
+def dense_partials(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, n: torch.Tensor,
+                   splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """partials over a BF16 cache read in place: q [Hkv, G, d] in the cache dtype (times the scaling), keys/values
+    [Hkv, L, d] (unit stride along d), mask [L] bool (attend), n int64 [1]: positions from 0 the splits share (past
+    the last attended one nothing is read) -> (o, m, l) as for the codes; m = -inf where a split attends nothing."""
+    hkv, g, d = q.shape
+    f32 = {"dtype": torch.float32, "device": q.device}
+    o, m = torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32)
+    l_ = torch.empty_like(m)
+    gp = max(16, 1 << (g - 1).bit_length())
+    _dense_kernel()[(hkv, splits)](
+        q.contiguous(), keys, values, mask, n, o, m, l_, keys.stride(0), keys.stride(1), values.stride(0),
+        values.stride(1), G=g, GP=gp, D=d, BN=BLOCK_N, S=splits, num_warps=WARPS,
+    )  # fmt: skip
+    return o, m, l_
+
+
+@dense_partials.register_fake
+def _(q, keys, values, mask, n, splits):  # type: ignore[no-untyped-def]
     hkv, g, d = q.shape
     f32 = {"dtype": torch.float32, "device": q.device}
     return torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32), torch.empty(hkv, splits, g, **f32)

@@ -61,3 +61,42 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
     tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])
     tl.store(m_ptr + at, m_i, mask=gm)
     tl.store(l_ptr + at, l_i, mask=gm)
+
+
+@triton.jit
+def dense_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, o_ptr, m_ptr, l_ptr, sk_h, sk_l, sv_h, sv_l,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                       S: tl.constexpr):  # fmt: skip
+    """split_kernel over a BF16 cache (the lean decoder's static buffers, read in place): positions [0, n) shared out
+    as there, each one attended where mask is set (a sliding ring's slots are not a prefix)."""
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)
+    per = tl.cdiv(tl.cdiv(n, S), BN) * BN
+    lo = s * per
+    hi = tl.minimum(lo + per, n)
+    g = tl.arange(0, GP)
+    gm = g < G
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for start in range(lo, hi, BN):
+        pos = start + tl.arange(0, BN)
+        inside = pos < hi
+        ok = inside & (tl.load(mask_ptr + pos, mask=inside, other=0) != 0)
+        k = tl.load(k_ptr + h * sk_h + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+        sc = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing attended yet: no -inf - -inf
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + h * sv_h + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    at = (h * S + s) * G + g
+    tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])
+    tl.store(m_ptr + at, m_i, mask=gm)
+    tl.store(l_ptr + at, l_i, mask=gm)
