@@ -81,6 +81,14 @@ def dense_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
     return DENSE and q.is_cuda and half and fits and _triton() is not None
 
 
+def _outputs(q: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partials' buffers for q [Hkv, G, d]: o [Hkv, S, G, d], m and l [Hkv, S, G], float32."""
+    hkv, g, d = q.shape
+    o = torch.empty(hkv, splits, g, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(hkv, splits, g, dtype=torch.float32, device=q.device)
+    return o, m, torch.empty_like(m)
+
+
 @custom_op("hlwq::kv_packed_partials", mutates_args=())
 def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
              v_scales: torch.Tensor, codebook: torch.Tensor, n: torch.Tensor, bits: int,
@@ -89,9 +97,7 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
     [Hkv, L]; codebook float16 [2**bits]; n int64 [1]: positions filled -> (o, m, l) as the module docstring says."""
     hkv, g, d = q.shape
     length = k_codes.shape[1]
-    o = torch.empty(hkv, splits, g, d, dtype=torch.float32, device=q.device)
-    m = torch.empty(hkv, splits, g, dtype=torch.float32, device=q.device)
-    l_ = torch.empty_like(m)
+    o, m, l_ = _outputs(q, splits)
     gp = max(16, 1 << (g - 1).bit_length())  # tl.dot's smallest M
     _kernel()[(hkv, splits)](
         q.contiguous(), k_codes, k_scales, v_codes, v_scales, codebook, n, o, m, l_, length, d**-0.5,
@@ -102,9 +108,7 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
 
 @partials.register_fake
 def _(q, k_codes, k_scales, v_codes, v_scales, codebook, n, bits, splits):  # type: ignore[no-untyped-def]
-    hkv, g, d = q.shape
-    f32 = {"dtype": torch.float32, "device": q.device}
-    return torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32), torch.empty(hkv, splits, g, **f32)
+    return _outputs(q, splits)
 
 
 @custom_op("hlwq::kv_dense_partials", mutates_args=())
@@ -114,9 +118,7 @@ def dense_partials(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     [Hkv, L, d] (unit stride along d), mask [L] bool (attend), n int64 [1]: positions from 0 the splits share (past
     the last attended one nothing is read) -> (o, m, l) as for the codes; m = -inf where a split attends nothing."""
     hkv, g, d = q.shape
-    f32 = {"dtype": torch.float32, "device": q.device}
-    o, m = torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32)
-    l_ = torch.empty_like(m)
+    o, m, l_ = _outputs(q, splits)
     gp = max(16, 1 << (g - 1).bit_length())
     _dense_kernel()[(hkv, splits)](
         q.contiguous(), keys, values, mask, n, o, m, l_, keys.stride(0), keys.stride(1), values.stride(0),
@@ -127,6 +129,4 @@ def dense_partials(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 @dense_partials.register_fake
 def _(q, keys, values, mask, n, splits):  # type: ignore[no-untyped-def]
-    hkv, g, d = q.shape
-    f32 = {"dtype": torch.float32, "device": q.device}
-    return torch.empty(hkv, splits, g, d, **f32), torch.empty(hkv, splits, g, **f32), torch.empty(hkv, splits, g, **f32)
+    return _outputs(q, splits)
