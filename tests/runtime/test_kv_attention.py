@@ -226,3 +226,20 @@ def test_dense_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch
     got, want = _dense_both(monkeypatch, q, keys, values, mask, d**-0.5)
     assert got.dtype == want.dtype == torch.bfloat16
     assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())
+
+
+def test_dense_rule_takes_long_stores_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: a static store of >= DENSE_MIN_POSITIONS positions (long global layers), not a sliding ring; 0 / 1 force
+    it (on a CPU tensor never: the kernel needs CUDA)."""
+    monkeypatch.setattr(kv_attention, "_triton", lambda: object())
+    q = torch.zeros(4, 512)
+    long_store = torch.zeros(4, kv_attention.DENSE_MIN_POSITIONS, 512, dtype=torch.bfloat16)
+    assert not kv_attention.dense_supported(q, long_store)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    ring = torch.zeros(16, 1024, 256, dtype=torch.bfloat16)
+    assert kv_attention.dense_supported(q, long_store) and not kv_attention.dense_supported(q, ring)
+    assert not kv_attention.dense_supported(q, long_store.float())  # a float32 cache keeps the torch path
+    monkeypatch.setattr(kv_attention, "DENSE", "1")
+    assert kv_attention.dense_supported(q, ring)
+    monkeypatch.setattr(kv_attention, "DENSE", "0")
+    assert not kv_attention.dense_supported(q, long_store)

@@ -29,8 +29,15 @@ SPLIT_POSITIONS = 128  # a split's share of a full store: latency, not bandwidth
 MAX_PROGRAMS = 512  # programs per launch (KV heads x splits): ~4 per SM of an H200
 MIN_HEAD_DIM = 16  # tl.dot's smallest K
 WARPS = 4
-# HLWQ_DENSE_ATTENTION=0: the BF16 cache's decode attention stays the compiled torch reduction (A/B runs); read once.
-DENSE = os.environ.get("HLWQ_DENSE_ATTENTION", "1").strip() != "0"
+# The BF16 cache's decode attention goes through dense_partials for static stores of at least this many positions:
+# it reads only up to the last attended one, where the compiled reduction reads all max_len. On every layer it was
+# slower at a 4k context (93.81 vs 96.13 tok/s, bench/results/runtime_31b_dense_attention_ab.json: the sliding
+# rings, 1024 slots, are short) and faster at 32k (88.27 vs 81.18, two runs); the threshold itself is not measured.
+DENSE_MIN_POSITIONS = 16384
+# HLWQ_DENSE_ATTENTION: "auto" (the rule above), "1" every layer, "0" none (A/B runs); read once at import.
+DENSE = os.environ.get("HLWQ_DENSE_ATTENTION", "auto").strip().lower()
+if DENSE not in {"auto", "0", "1"}:
+    raise ValueError(f"HLWQ_DENSE_ATTENTION must be auto, 0 or 1, not {DENSE!r}")
 KV_BITS = (2, 3, 4)
 
 
@@ -72,13 +79,14 @@ def _dense_kernel() -> Any:
 
 
 def dense_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether dense_partials serves this BF16/FP16 cache: CUDA, Triton, a power-of-two head_dim >= 16, unit stride
-    along head_dim in place."""
+    """Whether dense_partials serves this BF16/FP16 cache [..., L, d]: wanted (HLWQ_DENSE_ATTENTION; by default a store
+    of >= DENSE_MIN_POSITIONS), CUDA, Triton, a power-of-two head_dim >= 16, unit stride along head_dim in place."""
     d = keys.shape[-1]
     pow2 = d & (d - 1) == 0
     half = keys.dtype in (torch.bfloat16, torch.float16)
     fits = pow2 and d >= MIN_HEAD_DIM and keys.stride(-1) == 1
-    return DENSE and q.is_cuda and half and fits and _triton() is not None
+    wanted = DENSE == "1" or (DENSE == "auto" and keys.shape[-2] >= DENSE_MIN_POSITIONS)
+    return wanted and q.is_cuda and half and fits and _triton() is not None
 
 
 def _outputs(q: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
