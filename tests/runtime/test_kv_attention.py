@@ -130,36 +130,31 @@ def interpreted_dense_errors() -> list[dict[str, Any]]:
     return out
 
 
-@pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
-def test_dense_partials_are_grouped_attention_interpreted() -> None:
-    """The BF16 cache's kernel on the CPU through Triton's interpreter: a global layer's prefix, a sliding ring's
-    scattered slots (GQA 2, 16 KV heads), head_dim 512, a single attended position."""
-    code = (
-        "import json; from tests.runtime.test_kv_attention import interpreted_dense_errors as f; print(json.dumps(f()))"
-    )
+def _check_interpreted(name: str, cases: list[tuple[Any, ...]]) -> None:
+    """Run this module's `name` in a fresh process under TRITON_INTERPRET=1; every case within TOL of its scale."""
+    code = f"import json; from tests.runtime.test_kv_attention import {name} as f; print(json.dumps(f()))"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["case"] for r in rows] == [list(c) for c in DENSE_CASES]
+    assert [r["case"] for r in rows] == [list(c) for c in cases]
     for r in rows:
         assert r["shape_ok"] and r["scale"] > 0.1, r
         assert r["err"] <= TOL * r["scale"], r
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
+def test_dense_partials_are_grouped_attention_interpreted() -> None:
+    """The BF16 cache's kernel on the CPU through Triton's interpreter: a global layer's prefix, a sliding ring's
+    scattered slots (GQA 2, 16 KV heads), head_dim 512, a single attended position."""
+    _check_interpreted("interpreted_dense_errors", DENSE_CASES)
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed (tests/requirements.txt)")
 def test_partials_are_the_dequantized_attention_interpreted() -> None:
     """On the CPU, through Triton's interpreter (a fresh process), 2-4 bits: GQA groups, a full store, an empty one,
     head_dim 512."""
-    code = "import json; from tests.runtime.test_kv_attention import interpreted_errors as f; print(json.dumps(f()))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["case"] for r in rows] == [list(c) for c in INTERPRETED_CASES]
-    for r in rows:
-        assert r["shape_ok"] and r["scale"] > 0.1, r
-        assert r["err"] <= TOL * r["scale"], r
+    _check_interpreted("interpreted_errors", INTERPRETED_CASES)
 
 
 def test_splits_cover_the_store_and_fill_the_gpu() -> None:
