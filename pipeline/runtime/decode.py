@@ -179,6 +179,9 @@ class LeanDecoder:
             from pipeline.runtime.lean_kv import PackedStaticKV, check_config
 
             check_config(kv_cache, model, self.window)
+            from pipeline.runtime.kv_cache import use_streaming_attention
+
+            use_streaming_attention(model)  # prefill chunks read the packed prefix slice by slice (lean_kv._prefill)
             self.cache = self.packed = PackedStaticKV(self.layer_types, max_len, self.window, kv_cache, self.device)
         self._host_pos = 0  # position of the next decode step, as the host knows it (packed-cache flushes)
         # ring slots of the sliding layers: the window, or the whole sequence if shorter

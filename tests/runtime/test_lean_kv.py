@@ -255,3 +255,43 @@ def test_graphed_steps_are_the_eager_steps_on_the_gpu(compiled: bool) -> None:
     rel = (logits - ref[1:]).abs().amax(-1) / ref[1:].abs().amax(-1)
     agree = float((logits.argmax(-1) == ref[1:].argmax(-1)).float().mean())
     assert float(rel.max()) < 0.2 and float(rel.median()) < 0.05 and agree >= 0.9, (rel.tolist(), agree)
+
+
+def _chunk_peak(context: int, chunk: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, torch.Tensor]:
+    """Peak tensor bytes of one global layer's prefill chunk after `context` tokens (update + its attention), and
+    the attention's output."""
+    from pipeline.runtime.lean_kv import PackedStaticKV
+    from pipeline.runtime.measure import TensorPeak
+
+    hkv, hq, d = 2, 8, 64
+    monkeypatch.setattr("pipeline.runtime.kv_cache._SCORE_BUDGET", hq * chunk * 128)  # 128-token slices
+    monkeypatch.setattr("pipeline.runtime.kv_cache._KV_BUDGET", hkv * d * 128)
+    kv = KVCacheConfig(bits=3, residual=16, block=16, sliding="bf16", keys_from_values=False)
+    cache = PackedStaticKV(["full_attention"], context + chunk, None, kv, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, hkv, context + chunk, d, generator=gen) for _ in range(2))
+    with torch.inference_mode():
+        cache.start = 0
+        cache.update(k[:, :, :context], v[:, :, :context], 0)
+        cache.commit(context)
+        cache.start = context
+        q = torch.randn(1, hq, chunk, d, generator=gen)
+        mask = (torch.arange(context + chunk) <= torch.arange(context, context + chunk).view(-1, 1)).view(
+            1, 1, chunk, -1
+        )
+        with TensorPeak() as tp:
+            keys, _ = cache.update(k[:, :, context:], v[:, :, context:], 0)
+            out = keys._hlwq_kv.attend(q, mask, 0.125, None)
+    return tp.peak, out
+
+
+def test_prefill_chunk_transient_does_not_grow_with_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill chunk reads the packed prefix through the streaming attention slice by slice: its peak after 2048
+    tokens is within one slice of its peak after 512 (a dequantized prefix would add 1536 tokens x 2 heads x 64 x
+    float32 x (keys + values) = 1.5 MiB), and its output is the dequantize-then-attend one."""
+    small, _ = _chunk_peak(512, 64, monkeypatch)
+    large, out = _chunk_peak(2048, 64, monkeypatch)
+    one_slice = 2 * 128 * 64 * 4 * 2  # keys + values of one 128-token slice, 2 heads, float32
+    assert large - small <= one_slice, (small, large)
+    assert large < 1536 * 2 * 64 * 4 * 2
+    assert torch.isfinite(out).all() and out.shape == (1, 64, 8, 64)
