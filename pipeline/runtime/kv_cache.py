@@ -115,6 +115,17 @@ def keys_from_values(model: Any) -> dict[int, KeyFromValue]:
     return out
 
 
+def quantize_or_refuse(x: torch.Tensor, bits: int, signs: torch.Tensor, scale: kvq.ScaleKind,
+                       codebook: torch.Tensor | None) -> kvq.PackedKV:  # fmt: skip
+    """kv.quantize_kv, its float16-scale overflow said as the runtime's one-line error (the caches' shared guard)."""
+    try:
+        return kvq.quantize_kv(x, bits, signs, scale, codebook)
+    except OverflowError as e:
+        raise RuntimeBackendError(
+            f"compressed KV cache: {e}; this model needs a BF16 cache (no kv_cache / --kv-bits)"
+        ) from e
+
+
 @dataclass
 class _Page:
     start: int  # absolute position of its first token
@@ -236,7 +247,7 @@ class HLWQKVLayer(DynamicLayer):
 
     def _quantize(self, x: torch.Tensor) -> kvq.PackedKV:
         assert self.signs is not None
-        return kvq.quantize_kv(x, self.kv.bits, self.signs, self.kv.scale, self.codebook)
+        return quantize_or_refuse(x, self.kv.bits, self.signs, self.kv.scale, self.codebook)
 
     def _dequantize(self, p: kvq.PackedKV, rotated: bool = False) -> torch.Tensor:
         """float32 vectors, in the rotated basis (streaming) or the original one."""

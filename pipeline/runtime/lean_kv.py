@@ -110,9 +110,11 @@ class PackedLayer:
 
     def write(self, a: int, k: torch.Tensor, v: torch.Tensor, kv: KVCacheConfig) -> None:
         """Quantize k, v [1, H, n, d] (positions a..a+n-1) into the packed store."""
+        from pipeline.runtime.kv_cache import quantize_or_refuse
+
         n = k.shape[2]
         for x, codes, scales in ((k, self.k_codes, self.k_scales), (v, self.v_codes, self.v_scales)):
-            p = kvq.quantize_kv(x, self.bits, self.signs, kv.scale, self.codebook)
+            p = quantize_or_refuse(x, self.bits, self.signs, kv.scale, self.codebook)
             codes[:, :, a : a + n].copy_(p.codes)
             scales[:, :, a : a + n].copy_(p.scales)
 

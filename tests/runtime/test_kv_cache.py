@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from pipeline.errors import RuntimeBackendError
 from pipeline.quant import kv as kvq
 from pipeline.runtime.kv_cache import HLWQKVCache, HLWQKVLayer, KeyFromValue, KVCacheConfig, make_cache
 
@@ -436,3 +437,21 @@ def test_the_fallback_masks_a_plain_cache_causally(stock):
     want = chunked()
     use_streaming_attention(model)
     torch.testing.assert_close(chunked(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_vector_too_large_for_a_float16_scale_is_one_runtime_error() -> None:
+    """A key/value whose norm passes float16's 65504 cannot be stored: the streaming cache and the lean decoder's
+    store both refuse it with the runtime's one-line error (the CLI prints it), not quant's bare OverflowError."""
+    from pipeline.runtime.lean_kv import PackedStaticKV
+
+    kv = KVCacheConfig(bits=3, residual=0, block=4, sliding="bf16", keys_from_values=False)
+    k, v = states(8, heads=1, d=64)
+    k[..., 2, :] = 1e5
+    layer = HLWQKVLayer(kv, streaming=True)
+    with pytest.raises(RuntimeBackendError, match="compressed KV cache: .*float16.*BF16 cache"):
+        layer.update(k, v)
+        layer.settle()  # a streaming layer flushes once its forward has attended
+    cache = PackedStaticKV(["full_attention"], 16, None, kv, torch.device("cpu"))
+    cache.start = 0
+    with pytest.raises(RuntimeBackendError, match="compressed KV cache: .*float16.*BF16 cache"):
+        cache.update(k, v, 0)
