@@ -448,10 +448,10 @@ def test_a_vector_too_large_for_a_float16_scale_is_one_runtime_error() -> None:
     k, v = states(8, heads=1, d=64)
     k[..., 2, :] = 1e5
     layer = HLWQKVLayer(kv, streaming=True)
-    with pytest.raises(RuntimeBackendError, match="compressed KV cache: .*float16.*BF16 cache"):
+    with pytest.raises(RuntimeBackendError, match=r"compressed KV cache: .*float16.*BF16 cache"):
         layer.update(k, v)
         layer.settle()  # a streaming layer flushes once its forward has attended
     cache = PackedStaticKV(["full_attention"], 16, None, kv, torch.device("cpu"))
     cache.start = 0
-    with pytest.raises(RuntimeBackendError, match="compressed KV cache: .*float16.*BF16 cache"):
+    with pytest.raises(RuntimeBackendError, match=r"compressed KV cache: .*float16.*BF16 cache"):
         cache.update(k, v, 0)
