@@ -1,7 +1,8 @@
 """One decode token's attention for one of Gemma-4-31B's global layers (4 KV heads of 512, 32 query heads): the lean
-decoder's BF16 cache (gemma4_decode.grouped_attention) against the compressed cache (lean_kv.packed_attention, the
-Triton kernel over the codes), both compiled as the decode step compiles them, timed by CUDA-graph replay over enough
-layer copies that L2 cannot serve them.
+decoder's BF16 cache (gemma4_decode.grouped_attention: the compiled torch reduction, and kv_attention's dense kernel)
+against the compressed cache (lean_kv.packed_attention, the Triton kernel over the codes), all compiled as the decode
+step compiles them, timed by CUDA-graph replay over enough layer copies that L2 cannot serve them; plus a sliding
+layer's full ring (torch reduction vs the dense kernel).
 
     python -m bench.kv_attention --out bench/results/kv_attention.json      # GPU, ~1 min
 """
@@ -25,6 +26,7 @@ from pipeline.runtime.kernels import kv_attention
 from pipeline.shards import atomic_write_json
 
 HKV, GROUP, D, RING = 4, 8, 512, 192
+SLIDING_HKV, SLIDING_GROUP, SLIDING_D, SLIDING_RING = 16, 2, 256, 1024
 L2_BYTES = 50e6
 
 
@@ -48,11 +50,26 @@ def _replay_us(fn: Any, copies: int, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * copies)
 
 
-def _bf16_us(q: torch.Tensor, context: int, max_len: int) -> float:
-    keys = [torch.randn(HKV, max_len, D, device=q.device, dtype=torch.bfloat16) for _ in range(4)]  # > 4 x L2 at 4k
+def _bf16_us(q: torch.Tensor, context: int, max_len: int, dense: str = "0") -> float:
+    """grouped_attention over a BF16 store of q's layer shape: dense "0" the compiled torch reduction (reads all
+    max_len), "1" kv_attention.dense_partials (reads up to the last attended position)."""
+    hkv, d = (HKV, D) if q.shape[-1] == D else (SLIDING_HKV, SLIDING_D)
+    keys = [torch.randn(hkv, max_len, d, device=q.device, dtype=torch.bfloat16) for _ in range(4)]  # > 4 x L2 at 4k
     mask = torch.arange(max_len, device=q.device) < context
+    kv_attention.DENSE = dense
+    torch._dynamo.reset()  # the dispatch is decided when grouped_attention is traced
     attend = torch.compile(grouped_attention, dynamic=False)
     return _replay_us(lambda i: attend(q, keys[i % 4], keys[(i + 1) % 4], mask, 1.0), 4)
+
+
+def sliding_row() -> dict[str, Any]:
+    """A sliding layer's full 1024-slot ring (16 KV heads of 256, 2 query heads each): torch reduction vs kernel."""
+    q = torch.randn(SLIDING_HKV * SLIDING_GROUP, SLIDING_D, device="cuda", dtype=torch.bfloat16)
+    row: dict[str, Any] = {"layer": "sliding", "ring": SLIDING_RING}
+    for name, dense in (("bf16_us", "0"), ("bf16_kernel_us", "1")):
+        row[name] = round(_bf16_us(q, SLIDING_RING, SLIDING_RING, dense), 2)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _packed_us(q: torch.Tensor, context: int, max_len: int, bits: int) -> tuple[float, int]:
@@ -80,7 +97,8 @@ def _packed_us(q: torch.Tensor, context: int, max_len: int, bits: int) -> tuple[
 def measure(context: int, bits_list: list[int]) -> dict[str, Any]:
     max_len = context + 256
     q = torch.randn(HKV * GROUP, D, device="cuda", dtype=torch.bfloat16)
-    row: dict[str, Any] = {"context": context, "max_len": max_len, "bf16_us": round(_bf16_us(q, context, max_len), 2)}
+    row: dict[str, Any] = {"context": context, "max_len": max_len, "bf16_us": round(_bf16_us(q, context, max_len), 2),
+                           "bf16_kernel_us": round(_bf16_us(q, context, max_len, "1"), 2)}  # fmt: skip
     row["bf16_gb_per_s"] = round(2 * HKV * context * D * 2 / row["bf16_us"] / 1e3, 1)
     for bits in bits_list:
         us, nbytes = _packed_us(q, context, max_len, bits)
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped = (kv_attention.SPLIT_POSITIONS, kv_attention.MAX_PROGRAMS, kv_attention.BLOCK_N, kv_attention.WARPS)
     result["launch"] = "/".join(map(str, shipped))
     if not args.sweep:
+        result["sliding"] = sliding_row()
         result["rows"] = [measure(int(c), bits) for c in args.contexts.split(",")]
     else:
         result["sweep"] = {}
