@@ -18,8 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
+# Triton only where torch brought none (a CUDA torch pins its own; replacing it would break torch.compile there).
 $(TSTAMP): $(STAMP) tests/requirements.txt
-	.venv/bin/pip install -q --no-deps -r tests/requirements.txt
+	$(PY) -c "import triton" 2>/dev/null || .venv/bin/pip install -q --no-deps -r tests/requirements.txt
 	touch $@
 
 convert: setup

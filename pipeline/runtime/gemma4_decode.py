@@ -79,7 +79,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """One query token: q [Hq, d], cache keys/values [Hkv, L, d] read in place (query head h uses KV head h // g,
     transformers' repeat_kv order), mask [L] True = attend -> [Hq * d]."""
     hkv, _, d = keys.shape
-    if kv_attention.dense_supported(q, keys):
+    if kv_attention.dense_supported(q, keys, values, mask):
         return _split_grouped_attention(q, keys, values, mask, scaling)
     qg = q.view(hkv, -1, d).float()
     # Scores in fp32, as SDPA keeps them (a bf16 matmul rounds each score to 8 bits of significand). Compiled: one

@@ -225,16 +225,32 @@ def test_dense_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch
 
 def test_dense_rule_takes_long_stores_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto: a static store of >= DENSE_MIN_POSITIONS positions (long global layers), not a sliding ring; 0 / 1 force
-    it (on a CPU tensor never: the kernel needs CUDA)."""
+    it; never on a CPU tensor (the kernel needs CUDA) nor for values or a mask the kernel cannot read in place."""
     monkeypatch.setattr(kv_attention, "_triton", lambda: object())
     q = torch.zeros(4, 512)
+
+    def ok(store: torch.Tensor, values: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> bool:
+        m = torch.ones(store.shape[-2], dtype=torch.bool) if mask is None else mask
+        return kv_attention.dense_supported(q, store, store if values is None else values, m)
+
     long_store = torch.zeros(4, kv_attention.DENSE_MIN_POSITIONS, 512, dtype=torch.bfloat16)
-    assert not kv_attention.dense_supported(q, long_store)
+    assert not ok(long_store)  # a CPU tensor
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     ring = torch.zeros(16, 1024, 256, dtype=torch.bfloat16)
-    assert kv_attention.dense_supported(q, long_store) and not kv_attention.dense_supported(q, ring)
-    assert not kv_attention.dense_supported(q, long_store.float())  # a float32 cache keeps the torch path
+    assert ok(long_store) and not ok(ring)
+    assert not ok(long_store.float())  # a float32 cache keeps the torch path
+    assert not ok(long_store, values=long_store.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not ok(long_store, mask=torch.ones(2 * long_store.shape[1], dtype=torch.bool)[::2])
     monkeypatch.setattr(kv_attention, "DENSE", "1")
-    assert kv_attention.dense_supported(q, ring)
+    assert ok(ring)
     monkeypatch.setattr(kv_attention, "DENSE", "0")
-    assert not kv_attention.dense_supported(q, long_store)
+    assert not ok(long_store)
+
+
+def test_a_bad_dense_switch_is_the_runtime_error() -> None:
+    """HLWQ_DENSE_ATTENTION is read at import: a typo is the runtime's one-line error class, not a bare ValueError."""
+    code = "import pipeline.runtime.kernels.kv_attention"
+    env = {**os.environ, "HLWQ_DENSE_ATTENTION": "yes"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "RuntimeBackendError: HLWQ_DENSE_ATTENTION must be auto, 0 or 1, not 'yes'" in proc.stderr

@@ -294,4 +294,35 @@ def test_prefill_chunk_transient_does_not_grow_with_the_context(monkeypatch: pyt
     one_slice = 2 * 128 * 64 * 4 * 2  # keys + values of one 128-token slice, 2 heads, float32
     assert large - small <= one_slice, (small, large)
     assert large < 1536 * 2 * 64 * 4 * 2
-    assert torch.isfinite(out).all() and out.shape == (1, 64, 8, 64)
+    torch.testing.assert_close(out, _chunk_reference(2048, 64), atol=1e-5, rtol=1e-5)
+
+
+def _chunk_reference(context: int, chunk: int) -> torch.Tensor:
+    """_chunk_peak's attention, the old way: the store's codes below packed_count(context) dequantized, the exact
+    states above, attended in float32 (GQA by repeat)."""
+    from pipeline.runtime.lean_kv import PackedStaticKV
+
+    hkv, hq, d = 2, 8, 64
+    kv = KVCacheConfig(bits=3, residual=16, block=16, sliding="bf16", keys_from_values=False)
+    cache = PackedStaticKV(["full_attention"], context + chunk, None, kv, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, hkv, context + chunk, d, generator=gen) for _ in range(2))
+    cache.start = 0
+    cache.update(k[:, :, :context], v[:, :, :context], 0)
+    a = packed_count(context, kv)
+    old_k, old_v = cache.layers[0].dequantized(0, a, torch.float32, torch.float32)
+    keys, values = torch.cat([old_k, k[:, :, a:]], dim=2), torch.cat([old_v, v[:, :, a:]], dim=2)
+    q = torch.randn(1, hq, chunk, d, generator=gen)
+    keys, values = keys.repeat_interleave(hq // hkv, 1), values.repeat_interleave(hq // hkv, 1)
+    s = (q @ keys.transpose(-1, -2)) * 0.125
+    allowed = torch.arange(context + chunk) <= torch.arange(context, context + chunk).view(-1, 1)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    return (p @ values).transpose(1, 2)
+
+
+def test_lean_decoder_refuses_a_model_that_keeps_its_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model class transformers cannot switch to the streaming attention (it only warns) would get the store's
+    zero-length stand-ins in sdpa: the decoder says so in one line instead (the engine then falls back)."""
+    monkeypatch.setattr("pipeline.runtime.kv_cache.use_streaming_attention", lambda model: None)
+    with pytest.raises(RuntimeBackendError, match="needs the streaming attention"):
+        LeanDecoder(_tiny_model(window=16), max_len=64, kv_cache=KV4)

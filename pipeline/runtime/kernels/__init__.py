@@ -40,10 +40,10 @@ STREAM_FULL_WEIGHTS = 100_000_000  # from here stream mode runs 32 warps per SM,
 # at import, so a compiled graph never sees the environment.
 TC_STREAM = os.environ.get("HLWQ_TC_STREAM", "auto").strip().lower()
 if TC_STREAM not in {"auto", "0", "1"}:
-    raise ValueError(f"HLWQ_TC_STREAM must be auto, 0 or 1, not {TC_STREAM!r}")
+    raise RuntimeBackendError(f"HLWQ_TC_STREAM must be auto, 0 or 1, not {TC_STREAM!r}")
 TC_LEAN = os.environ.get("HLWQ_TC_LEAN", "1").strip()
 if TC_LEAN not in {"0", "1"}:
-    raise ValueError(f"HLWQ_TC_LEAN must be 0 or 1, not {TC_LEAN!r}")
+    raise RuntimeBackendError(f"HLWQ_TC_LEAN must be 0 or 1, not {TC_LEAN!r}")
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False) -> int:

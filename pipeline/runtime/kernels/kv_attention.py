@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.library import custom_op
 
+from pipeline.errors import RuntimeBackendError
+
 BLOCK_N = 16  # positions per loop step
 SPLIT_POSITIONS = 128  # a split's share of a full store: latency, not bandwidth, bounds one program's loop
 MAX_PROGRAMS = 512  # programs per launch (KV heads x splits): ~4 per SM of an H200
@@ -37,7 +39,7 @@ DENSE_MIN_POSITIONS = 16384
 # HLWQ_DENSE_ATTENTION: "auto" (the rule above), "1" every layer, "0" none (A/B runs); read once at import.
 DENSE = os.environ.get("HLWQ_DENSE_ATTENTION", "auto").strip().lower()
 if DENSE not in {"auto", "0", "1"}:
-    raise ValueError(f"HLWQ_DENSE_ATTENTION must be auto, 0 or 1, not {DENSE!r}")
+    raise RuntimeBackendError(f"HLWQ_DENSE_ATTENTION must be auto, 0 or 1, not {DENSE!r}")
 KV_BITS = (2, 3, 4)
 
 
@@ -78,13 +80,14 @@ def _dense_kernel() -> Any:
     return dense_split_kernel
 
 
-def dense_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
+def dense_supported(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether dense_partials serves this BF16/FP16 cache [..., L, d]: wanted (HLWQ_DENSE_ATTENTION; by default a store
-    of >= DENSE_MIN_POSITIONS), CUDA, Triton, a power-of-two head_dim >= 16, unit stride along head_dim in place."""
+    of >= DENSE_MIN_POSITIONS), CUDA, Triton, a power-of-two head_dim >= 16, keys and values of unit stride along
+    head_dim in place, a mask of unit stride."""
     d = keys.shape[-1]
     pow2 = d & (d - 1) == 0
     half = keys.dtype in (torch.bfloat16, torch.float16)
-    fits = pow2 and d >= MIN_HEAD_DIM and keys.stride(-1) == 1
+    fits = pow2 and d >= MIN_HEAD_DIM and keys.stride(-1) == values.stride(-1) == 1 and mask.stride(-1) == 1
     wanted = DENSE == "1" or (DENSE == "auto" and keys.shape[-2] >= DENSE_MIN_POSITIONS)
     return wanted and q.is_cuda and half and fits and _triton() is not None
 

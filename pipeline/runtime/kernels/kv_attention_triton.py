@@ -86,14 +86,22 @@ def dense_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, o_ptr, m_ptr, l_ptr
         pos = start + tl.arange(0, BN)
         inside = pos < hi
         ok = inside & (tl.load(mask_ptr + pos, mask=inside, other=0) != 0)
-        k = tl.load(k_ptr + h * sk_h + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+        k = tl.load(
+            k_ptr + h.to(tl.int64) * sk_h + pos[:, None].to(tl.int64) * sk_l + d[None, :],
+            mask=inside[:, None],
+            other=0.0,
+        )
         sc = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing attended yet: no -inf - -inf
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(sc - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + h * sv_h + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + h.to(tl.int64) * sv_h + pos[:, None].to(tl.int64) * sv_l + d[None, :],
+            mask=inside[:, None],
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     at = (h * S + s) * G + g
