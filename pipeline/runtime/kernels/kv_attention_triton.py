@@ -5,19 +5,27 @@ import triton.language as tl
 
 
 @triton.jit
-def codes_of(row, c, ok, D: tl.constexpr, BITS: tl.constexpr):
-    """Codes at indices c [1, C] of the rows at byte pointers row [N, 1] (bitpack: a plane of width k holds code
-    j + s*(D*k/8) of byte j in bits [s*k, s*k + k), planes low bits first; 3 = 2 + 1, 2 and 4 one plane)."""
+def plane_codes(row, ok, OFFSET: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """One bit plane of width K at byte OFFSET of the rows at byte pointers row [BN, 1], as codes [BN, D] in code
+    order: the plane's D*K/8 bytes load contiguously (no gather), each byte spreads into its 8/K slots, and slot s of
+    byte j is code j + s*(D*K/8) (bitpack's layout), which is the row-major order of [slot, byte]."""
+    M: tl.constexpr = 8 // K
+    P: tl.constexpr = D // M
+    b = tl.load(row + OFFSET + tl.arange(0, P)[None, :], mask=ok, other=0).to(tl.int32)  # [BN, P]
+    shifts = (tl.arange(0, M) * K)[None, :, None]
+    spread = (b[:, None, :] >> shifts) & ((1 << K) - 1)  # [BN, M, P]
+    return tl.reshape(spread, [BN, D])
+
+
+@triton.jit
+def codes_of(row, ok, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr):
+    """Codes [BN, D] of the rows at byte pointers row [BN, 1]: planes low bits first (4 and 2 one plane, 3 = 2 + 1)."""
     if BITS == 4:
-        b = tl.load(row + c % (D // 2), mask=ok, other=0).to(tl.int32)
-        code = (b >> ((c // (D // 2)) * 4)) & 15
+        code = plane_codes(row, ok, 0, 4, D, BN)
     elif BITS == 3:
-        lo = tl.load(row + c % (D // 4), mask=ok, other=0).to(tl.int32)
-        hi = tl.load(row + D // 4 + c % (D // 8), mask=ok, other=0).to(tl.int32)
-        code = ((lo >> ((c // (D // 4)) * 2)) & 3) | (((hi >> (c // (D // 8))) & 1) << 2)
+        code = plane_codes(row, ok, 0, 2, D, BN) | (plane_codes(row, ok, D // 4, 1, D, BN) << 2)
     else:
-        b = tl.load(row + c % (D // 4), mask=ok, other=0).to(tl.int32)
-        code = (b >> ((c // (D // 4)) * 2)) & 3
+        code = plane_codes(row, ok, 0, 2, D, BN)
     return code
 
 
@@ -45,7 +53,7 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
         pos = start + tl.arange(0, BN)
         ok = pos < hi
         rows = (h * L + pos).to(tl.int64)
-        kl = tl.load(cb_ptr + codes_of(kc_ptr + rows[:, None] * RB, d[None, :], ok[:, None], D, BITS))
+        kl = tl.load(cb_ptr + codes_of(kc_ptr + rows[:, None] * RB, ok[:, None], D, BITS, BN))
         sc = tl.dot(q, tl.trans(kl))  # [GP, BN]
         ks = tl.load(ks_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
         sc = tl.where(ok[None, :], sc * ks[None, :], float("-inf"))
@@ -54,7 +62,7 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vs = tl.load(vs_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
-        vl = tl.load(cb_ptr + codes_of(vc_ptr + rows[:, None] * RB, d[None, :], ok[:, None], D, BITS))
+        vl = tl.load(cb_ptr + codes_of(vc_ptr + rows[:, None] * RB, ok[:, None], D, BITS, BN))
         acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(tl.float16), vl)
         m_i = m_new
     at = (h * S + s) * G + g
