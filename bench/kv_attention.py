@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_attention.SPLIT_POSITIONS, kv_attention.MAX_PROGRAMS = split, programs
             kv_attention.BLOCK_N, kv_attention.WARPS = block, warps
             torch._dynamo.reset()  # the splits are read when packed_attention is traced
-            result["sweep"][shape] = [measure(int(c), bits) for c in args.contexts.split(",")]
+            result["sweep"][shape] = [sliding_row(), *(measure(int(c), bits) for c in args.contexts.split(","))]
     if args.out:
         atomic_write_json(args.out, result)
     return 0
