@@ -165,10 +165,9 @@ def _split_attention(qg: torch.Tensor, qr: torch.Tensor, store: tuple[torch.Tens
     s_ring = torch.matmul(qg, res_k[0].float().transpose(1, 2)) * scaling
     s_ring = s_ring.masked_fill(~mask[length:], float("-inf"))  # [Hkv, G, ring]
     top = torch.maximum(m.amax(1), s_ring.amax(-1))  # the ring holds the token itself: finite
-    w = torch.exp(m - top.unsqueeze(1))  # [Hkv, S, G]; an empty split (m = -inf) weighs 0
+    out_rot, den = kv_attention.merge_partials(o, m, l_, top)
     p_ring = torch.exp(s_ring - top.unsqueeze(-1))
-    den = (w * l_).sum(1) + p_ring.sum(-1)
-    out_rot = (w.unsqueeze(-1) * o).sum(1)
+    den = den + p_ring.sum(-1)
     out = _blockwise(out_rot, rotation.T) + torch.matmul(p_ring, res_v[0].float())
     return (out / den.unsqueeze(-1)).reshape(-1).to(res_v.dtype)
 
