@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pipeline.errors import RuntimeBackendError
 from pipeline.runtime.measure import sync
 
 if TYPE_CHECKING:
@@ -180,13 +179,9 @@ class LeanDecoder:
             from pipeline.runtime.lean_kv import PackedStaticKV, check_config
 
             check_config(kv_cache, model, self.window)
-            from pipeline.runtime.kv_cache import ATTN_PREFIX, use_streaming_attention
+            from pipeline.runtime.kv_cache import use_streaming_attention
 
             use_streaming_attention(model)  # prefill chunks read the packed prefix slice by slice (lean_kv._prefill)
-            impl = getattr(self.cfg, "_attn_implementation", None) or ""
-            if not impl.startswith(ATTN_PREFIX):  # transformers only warns when a model class cannot switch
-                raise RuntimeBackendError(f"the lean decoder's compressed cache needs the streaming attention; this "
-                                          f"model kept {impl!r} (transformers could not switch it)")  # fmt: skip
             self.cache = self.packed = PackedStaticKV(self.layer_types, max_len, self.window, kv_cache, self.device)
         self._host_pos = 0  # position of the next decode step, as the host knows it (packed-cache flushes)
         # ring slots of the sliding layers: the window, or the whole sequence if shorter

@@ -101,9 +101,8 @@ def _split_grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     bound = torch.where(mask, idx, 0).amax().view(1)
     qs = (q.view(hkv, -1, d).float() * scaling).to(keys.dtype)
     o, m, l_ = torch.ops.hlwq.kv_dense_partials(qs, keys, values, mask, bound, kv_attention.splits_for(length, hkv))
-    w = torch.exp(m - m.amax(1, keepdim=True))  # the token itself is attended: every head's max is finite
-    out = (w.unsqueeze(-1) * o).sum(1) / (w * l_).sum(1).unsqueeze(-1)
-    return out.reshape(-1).to(values.dtype)
+    num, den = kv_attention.merge_partials(o, m, l_, m.amax(1))  # the token itself is attended: a finite max
+    return (num / den.unsqueeze(-1)).reshape(-1).to(values.dtype)
 
 
 def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:

@@ -428,6 +428,23 @@ class HLWQKVLayer(DynamicLayer):
         return out.view(b, hq, lq, d).transpose(1, 2).to(query.dtype)
 
 
+class ReadOnlyLayer(HLWQKVLayer):
+    """An HLWQKVLayer over storage another cache keeps and flushes (the lean decoder's static store, lean_kv): its
+    attend reads the pages and residual it is given, its settle leaves them alone."""
+
+    @classmethod
+    def over(cls, kv: KVCacheConfig, pages: list[_Page], keys: torch.Tensor, values: torch.Tensor, end: int,
+             signs: torch.Tensor, codebook: torch.Tensor) -> ReadOnlyLayer:  # fmt: skip
+        """Positions 0..end-1: `pages` (consecutive from 0), then keys/values [B, H, r, d] as the exact residual."""
+        layer = cls(kv, streaming=True)
+        layer.keys, layer.values, layer.cumulative_length = keys, values, end
+        layer.signs, layer.codebook, layer.pages = signs, codebook, pages
+        return layer
+
+    def settle(self) -> None:
+        pass
+
+
 def _join(parts: list[tuple[kvq.PackedKV | None, kvq.PackedKV]]) -> tuple[kvq.PackedKV | None, kvq.PackedKV]:
     if len(parts) == 1:
         return parts[0]
@@ -545,12 +562,17 @@ def _register(fallback: str) -> str:
 
 
 def use_streaming_attention(model: Any) -> None:
-    """Route the model's attention through `hlwq_kv_attention` (other calls fall back to its current one)."""
+    """Route the model's attention through `hlwq_kv_attention` (other calls fall back to its current one); refuse a
+    model that keeps its own (the cache's zero-length stand-ins would reach sdpa or eager)."""
     current = model.config.get_text_config(decoder=True)._attn_implementation or "sdpa"
     if current.startswith(ATTN_PREFIX):
         return
     fallback = current if current in ("sdpa", "eager") else "sdpa"
     model.set_attn_implementation(_register(fallback))
+    kept = model.config.get_text_config(decoder=True)._attn_implementation or ""
+    if not kept.startswith(ATTN_PREFIX):  # transformers only warns when a model class cannot switch
+        raise RuntimeBackendError(f"the compressed KV cache needs the streaming attention; this model kept {kept!r} "
+                                  "(transformers could not switch it)")  # fmt: skip
 
 
 def make_cache(model: Any, bits: int | KVCacheConfig = 3, residual: int = 128, **options: Any) -> HLWQKVCache:

@@ -165,30 +165,11 @@ def _split_attention(qg: torch.Tensor, qr: torch.Tensor, store: tuple[torch.Tens
     s_ring = torch.matmul(qg, res_k[0].float().transpose(1, 2)) * scaling
     s_ring = s_ring.masked_fill(~mask[length:], float("-inf"))  # [Hkv, G, ring]
     top = torch.maximum(m.amax(1), s_ring.amax(-1))  # the ring holds the token itself: finite
-    w = torch.exp(m - top.unsqueeze(1))  # [Hkv, S, G]; an empty split (m = -inf) weighs 0
+    out_rot, den = kv_attention.merge_partials(o, m, l_, top)
     p_ring = torch.exp(s_ring - top.unsqueeze(-1))
-    den = (w * l_).sum(1) + p_ring.sum(-1)
-    out_rot = (w.unsqueeze(-1) * o).sum(1)
+    den = den + p_ring.sum(-1)
     out = _blockwise(out_rot, rotation.T) + torch.matmul(p_ring, res_v[0].float())
     return (out / den.unsqueeze(-1)).reshape(-1).to(res_v.dtype)
-
-
-def _prefill_view(layer: PackedLayer, a: int, exact_k: torch.Tensor, exact_v: torch.Tensor, end: int,
-                  kv: KVCacheConfig) -> Any:  # fmt: skip
-    """A read-only kv_cache.HLWQKVLayer over positions 0..end-1: one page viewing this store's codes below `a`, the
-    exact tokens a..end-1 as its residual. Its attend is the streaming cache's own; its settle does nothing (the
-    static store flushes itself)."""
-    from pipeline.runtime.kv_cache import HLWQKVLayer, _Page
-
-    class View(HLWQKVLayer):
-        def settle(self) -> None:
-            pass
-
-    view = View(kv, streaming=True)
-    view.keys, view.values, view.cumulative_length = exact_k, exact_v, end
-    view.signs, view.codebook = layer.signs, layer.codebook
-    view.pages = [_Page(0, *layer.packed(0, a))] if a > 0 else []
-    return view
 
 
 class PackedStaticKV(StaticKV):
@@ -265,16 +246,17 @@ class PackedStaticKV(StaticKV):
     def _prefill(self, layer: PackedLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk at positions start..start+n-1: hands the attention positions 0..start+n-1 (codes below
         packed_host, exact above, as HLWQKVLayer attends them), then flushes what it would. The states go out as
-        kv_cache's tagged stand-ins of a read-only HLWQKVLayer over this store, so the model's streaming attention
+        kv_cache's tagged stand-ins of a ReadOnlyLayer over this store, so the model's streaming attention
         (use_streaming_attention) reads the codes slice by slice: no dequantized copy of the prefix."""
-        from pipeline.runtime.kv_cache import _tagged
+        from pipeline.runtime.kv_cache import ReadOnlyLayer, _Page, _tagged
 
         a, t0, n = self.packed_host, self.start, k.shape[2]
         end, b = t0 + n, packed_count(t0 + n, self.kv)
         old = torch.arange(a, t0, device=k.device) % self.res_slots
         exact_k = torch.cat([layer.res_k.index_select(2, old), k], dim=2)  # positions a..end-1
         exact_v = torch.cat([layer.res_v.index_select(2, old), v], dim=2)
-        view = _prefill_view(layer, a, exact_k, exact_v, end, self.kv)
+        pages = [_Page(0, *layer.packed(0, a))] if a > 0 else []
+        view = ReadOnlyLayer.over(self.kv, pages, exact_k, exact_v, end, layer.signs, layer.codebook)
         keys, values = _tagged(view, k), _tagged(view, v)
         if b > a:
             layer.write(a, exact_k[:, :, : b - a], exact_v[:, :, : b - a], self.kv)

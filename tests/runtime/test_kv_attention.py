@@ -18,6 +18,7 @@ import torch
 from pipeline.quant import kv as kvq
 from pipeline.quant import lloyd_max
 from pipeline.runtime import lean_kv
+from pipeline.runtime.gemma4_decode import grouped_attention
 from pipeline.runtime.kernels import kv_attention
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -43,13 +44,13 @@ def _mask(length: int, ring: int, filled: int, device: str, seed: int = 0) -> to
     return torch.cat([torch.arange(length) < filled, live]).to(device)
 
 
-def _both(monkeypatch: pytest.MonkeyPatch, q: torch.Tensor, store: tuple[Any, ...], bits: int, mask: torch.Tensor,
-          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(kernel path, torch path) of packed_attention for the same inputs."""
-    monkeypatch.setattr(kv_attention, "supported", lambda *a: True)
-    got = lean_kv.packed_attention(q, store, bits, mask, scaling)
-    monkeypatch.setattr(kv_attention, "supported", lambda *a: False)
-    return got, lean_kv.packed_attention(q, store, bits, mask, scaling)
+def _both(monkeypatch: Any, switch: str, fn: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel path, torch path) of fn(*args): kv_attention's `switch` (supported / dense_supported) forced on, then
+    off."""
+    monkeypatch.setattr(kv_attention, switch, lambda *a: True)
+    got = fn(*args)
+    monkeypatch.setattr(kv_attention, switch, lambda *a: False)
+    return got, fn(*args)
 
 
 INTERPRETED_CASES = [
@@ -81,7 +82,8 @@ def interpreted_errors() -> list[dict[str, Any]]:
         for bits, hkv, group, d, length, filled in INTERPRETED_CASES:
             store = _store(bits, hkv, d, length, 24, "cpu")
             q = torch.randn(hkv * group, d, generator=torch.Generator().manual_seed(5))
-            got, want = _both(mp, q, store, bits, _mask(length, 24, filled, "cpu"), 0.0625)
+            mask = _mask(length, 24, filled, "cpu")
+            got, want = _both(mp, "supported", lean_kv.packed_attention, q, store, bits, mask, 0.0625)
             out.append({"case": [bits, hkv, group, d, length, filled], "shape_ok": got.shape == want.shape,
                         "err": float((got - want).abs().max()), "scale": float(want.abs().max())})  # fmt: skip
     return out
@@ -105,16 +107,6 @@ def _dense(hkv: int, d: int, length: int, kind: str, device: str, dtype: torch.d
     return keys.to(device), values.to(device), mask.to(device)
 
 
-def _dense_both(monkeypatch: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    from pipeline.runtime.gemma4_decode import grouped_attention
-
-    monkeypatch.setattr(kv_attention, "dense_supported", lambda *a: True)
-    got = grouped_attention(q, keys[0], values[0], mask, scaling)
-    monkeypatch.setattr(kv_attention, "dense_supported", lambda *a: False)
-    return got, grouped_attention(q, keys[0], values[0], mask, scaling)
-
-
 def interpreted_dense_errors() -> list[dict[str, Any]]:
     """As interpreted_errors, for the BF16 cache's kernel (float16 operands: the interpreter's numpy has no bf16)."""
     _patch_interpreter()
@@ -123,7 +115,7 @@ def interpreted_dense_errors() -> list[dict[str, Any]]:
         for hkv, group, d, length, kind in DENSE_CASES:
             keys, values, mask = _dense(hkv, d, length, kind, "cpu", torch.float16)
             q = torch.randn(hkv * group, d, generator=torch.Generator().manual_seed(5)).half()
-            got, want = _dense_both(mp, q, keys, values, mask, 0.0625)
+            got, want = _both(mp, "dense_supported", grouped_attention, q, keys[0], values[0], mask, 0.0625)
             out.append({"case": [hkv, group, d, length, kind], "shape_ok": got.shape == want.shape,
                         "err": float((got.float() - want.float()).abs().max()),
                         "scale": float(want.float().abs().max())})  # fmt: skip
@@ -182,7 +174,8 @@ def test_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch, bits
     store = _store(bits, 4, 512, 4352, 192, "cuda")
     q = torch.randn(32, 512, device="cuda")
     for filled in (0, 1, 1000, 4352):
-        got, want = _both(monkeypatch, q, store, bits, _mask(4352, 192, filled, "cuda"), 512**-0.5)
+        mask = _mask(4352, 192, filled, "cuda")
+        got, want = _both(monkeypatch, "supported", lean_kv.packed_attention, q, store, bits, mask, 512**-0.5)
         assert float((got - want).abs().max()) <= TOL * float(want.abs().max()), filled
 
 
@@ -218,7 +211,7 @@ def test_dense_partials_on_the_gpu_at_31b_shapes(monkeypatch: pytest.MonkeyPatch
     grouped_attention's own fp32-score path (which reads bf16 keys and rounds probabilities to bf16 too)."""
     keys, values, mask = _dense(hkv, d, length, kind, "cuda")
     q = torch.randn(hkv * group, d, device="cuda", dtype=torch.bfloat16)
-    got, want = _dense_both(monkeypatch, q, keys, values, mask, d**-0.5)
+    got, want = _both(monkeypatch, "dense_supported", grouped_attention, q, keys[0], values[0], mask, d**-0.5)
     assert got.dtype == want.dtype == torch.bfloat16
     assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())
 

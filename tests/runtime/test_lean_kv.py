@@ -323,6 +323,7 @@ def _chunk_reference(context: int, chunk: int) -> torch.Tensor:
 def test_lean_decoder_refuses_a_model_that_keeps_its_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model class transformers cannot switch to the streaming attention (it only warns) would get the store's
     zero-length stand-ins in sdpa: the decoder says so in one line instead (the engine then falls back)."""
-    monkeypatch.setattr("pipeline.runtime.kv_cache.use_streaming_attention", lambda model: None)
+    model = _tiny_model(window=16)
+    monkeypatch.setattr(model, "set_attn_implementation", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeBackendError, match="needs the streaming attention"):
-        LeanDecoder(_tiny_model(window=16), max_len=64, kv_cache=KV4)
+        LeanDecoder(model, max_len=64, kv_cache=KV4)

@@ -53,10 +53,19 @@ def _triton() -> Any:
     return triton
 
 
+def _head_dim_ok(head_dim: int) -> bool:
+    """A power of two (tl.arange) of at least tl.dot's smallest K."""
+    return head_dim & (head_dim - 1) == 0 and head_dim >= MIN_HEAD_DIM
+
+
+def _group_rows(group: int) -> int:
+    """Query rows per KV head as the kernels hold them: the group padded to a power of two >= tl.dot's smallest M."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
 def supported(q: torch.Tensor, head_dim: int, bits: int) -> bool:
     """Whether the kernel serves this query: a CUDA tensor, Triton present, a power-of-two head_dim ≥ 16."""
-    pow2 = head_dim & (head_dim - 1) == 0
-    return q.is_cuda and bits in KV_BITS and pow2 and head_dim >= MIN_HEAD_DIM and _triton() is not None
+    return q.is_cuda and bits in KV_BITS and _head_dim_ok(head_dim) and _triton() is not None
 
 
 def splits_for(max_len: int, kv_heads: int) -> int:
@@ -84,10 +93,8 @@ def dense_supported(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     """Whether dense_partials serves this BF16/FP16 cache [..., L, d]: wanted (HLWQ_DENSE_ATTENTION; by default a store
     of >= DENSE_MIN_POSITIONS), CUDA, Triton, a power-of-two head_dim >= 16, keys and values of unit stride along
     head_dim in place, a mask of unit stride."""
-    d = keys.shape[-1]
-    pow2 = d & (d - 1) == 0
     half = keys.dtype in (torch.bfloat16, torch.float16)
-    fits = pow2 and d >= MIN_HEAD_DIM and keys.stride(-1) == values.stride(-1) == 1 and mask.stride(-1) == 1
+    fits = _head_dim_ok(keys.shape[-1]) and keys.stride(-1) == values.stride(-1) == 1 and mask.stride(-1) == 1
     wanted = DENSE == "1" or (DENSE == "auto" and keys.shape[-2] >= DENSE_MIN_POSITIONS)
     return wanted and q.is_cuda and half and fits and _triton() is not None
 
@@ -100,6 +107,15 @@ def _outputs(q: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, 
     return o, m, torch.empty_like(m)
 
 
+def merge_partials(o: torch.Tensor, m: torch.Tensor, l_: torch.Tensor,
+                   top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The splits' partials on one scale: (Σ_s w_s o_s [Hkv, G, d], Σ_s w_s l_s [Hkv, G]), w_s = exp(m_s - top) for
+    top [Hkv, G] >= every m_s (a split that attended nothing, m = -inf, weighs 0). Pure torch: it compiles into the
+    decode step around the kernel."""
+    w = torch.exp(m - top.unsqueeze(1))
+    return (w.unsqueeze(-1) * o).sum(1), (w * l_).sum(1)
+
+
 @custom_op("hlwq::kv_packed_partials", mutates_args=())
 def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
              v_scales: torch.Tensor, codebook: torch.Tensor, n: torch.Tensor, bits: int,
@@ -109,10 +125,9 @@ def partials(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_c
     hkv, g, d = q.shape
     length = k_codes.shape[1]
     o, m, l_ = _outputs(q, splits)
-    gp = max(16, 1 << (g - 1).bit_length())  # tl.dot's smallest M
     _kernel()[(hkv, splits)](
         q.contiguous(), k_codes, k_scales, v_codes, v_scales, codebook, n, o, m, l_, length, d**-0.5,
-        G=g, GP=gp, D=d, BITS=bits, BN=BLOCK_N, S=splits, num_warps=WARPS,
+        G=g, GP=_group_rows(g), D=d, BITS=bits, BN=BLOCK_N, S=splits, num_warps=WARPS,
     )  # fmt: skip
     return o, m, l_
 
@@ -130,10 +145,9 @@ def dense_partials(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     the last attended one nothing is read) -> (o, m, l) as for the codes; m = -inf where a split attends nothing."""
     hkv, g, d = q.shape
     o, m, l_ = _outputs(q, splits)
-    gp = max(16, 1 << (g - 1).bit_length())
     _dense_kernel()[(hkv, splits)](
         q.contiguous(), keys, values, mask, n, o, m, l_, keys.stride(0), keys.stride(1), values.stride(0),
-        values.stride(1), G=g, GP=gp, D=d, BN=BLOCK_N, S=splits, num_warps=WARPS,
+        values.stride(1), G=g, GP=_group_rows(g), D=d, BN=BLOCK_N, S=splits, num_warps=WARPS,
     )  # fmt: skip
     return o, m, l_
 

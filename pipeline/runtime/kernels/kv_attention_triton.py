@@ -30,6 +30,48 @@ def codes_of(row, ok, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def split_range(n_ptr, s, S: tl.constexpr, BN: tl.constexpr):
+    """Split s of S: positions [lo, hi) of [0, n), n read on the device, in whole steps of BN."""
+    n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)  # a scalar (the interpreter's too)
+    per = tl.cdiv(tl.cdiv(n, S), BN) * BN
+    lo = s * per
+    return lo, tl.minimum(lo + per, n)
+
+
+@triton.jit
+def split_start(q_ptr, h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """KV head h's query rows q [GP, D] (the group padded to tl.dot's 16 rows with zeros) and the online softmax's
+    empty state: max -inf, sum 0, accumulator 0."""
+    g = tl.arange(0, GP)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + tl.arange(0, D)[None, :], mask=(g < G)[:, None], other=0.0)
+    return q, tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, D], tl.float32)
+
+
+@triton.jit
+def softmax_step(m_i, l_i, sc, EMPTY_BLOCKS: tl.constexpr):
+    """Online softmax over one block of scores sc [GP, BN]: (new max, p, new l, alpha: the old accumulator's factor).
+    EMPTY_BLOCKS: a block may attend nothing (a masked ring), so a row with nothing attended yet keeps max -inf and
+    p = 0 (its shift is 0, not -inf - -inf); without, every block attends its first position: no guard."""
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_BLOCKS else m_new
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(sc - m_use[:, None])
+    return m_new, p, l_i * alpha + tl.sum(p, 1), alpha
+
+
+@triton.jit
+def store_partials(o_ptr, m_ptr, l_ptr, h, s, acc, m_i, l_i, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   S: tl.constexpr):  # fmt: skip
+    """Split (h, s)'s o [G, D], m [G], l [G] (rows of the padded group past G dropped)."""
+    g = tl.arange(0, GP)
+    gm = g < G
+    at = (h * S + s) * G + g
+    tl.store(o_ptr + at[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :], acc, mask=gm[:, None])
+    tl.store(m_ptr + at, m_i, mask=gm)
+    tl.store(l_ptr + at, l_i, mask=gm)
+
+
+@triton.jit
 def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_ptr, l_ptr, L, factor,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
                  S: tl.constexpr):  # fmt: skip
@@ -37,18 +79,10 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
     fp16 operands on tensor cores, fp32 accumulation (the BF16 cache's attention rounds its keys to bf16)."""
     h = tl.program_id(0)
     s = tl.program_id(1)
-    n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)  # a scalar (the interpreter's too)
-    per = tl.cdiv(tl.cdiv(n, S), BN) * BN
-    lo = s * per
-    hi = tl.minimum(lo + per, n)
+    lo, hi = split_range(n_ptr, s, S, BN)
     RB: tl.constexpr = D * BITS // 8
-    g = tl.arange(0, GP)
-    gm = g < G
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0)  # fp16 [GP, D]
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    q, m_i, l_i, acc = split_start(q_ptr, h, G, GP, D)  # q fp16
     for start in range(lo, hi, BN):
         pos = start + tl.arange(0, BN)
         ok = pos < hi
@@ -57,18 +91,11 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
         sc = tl.dot(q, tl.trans(kl))  # [GP, BN]
         ks = tl.load(ks_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
         sc = tl.where(ok[None, :], sc * ks[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, p, l_i, alpha = softmax_step(m_i, l_i, sc, False)
         vs = tl.load(vs_ptr + rows, mask=ok, other=0.0).to(tl.float32) * factor
         vl = tl.load(cb_ptr + codes_of(vc_ptr + rows[:, None] * RB, ok[:, None], D, BITS, BN))
         acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(tl.float16), vl)
-        m_i = m_new
-    at = (h * S + s) * G + g
-    tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])
-    tl.store(m_ptr + at, m_i, mask=gm)
-    tl.store(l_ptr + at, l_i, mask=gm)
+    store_partials(o_ptr, m_ptr, l_ptr, h, s, acc, m_i, l_i, G, GP, D, S)
 
 
 @triton.jit
@@ -79,17 +106,9 @@ def dense_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, o_ptr, m_ptr, l_ptr
     as there, each one attended where mask is set (a sliding ring's slots are not a prefix)."""
     h = tl.program_id(0)
     s = tl.program_id(1)
-    n = tl.sum(tl.load(n_ptr + tl.arange(0, 1)), 0).to(tl.int32)
-    per = tl.cdiv(tl.cdiv(n, S), BN) * BN
-    lo = s * per
-    hi = tl.minimum(lo + per, n)
-    g = tl.arange(0, GP)
-    gm = g < G
+    lo, hi = split_range(n_ptr, s, S, BN)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    q, m_i, l_i, acc = split_start(q_ptr, h, G, GP, D)
     for start in range(lo, hi, BN):
         pos = start + tl.arange(0, BN)
         inside = pos < hi
@@ -100,19 +119,11 @@ def dense_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, o_ptr, m_ptr, l_ptr
             other=0.0,
         )
         sc = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing attended yet: no -inf - -inf
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, p, l_i, alpha = softmax_step(m_i, l_i, sc, True)
         v = tl.load(
             v_ptr + h.to(tl.int64) * sv_h + pos[:, None].to(tl.int64) * sv_l + d[None, :],
             mask=inside[:, None],
             other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    at = (h * S + s) * G + g
-    tl.store(o_ptr + at[:, None].to(tl.int64) * D + d[None, :], acc, mask=gm[:, None])
-    tl.store(m_ptr + at, m_i, mask=gm)
-    tl.store(l_ptr + at, l_i, mask=gm)
+    store_partials(o_ptr, m_ptr, l_ptr, h, s, acc, m_i, l_i, G, GP, D, S)
