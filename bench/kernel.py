@@ -190,7 +190,8 @@ def _rotate_gemv(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
 def rotate_then_gemv(tiles: list[torch.Tensor], codebook: torch.Tensor, signs: torch.Tensor, rows: int, cols: int,
                      bits: int, qbytes: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
     """One token's rotation then the stream-mode matvec, as the runtime runs them: with a programmatic launch the
-    matvec's prologue and first weight fetches overlap the rotation (batch 1)."""
+    matvec's prologue and first weight fetches overlap the rotation (batch 1); `_rot`: one launch that rotates its
+    own input (gemv_tc_rot), `_trigger`: which also lets the next launch start once it has read it."""
     x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
     out: dict[str, Any] = {}
     for key, launch in {
@@ -202,6 +203,15 @@ def rotate_then_gemv(tiles: list[torch.Tensor], codebook: torch.Tensor, signs: t
         calls = [functools.partial(_rotate_gemv, x, t, codebook, signs, bits, rows, launch) for t in tiles]
         us = graph_time_us(calls)
         out[key] = {"us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
+    if kernels.stream_supported(device, bits, cols // 128):
+        for warps in (32, 24):
+            for trigger in (False, True):
+                launch = kernels.tc_launch(warps, 6, stream=True, pdl=True, trigger=trigger)
+                calls = [functools.partial(torch.ops.hlwq.gemv_tc_rot, x, signs, None, t, codebook, bits, rows, launch)
+                         for t in tiles]  # fmt: skip
+                us = graph_time_us(calls)
+                key = f"stream_w{warps}_pf6_pdl_rot" + ("_trigger" if trigger else "")
+                out[key] = {"us": round(us, 2), "tb_s": round(qbytes / us / 1e6, 3)}
     return out
 
 

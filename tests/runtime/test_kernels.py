@@ -123,3 +123,92 @@ def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> N
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager), seed
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(21504, 5376), (5376, 21504), (300, 640), (16, 128), (48, 1280)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("warps", "trigger"), [(32, True), (24, False)])
+def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: int, dtype: torch.dtype, warps: int,
+                                                  trigger: bool) -> None:  # fmt: skip
+    """The stream matvec that rotates its own input gives rotate_pairs + gemv_tc's result bit for bit (same pairs,
+    same sums in the same order), with and without a smoothing vector, down to one unit; counters zero after."""
+    from pipeline.runtime.kernels import layout, ops, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + warps)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    x = (torch.randn(1, cols, generator=g, device="cuda") * 3).to(dtype)
+    launch = tc_launch(warps, 6, stream=True, pdl=True)
+    for inv in (None, torch.rand(cols, generator=g, device="cuda") + 0.5):
+        xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, inv)
+        ref = torch.ops.hlwq.gemv_tc(xp, xs, tiles, q.codebook, bits, rows, dtype, launch)
+        rot = tc_launch(warps, 6, stream=True, pdl=True, trigger=trigger)
+        y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, rot)
+        assert y.dtype == dtype and torch.equal(y, ref)
+    assert not ops.tile_counters(x.device, tiles.shape[0]).any()
+
+
+def test_tiled_linear_one_token_rotates_in_the_matvec() -> None:
+    """At one token a stream-mode weight goes through gemv_tc_rot (no rotate_pairs launch) where HLWQ_TC_ROTATE
+    allows it, with rotate_pairs + gemv_tc's result."""
+    from pipeline.runtime import kernels
+    from pipeline.runtime.kernels import layout
+
+    if not kernels.stream_supported(torch.device("cuda"), 5, 42):
+        pytest.skip("no stream mode on this GPU")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    params = QuantParams(bits=5)
+    q = quantize(torch.randn(16384, 5376, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    x = torch.randn(1, 5376, generator=g, device="cuda").to(torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = kernels.tiled_linear(x, tiles, q.codebook, signs, 5, 16384)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    launch = kernels.tc_choose(1, 16384, 42, True)
+    xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
+    assert torch.equal(y, torch.ops.hlwq.gemv_tc(xp, xs, tiles, q.codebook, 5, 16384, torch.bfloat16, launch))
+    assert ("rotate_pairs" in names) == (kernels.TC_ROTATE == "0" or kernels.TC_STREAM == "0")
+
+
+@pytest.mark.parametrize("trigger", [True, False])
+def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool) -> None:
+    """Two rotating matvecs in a row, the second reading the first's output, replayed from a CUDA graph: each replay
+    gives the eager result for its own input (a dependent launched early still waits for the output it reads)."""
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    params = QuantParams(bits=5)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    weights = []
+    for rows, cols in [(8192, 5376), (5376, 8192)]:
+        q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+        weights.append((layout.to_tiles(q.codes, q.scales, 5), q.codebook, rows))
+    launch = tc_launch(24, 6, stream=True, pdl=True, trigger=trigger)
+    x = torch.randn(1, 5376, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        h = x
+        for tiles, codebook, rows in weights:
+            h = torch.ops.hlwq.gemv_tc_rot(h, signs, None, tiles, codebook, 5, rows, launch)
+        return h
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in range(4):
+        x.copy_(torch.randn(1, 5376, generator=g, device="cuda", dtype=torch.bfloat16))
+        eager = step()
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), seed

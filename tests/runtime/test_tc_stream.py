@@ -27,6 +27,23 @@ def test_launch_word() -> None:
     for warps, pf, stream in [(32, 2, True), (12, 1, False)]:  # only the lean-issue kernel waits for its input
         with pytest.raises(ValueError, match="pdl"):
             kernels.tc_launch(warps, pf, stream=stream, pdl=True)
+    assert kernels.tc_launch(24, 6, stream=True, pdl=True, trigger=True) == 24 | 6 << 8 | 1 << 16 | 1 << 17 | 1 << 18
+    for pf, pdl in [(7, True), (6, False)]:  # only gemv_tc_rot's 2-slot programmatic launch triggers its dependents
+        with pytest.raises(ValueError, match="trigger"):
+            kernels.tc_launch(32, pf, stream=True, pdl=pdl, trigger=True)
+
+
+def test_rotating_launch() -> None:
+    """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER); the
+    tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing themselves."""
+    word = kernels.tc_launch(32, 6, stream=True, pdl=True)
+    rot = kernels.rotating_launch(word)
+    if kernels.TC_ROTATE == "0":
+        assert rot is None
+    else:
+        assert rot == word | int(kernels.TC_TRIGGER == "1") << 18
+    for other in (kernels.tc_launch(), kernels.tc_launch(32, 2, stream=True), kernels.tc_launch(32, 7, True, True)):
+        assert kernels.rotating_launch(other) is None
 
 
 @pytest.mark.parametrize(
@@ -56,6 +73,11 @@ def test_stream_fits_only_where_its_shared_memory_does() -> None:
     assert not kernels.stream_fits((12, 0), 101376, 5)  # consumer Blackwell: 99 KB
     assert not kernels.stream_fits((8, 0), 232448, 5)  # no TMA
     assert kernels.stream_fits((10, 0), None, 5) and not kernels.stream_fits((12, 0), None, 4)
+    # gemv_tc_rot holds the rotated input too: 260 bytes per block after the 2-slot ring (16-byte aligned)
+    assert kernels.stream_smem_bytes(5, 32, 6, 168) == 65536 + 32 * (2 * 1312 + 16) + 168 * 260
+    assert kernels.stream_smem_bytes(5, 32, 7, 1) == (65536 + 32 * (3 * 1312 + 24) + 15) // 16 * 16 + 260
+    assert kernels.stream_fits((9, 0), 232448, 5, 168)  # 31B's down_proj (21504 columns) fits an H200
+    assert not kernels.stream_fits((9, 0), 232448, 5, 320)  # 40960 columns do not: rotate_pairs + gemv_tc then
 
 
 @pytest.mark.parametrize(

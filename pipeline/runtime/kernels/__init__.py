@@ -3,7 +3,8 @@
 4- and 5-bit weights (symmetric codebooks; all that `hlwq convert` writes) are repacked at load into the tiled layout
 of layout.py. Decode (≤ 8 tokens): rotate x once into fp16 pairs (a power-of-two scale per block keeps fp16 in range),
 then one tensor-core matvec (gemv_tc) that looks up two weights per shared-memory load and applies each block's
-scales once (on Hopper, large weights at one token stream through TMA instead: tc_choose). Other widths keep FORMAT
+scales once (on Hopper, large weights at one token stream through TMA instead, rotating their input themselves:
+tc_choose, gemv_tc_rot). Other widths keep FORMAT
 v1's codes and a CUDA-core matvec (≤ 4 tokens, fp32 activations). Longer inputs (prefill): dequantize the weight
 into the rotated basis (no inverse transform; fp16 from tiles, bf16 otherwise) and let cuBLAS multiply the rotated
 activations on tensor cores.
@@ -44,20 +45,33 @@ if TC_STREAM not in {"auto", "0", "1"}:
 TC_LEAN = os.environ.get("HLWQ_TC_LEAN", "1").strip()
 if TC_LEAN not in {"0", "1"}:
     raise RuntimeBackendError(f"HLWQ_TC_LEAN must be 0 or 1, not {TC_LEAN!r}")
+# HLWQ_TC_ROTATE: "1" a one-token stream-mode matvec rotates its own input (gemv_tc_rot, the default), "0" a
+# rotate_pairs launch before it (A/B runs). HLWQ_TC_TRIGGER: "1" that matvec lets the kernel after it launch once it
+# has read its input, "0" at its end (A/B runs).
+TC_ROTATE = os.environ.get("HLWQ_TC_ROTATE", "1").strip()
+TC_TRIGGER = os.environ.get("HLWQ_TC_TRIGGER", "1").strip()
+for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIGGER)):
+    if _value not in {"0", "1"}:
+        raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
+ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
 
 
-def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False) -> int:
+def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
+              trigger: bool = False) -> int:  # fmt: skip
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
     at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
     sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json). `pdl`: a
     programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
-    kernel before it (rotate_pairs lets it start once it has read its input)."""
+    kernel before it (rotate_pairs lets it start once it has read its input). `trigger` (gemv_tc_rot only): the
+    matvec lets its own dependents launch once it has read its input."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
     if pdl and not (stream and prefetch in LEAN_RINGS):
         raise ValueError(f"a programmatic launch (pdl) needs stream mode with prefetch in {LEAN_RINGS}")
-    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17
+    if trigger and not (pdl and prefetch == ROTATING_PREFETCH):
+        raise ValueError(f"trigger is gemv_tc_rot's: a programmatic stream launch with prefetch {ROTATING_PREFETCH}")
+    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18
 
 
 def tc_fields(launch: int) -> tuple[int, int, bool, bool]:
@@ -80,11 +94,13 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
     return ((unit + 1) * warps + units - 1) // units - 1
 
 
-def stream_smem_bytes(bits: int, warps: int = 32, prefetch: int = 2) -> int:
+def stream_smem_bytes(bits: int, warps: int = 32, prefetch: int = 2, n_blocks: int = 0) -> int:
     """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
-    STREAM_RINGS[prefetch] (slots x units) and one mbarrier per slot."""
+    STREAM_RINGS[prefetch] (slots x units) and one mbarrier per slot; with `n_blocks`, gemv_tc_rot's rotated input
+    after them (16-byte aligned, 256 bytes of pairs and a 4-byte scale per block)."""
     slots, units = STREAM_RINGS[prefetch]
-    return 256 * 64 * 4 + warps * (slots * units * unit_bytes(bits) + slots * 8)
+    base = 256 * 64 * 4 + warps * (slots * units * unit_bytes(bits) + slots * 8)
+    return (base + 15) // 16 * 16 + n_blocks * 260 if n_blocks else base
 
 
 def stream_default(weights: int = 1 << 30) -> int:
@@ -97,14 +113,15 @@ def stream_default(weights: int = 1 << 30) -> int:
     return tc_launch(32 if weights >= STREAM_FULL_WEIGHTS else 24, 6, stream=True, pdl=True)
 
 
-def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int) -> bool:
-    """Whether tc_choose's stream launch can run: TMA (sm_90+) and room for its shared memory. Without the opt-in
-    figure, only the data-centre parts known to give a block 227 KB (sm_90, sm_100)."""
+def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int, n_blocks: int = 0) -> bool:
+    """Whether tc_choose's stream launch can run (with `n_blocks`: rotating an input of that many blocks itself): TMA
+    (sm_90+) and room for its shared memory. Without the opt-in figure, the data-centre parts known to give a block
+    227 KB (sm_90, sm_100)."""
     if capability < (9, 0):
         return False
     warps, prefetch, _, _ = tc_fields(stream_default())
-    need = stream_smem_bytes(bits, warps, prefetch)
-    return smem_optin >= need if smem_optin else capability[0] in (9, 10)
+    need = stream_smem_bytes(bits, warps, ROTATING_PREFETCH if n_blocks else prefetch, n_blocks)
+    return need <= (smem_optin or (232448 if capability[0] in (9, 10) else 0))
 
 
 def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool) -> int:
@@ -118,17 +135,26 @@ def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool) -> int:
     return stream_default(weights) if stream and stream_ok else tc_launch()
 
 
-_STREAM_OK: dict[tuple[int, int], bool] = {}
+def rotating_launch(launch: int) -> int | None:
+    """gemv_tc_rot's word for a one-token tc_choose word: the same stream launch, its dependents triggered early
+    (HLWQ_TC_TRIGGER); None where it rotates no input itself (not the 2-slot lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
+    warps, prefetch, stream, pdl = tc_fields(launch)
+    if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
+        return None
+    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1")
 
 
-def stream_supported(device: torch.device, bits: int) -> bool:
-    """stream_fits for a CUDA device, cached per (device, bits)."""
+_STREAM_OK: dict[tuple[int, int, int], bool] = {}
+
+
+def stream_supported(device: torch.device, bits: int, n_blocks: int = 0) -> bool:
+    """stream_fits for a CUDA device, cached per (device, bits, n_blocks)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if (index, bits) not in _STREAM_OK:
+    if (index, bits, n_blocks) not in _STREAM_OK:
         props = torch.cuda.get_device_properties(index)
         optin = getattr(props, "shared_memory_per_block_optin", None)
-        _STREAM_OK[index, bits] = stream_fits((props.major, props.minor), optin, bits)
-    return _STREAM_OK[index, bits]
+        _STREAM_OK[index, bits, n_blocks] = stream_fits((props.major, props.minor), optin, bits, n_blocks)
+    return _STREAM_OK[index, bits, n_blocks]
 
 
 def check_supported(bits: int, block_size: int) -> None:
@@ -180,12 +206,16 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     lead = x.shape[:-1]
     padded = tiles.shape[1] * BLOCK
     x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
-    if x2.shape[0] <= TC_CHUNKED_BATCH:
+    n_blocks = tiles.shape[1]
+    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_supported(x.device, bits))
+    rot = rotating_launch(launch) if x2.shape[0] == 1 else None
+    if rot is not None and stream_supported(x.device, bits, n_blocks):
+        y = torch.ops.hlwq.gemv_tc_rot(x2, signs, inv_smooth, tiles, codebook, bits, rows, rot)
+    elif x2.shape[0] <= TC_CHUNKED_BATCH:
         # Up to 8 tokens per launch; a few launches re-read the weight but still beat dequantize + cuBLAS, whose
         # fixed cost is a whole fp16 copy of it (batch 16: 2 x 44 us against 220 us, bench/results/kernel.json).
         xp, xs = torch.ops.hlwq.rotate_pairs(x2, signs, inv_smooth)
         n = TC_MAX_BATCH
-        launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, tiles.shape[1], stream_supported(x.device, bits))
         parts = [
             torch.ops.hlwq.gemv_tc(xp[a : a + n], xs[a : a + n], tiles, codebook, bits, rows, x.dtype, launch)
             for a in range(0, x2.shape[0], n)

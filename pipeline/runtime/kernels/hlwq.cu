@@ -60,6 +60,27 @@ __device__ __forceinline__ bool warp_rotated_block(const T* __restrict__ x, cons
   return true;
 }
 
+// One warp's rotated block v (warp_fwht128) in the pair layout (rotate_pairs_kernel says what it is): lane l < 16's 16
+// bytes (pairs 4l..4l+3) and the block's power-of-two scale (every lane). The rotation kernel writes them to memory,
+// the stream matvec that rotates its own input to shared memory.
+__device__ __forceinline__ void pair_block(const float (&v)[4], uint4& pk, float& scale) {
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  amax *= 0.08838834764831845f;
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e
+  scale = amax > 0.f ? ldexpf(1.f, e - 14) : 1.f;
+  const float f = 0.08838834764831845f / scale;
+  float hi[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) hi[i] = __shfl_down_sync(0xffffffffu, v[i], 16);
+  __half2 p0 = __floats2half2_rn(v[0] * f, hi[0] * f), p1 = __floats2half2_rn(v[1] * f, hi[1] * f);
+  __half2 p2 = __floats2half2_rn(v[2] * f, hi[2] * f), p3 = __floats2half2_rn(v[3] * f, hi[3] * f);
+  pk.x = *reinterpret_cast<uint32_t*>(&p0); pk.y = *reinterpret_cast<uint32_t*>(&p1);
+  pk.z = *reinterpret_cast<uint32_t*>(&p2); pk.w = *reinterpret_cast<uint32_t*>(&p3);
+}
+
 // ---- rotation: out[n, k] = (H·D·(x ⊙ inv_smooth))[n, k] per 128-block, float32 -----------------------------------
 template <typename T>
 __global__ void rotate_kernel(const T* __restrict__ x, const float* __restrict__ signs,
@@ -525,7 +546,12 @@ __device__ __forceinline__ void stream_block(float (&acc)[4], const uint8_t* u, 
 template <int BITS, int STAGES, int G>
 struct StreamSmem {
   static constexpr size_t RING = (size_t)STAGES * G * Unit<BITS>::BYTES;  // one warp's ring
-  static size_t bytes(int warps) { return TC_WIDE_TABLE_WORDS * sizeof(uint32_t) + warps * (RING + STAGES * 8); }
+  __host__ __device__ static size_t bytes(int warps) {
+    return TC_WIDE_TABLE_WORDS * sizeof(uint32_t) + warps * (RING + STAGES * 8);
+  }
+  // The lean kernel's rotated input (ROT), 16-byte aligned after the rest: 256 bytes of pairs + a scale per block.
+  __host__ __device__ static size_t x_offset(int warps) { return (bytes(warps) + 15) & ~(size_t)15; }
+  static size_t rot_bytes(int warps, int n_blocks) { return x_offset(warps) + (size_t)n_blocks * (256 + 4); }
 };
 
 template <int BITS, int STAGES, int G, typename T>
@@ -602,10 +628,16 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
 // the ring advances by compare-and-reset, and the activation pointers advance per unit. Launched programmatically
 // (PDL), its prologue and first weight fetches overlap the kernel before it; it reads the activation only after
 // griddepcontrol.wait.
-template <int BITS, int STAGES, typename T>
+// ROT (one token): the kernel rotates its own input. After the weight fetches are under way and the table is built,
+// each warp turns blocks of x into the pair layout in shared memory (pair_block, as rotate_pairs), and the units read
+// the activation from there: no rotation launch, and no wait for its output to reach memory. `trigger` then lets the
+// kernel after it launch once every warp has read x (the rotation kernel's rule).
+template <int BITS, int STAGES, bool ROT, typename T>
 __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restrict__ tiles,
                                                          const float* __restrict__ codebook,
                                                          const uint4* __restrict__ xp, const float* __restrict__ xs,
+                                                         const T* __restrict__ x, const float* __restrict__ signs,
+                                                         const float* __restrict__ inv_smooth, bool trigger,
                                                          T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
                                                          float* __restrict__ ws, int* __restrict__ counters) {
   extern __shared__ __align__(16) uint32_t tab[];
@@ -626,7 +658,23 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     for (int k = 0; k < STAGES - 1 && k < count; ++k, src += UB) bulk_fetch(ring_s + k * UB, src, UB, bars + k * 8);
   }
   fill_pair_table<BITS, 64>(tab, codebook);
+  // ROT: the rotated input after the mbarriers, [n_blocks][16] uint4 of pairs, then [n_blocks] block scales.
+  uint4* xsm = reinterpret_cast<uint4*>(reinterpret_cast<uint8_t*>(tab) + S::x_offset(KS));
+  float* xss = reinterpret_cast<float*>(xsm + (size_t)n_blocks * 16);
+  if (ROT) {
+    pdl_wait();  // x is the previous kernel's output
+    for (int blk = warp; blk < n_blocks; blk += KS) {
+      float v[4];
+      warp_fwht128<T>(x + (size_t)blk * B + lane * 4, signs, inv_smooth, blk, lane, v);
+      uint4 pk;
+      float scale;
+      pair_block(v, pk, scale);
+      if (lane < 16) xsm[blk * 16 + lane] = pk;
+      if (lane == 0) xss[blk] = scale;
+    }
+  }
   __syncthreads();
+  if (ROT && trigger) pdl_trigger();
   if (count <= 0) return;
   src = tiles + (size_t)(lo + STAGES - 1) * UB;
   const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
@@ -635,12 +683,12 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   // Activation pointers at block b: pairs of batch row g, scales of rows 2q and 2q + 1. Lanes of absent rows load
   // nothing and keep zeros: their products land only in output columns >= n, which are never stored.
   const bool has_x = g < n, has_s0 = 2 * q < n, has_s1 = 2 * q + 1 < n;
-  const uint4* xq = xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
-  const float* xs0 = xs + (size_t)(2 * q) * n_blocks + b;
+  const uint4* xq = ROT ? xsm + b * 16 + q * 4 : xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
+  const float* xs0 = ROT ? xss + b : xs + (size_t)(2 * q) * n_blocks + b;
   const float* xs1 = xs0 + n_blocks;
   uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
   float x0s = 0.f, x1s = 0.f;
-  pdl_wait();  // the activation is the previous kernel's output (a no-op without programmatic launch)
+  if (!ROT) pdl_wait();  // the activation is the previous kernel's output (a no-op without programmatic launch)
   int slot = 0, refill = STAGES - 1;
   uint32_t phase = 0;
   int u = lo;
@@ -656,9 +704,14 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
       const uint8_t* p = ring + slot * UB;
       slot = slot + 1 == STAGES ? 0 : slot + 1;
       phase ^= slot == 0;
-      if (has_x) { x0 = __ldg(xq); x1 = __ldg(xq + 1); x2 = __ldg(xq + 2); x3 = __ldg(xq + 3); }
-      if (has_s0) x0s = __ldg(xs0);
-      if (has_s1) x1s = __ldg(xs1);
+      if (ROT) {  // shared memory (one token: row g = 0's lanes and column 0's scale)
+        if (has_x) { x0 = xq[0]; x1 = xq[1]; x2 = xq[2]; x3 = xq[3]; }
+        if (has_s0) x0s = *xs0;
+      } else {
+        if (has_x) { x0 = __ldg(xq); x1 = __ldg(xq + 1); x2 = __ldg(xq + 2); x3 = __ldg(xq + 3); }
+        if (has_s0) x0s = __ldg(xs0);
+        if (has_s1) x1s = __ldg(xs1);
+      }
       xq += 16; ++xs0; ++xs1;
       unit_mma<BITS>(acc, p, tb, lane4, lane, x0, x1, x2, x3, x0s, x1s);
     }
@@ -687,26 +740,10 @@ __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __rest
   __syncthreads();
   pdl_trigger();
   if (!live) return;
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-  amax *= 0.08838834764831845f;
-  int e = 0;
-  frexpf(amax, &e);  // amax < 2^e
-  const float scale = amax > 0.f ? ldexpf(1.f, e - 14) : 1.f;
-  const float f = 0.08838834764831845f / scale;
-  float hi[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) hi[i] = __shfl_down_sync(0xffffffffu, v[i], 16);
-  if (lane < 16) {
-    __half2* o = out + ((size_t)row * n_blocks + blk) * 64 + lane * 4;
-    uint4 pk;
-    __half2 p0 = __floats2half2_rn(v[0] * f, hi[0] * f), p1 = __floats2half2_rn(v[1] * f, hi[1] * f);
-    __half2 p2 = __floats2half2_rn(v[2] * f, hi[2] * f), p3 = __floats2half2_rn(v[3] * f, hi[3] * f);
-    pk.x = *reinterpret_cast<uint32_t*>(&p0); pk.y = *reinterpret_cast<uint32_t*>(&p1);
-    pk.z = *reinterpret_cast<uint32_t*>(&p2); pk.w = *reinterpret_cast<uint32_t*>(&p3);
-    *reinterpret_cast<uint4*>(o) = pk;
-  }
+  uint4 pk;
+  float scale;
+  pair_block(v, pk, scale);
+  if (lane < 16) reinterpret_cast<uint4*>(out + ((size_t)row * n_blocks + blk) * 64)[lane] = pk;
   if (lane == 0) xs[(size_t)row * n_blocks + blk] = scale;
 }
 
@@ -950,21 +987,30 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
   return (int)cudaGetLastError();
 }
 
-// A stream kernel's launch setup: its shared-memory limit, only ever raised (per kernel function: the caller's
-// `opted`), so a smaller launch cannot lower it under a larger one's feet and, once set, no call is made inside a
-// graph capture (one device per process); and its grid, the CTAs that fit at once (`resident`, cached per warps
-// count), fewer when that would leave a warp under two units.
+// A stream kernel's launch setup, per kernel function (`c`): its shared-memory limit, only ever raised, so a smaller
+// launch cannot lower it under a larger one's feet and, once set, no call is made inside a graph capture (one device
+// per process; the eager warm-up launches every shape first); and its grid, the CTAs that fit at once (cached per
+// warps count, re-asked when a launch needs more shared memory than the count was found with), fewer when that would
+// leave a warp under two units.
+struct StreamLaunchCache {
+  size_t opted = 0;
+  int resident[33] = {0};
+  size_t resident_smem[33] = {0};
+};
+
 template <typename Kernel>
-static int stream_grid(Kernel kernel, size_t smem, int warps, long units, size_t& opted, int (&resident)[33],
-                       unsigned& grid) {
-  if (smem > opted) {
+static int stream_grid(Kernel kernel, size_t smem, int warps, long units, StreamLaunchCache& c, unsigned& grid) {
+  if (smem > c.opted) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return (int)e;
-    opted = smem;
+    c.opted = smem;
   }
-  if (!resident[warps]) resident[warps] = resident_ctas(kernel, 32 * warps, smem);
+  if (!c.resident[warps] || smem > c.resident_smem[warps]) {
+    c.resident[warps] = resident_ctas(kernel, 32 * warps, smem);
+    c.resident_smem[warps] = smem;
+  }
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
-  grid = (unsigned)(wanted < resident[warps] ? wanted : resident[warps]);
+  grid = (unsigned)(wanted < c.resident[warps] ? wanted : c.resident[warps]);
   return 0;
 }
 
@@ -973,11 +1019,9 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
                             int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
-  static size_t opted = 0;
-  static int resident[33] = {0};
+  static StreamLaunchCache cache;
   unsigned grid = 0;
-  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, opted,
-                             resident, grid);
+  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, cache, grid);
   if (rc) return rc;
   tc_stream_kernel<BITS, STAGES, G, T><<<grid, 32 * warps, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs,
                                                                            (T*)y, n, R, n_blocks, n_tiles, ws,
@@ -985,17 +1029,19 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   return (int)cudaGetLastError();
 }
 
-template <int BITS, int STAGES, typename T>
-static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                             int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
-                             cudaStream_t stream) {
+// `rot`: the kernel rotates x (one token) itself (tc_stream2_kernel's ROT) instead of reading rotate_pairs' xp/xs;
+// `trigger`: it then lets its dependents launch early.
+template <int BITS, int STAGES, bool ROT, typename T>
+static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
+                          const float* signs, const float* inv_smooth, bool trigger, void* y, int n, int R,
+                          int n_blocks, int warps, float* ws, int* counters, bool pdl, cudaStream_t stream) {
+  using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
-  const size_t smem = StreamSmem<BITS, STAGES, 1>::bytes(warps);
-  static size_t opted = 0;
-  static int resident[33] = {0};
+  const size_t smem = ROT ? S::rot_bytes(warps, n_blocks) : S::bytes(warps);
+  static StreamLaunchCache cache;
   unsigned grid = 0;
-  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, T>, smem, warps, (long)n_tiles * n_blocks, opted,
-                             resident, grid);
+  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, T>, smem, warps, (long)n_tiles * n_blocks, cache,
+                             grid);
   if (rc) return rc;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
@@ -1007,8 +1053,17 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, T>, tiles, codebook, (const uint4*)xp, xs,
-                                 (T*)y, n, R, n_blocks, n_tiles, ws, counters);
+  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, T>, tiles, codebook, (const uint4*)xp, xs,
+                                 (const T*)x, signs, inv_smooth, trigger, (T*)y, n, R, n_blocks, n_tiles, ws,
+                                 counters);
+}
+
+template <int BITS, int STAGES, typename T>
+static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
+                             int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
+                             cudaStream_t stream) {
+  return launch_stream2<BITS, STAGES, false, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, y, n, R,
+                                                n_blocks, warps, ws, counters, pdl, stream);
 }
 
 template <typename T>
@@ -1079,6 +1134,28 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
                                                 pdl, ws, counters, stream);
   return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, ws, counters,
                          stream);
+}
+
+// One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
+// rotate_pairs takes them). launch: a stream-mode word of the lean-issue kernel with 2 slots (prefetch 6: the largest
+// ring that leaves room for the rotated input); bit 18 lets the kernel's dependents launch once it has read x. ws and
+// counters as hlwq_gemv_tc's stream mode.
+int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
+                     const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
+                     int dtype, cudaStream_t stream) {
+  const int warps = launch & 255, pf = (launch >> 8) & 15;
+  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
+  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5))
+    return (int)cudaErrorInvalidValue;
+  const int n_blocks = K / B;
+  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
+                         const float*, bool, void*, int, int, int, int, float*, int*, bool, cudaStream_t);
+  const Launch f = dtype == 0   ? (bits == 4 ? launch_stream2<4, 2, true, float> : launch_stream2<5, 2, true, float>)
+                   : dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, __nv_bfloat16>
+                                             : launch_stream2<5, 2, true, __nv_bfloat16>)
+                                : (bits == 4 ? launch_stream2<4, 2, true, __half> : launch_stream2<5, 2, true, __half>);
+  return f(tiles, codebook, nullptr, nullptr, x, signs, inv_smooth, trigger, y, 1, R, n_blocks, warps, ws, counters,
+           pdl, stream);
 }
 
 // w: float16 [R, K] in the rotated basis, from the tiled layout.

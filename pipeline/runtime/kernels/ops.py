@@ -8,6 +8,8 @@ captures: each op launches on the current stream through the ctypes library and 
     rotate_pairs(x, signs, inv_smooth)   x [n, K] -> (fp16 [n, K] in gemv_tc's pair order, fp32 block scales)
     gemv_tc(xp, xs, tiles, codebook, …)  [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py),
                                          per 16-row tile or in stream mode (tc_launch) with an in-kernel fix-up
+    gemv_tc_rot(x, signs, inv_smooth, …) one token [1, K] -> [1, R]: stream mode rotating its own input (no
+                                         rotate_pairs launch)
     dequant_tiles(tiles, codebook, …)    -> float16 [R, K] in the rotated basis, from the tiled layout
 """
 
@@ -160,6 +162,18 @@ def resident_warps(device: torch.device) -> int:
     return _WARPS[device]
 
 
+def _stream_scratch(device: torch.device, bits: int, launch: int, n_tiles: int,
+                    n_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Stream mode's per-call scratch fp32 [resident warps, 2, 128] and the shared counters, after checking that the
+    launch can run here (cached per device: no query per call); `n_blocks`: the input a rotating launch holds."""
+    if not kernels.stream_supported(device, bits, n_blocks):
+        warps, prefetch, _, _ = kernels.tc_fields(launch)
+        need = kernels.stream_smem_bytes(bits, warps, prefetch, n_blocks) / 1024
+        raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
+    ws = torch.empty(resident_warps(device), 2, 128, dtype=torch.float32, device=device)
+    return ws, tile_counters(device, n_tiles)
+
+
 @custom_op("hlwq::gemv_tc", mutates_args=())
 def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
@@ -170,12 +184,7 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
     ws = counters = None
     if launch_streamed(launch):
-        if not kernels.stream_supported(xp.device, bits):  # cached per device: no query per call
-            warps, prefetch, _, _ = kernels.tc_fields(launch)
-            need = kernels.stream_smem_bytes(bits, warps, prefetch) / 1024
-            raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
-        ws = torch.empty(resident_warps(xp.device), 2, 128, dtype=torch.float32, device=xp.device)
-        counters = tile_counters(xp.device, tiles.shape[0])
+        ws, counters = _stream_scratch(xp.device, bits, launch, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
                                 _ptr(ws), _ptr(counters), n, rows, k, bits, launch, _DTYPE_CODES[out_dtype],
                                 _stream())  # fmt: skip
@@ -188,6 +197,28 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
       out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     # Only y is visible: stream mode's scratch and counters live inside the real kernel call.
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
+
+
+@custom_op("hlwq::gemv_tc_rot", mutates_args=())
+def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
+                codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+    """One token x [1, K] (K whole blocks) -> [1, rows] in x's dtype: rotate_pairs then gemv_tc in one stream-mode
+    launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit."""
+    k = x.shape[1]
+    x2 = x.contiguous()
+    y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
+    ws, counters = _stream_scratch(x.device, bits, launch, tiles.shape[0], k // BLOCK)
+    rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
+                                    _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
+                                    launch, _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
+    _check(rc, "gemv_tc_rot")
+    return y
+
+
+@gemv_tc_rot.register_fake
+def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
+      codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+    return torch.empty(1, rows, dtype=x.dtype, device=x.device)
 
 
 @custom_op("hlwq::dequant_tiles", mutates_args=())
