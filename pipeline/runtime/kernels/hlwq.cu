@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #define B 128
 #define LANES_PER_BLOCK 4  // each lane owns 32 codes of a 128-block: 16 low-nibble slots + 16 high-nibble slots
 #define BLOCKS_PER_CHUNK 8  // 32 lanes / 4
@@ -61,9 +63,10 @@ __device__ __forceinline__ bool warp_rotated_block(const T* __restrict__ x, cons
 }
 
 // One warp's rotated block v (warp_fwht128) in the pair layout (rotate_pairs_kernel says what it is): lane l < 16's 16
-// bytes (pairs 4l..4l+3) and the block's power-of-two scale (every lane). The rotation kernel writes them to memory,
-// the stream matvec that rotates its own input to shared memory.
-__device__ __forceinline__ void pair_block(const float (&v)[4], uint4& pk, float& scale) {
+// bytes (pairs 4l..4l+3) and the block's power-of-two scale (every lane), and with `lo` each pair's fp16 remainder
+// (the exact value less its fp16), so that hi + lo carries ~22 bits. The rotation kernel writes them to memory, the
+// stream matvec that rotates its own input to shared memory.
+__device__ __forceinline__ void pair_block(const float (&v)[4], uint4& pk, float& scale, uint4* lo = nullptr) {
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
@@ -75,10 +78,19 @@ __device__ __forceinline__ void pair_block(const float (&v)[4], uint4& pk, float
   float hi[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) hi[i] = __shfl_down_sync(0xffffffffu, v[i], 16);
-  __half2 p0 = __floats2half2_rn(v[0] * f, hi[0] * f), p1 = __floats2half2_rn(v[1] * f, hi[1] * f);
-  __half2 p2 = __floats2half2_rn(v[2] * f, hi[2] * f), p3 = __floats2half2_rn(v[3] * f, hi[3] * f);
-  pk.x = *reinterpret_cast<uint32_t*>(&p0); pk.y = *reinterpret_cast<uint32_t*>(&p1);
-  pk.z = *reinterpret_cast<uint32_t*>(&p2); pk.w = *reinterpret_cast<uint32_t*>(&p3);
+  uint32_t ph[4], pl[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float a = v[i] * f, b = hi[i] * f;
+    const __half2 p = __floats2half2_rn(a, b);
+    ph[i] = *reinterpret_cast<const uint32_t*>(&p);
+    if (lo) {
+      const __half2 r = __floats2half2_rn(a - __low2float(p), b - __high2float(p));
+      pl[i] = *reinterpret_cast<const uint32_t*>(&r);
+    }
+  }
+  pk = make_uint4(ph[0], ph[1], ph[2], ph[3]);
+  if (lo) *lo = make_uint4(pl[0], pl[1], pl[2], pl[3]);
 }
 
 // ---- rotation: out[n, k] = (H·D·(x ⊙ inv_smooth))[n, k] per 128-block, float32 -----------------------------------
@@ -294,22 +306,40 @@ __device__ __forceinline__ uint32_t tc_pair(uint32_t lb, uint4 n, uint32_t s) {
 }
 
 // One block of one 16-row tile: 8 mma steps over the lane's 16 pairs of rows g and g+8, then the block's scales.
-template <int BITS>
-__device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cur, uint32_t lb,
+// SPLIT (a float32 input): the activation's lo plane and the levels' remainders (the table at `ll`) join in, three
+// mma per step (hi·hi + hi·lo + lo·hi; lo·lo is below fp32's rounding): ~22-bit operands, as the CPU reference's.
+template <int BITS, bool SPLIT>
+__device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cur, uint32_t lb, uint32_t ll,
                                          const uint4* __restrict__ xp, const float* __restrict__ xs, int n,
                                          int n_blocks, int b, int g, int q) {
   // Activation pairs for batch row g (lanes of absent rows feed zeros): block b, pairs 16q..16q+15.
-  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0, l0 = x0, l1 = x0, l2 = x0, l3 = x0;
   if (g < n) {
-    const uint4* p = xp + ((size_t)g * n_blocks + b) * 16 + q * 4;
+    const uint4* p = xp + ((size_t)g * (SPLIT ? 2 : 1) * n_blocks + b) * 16 + q * 4;
     x0 = __ldg(p); x1 = __ldg(p + 1); x2 = __ldg(p + 2); x3 = __ldg(p + 3);
+    if (SPLIT) {
+      const uint4* pl = p + (size_t)n_blocks * 16;  // the row's lo plane
+      l0 = __ldg(pl); l1 = __ldg(pl + 1); l2 = __ldg(pl + 2); l3 = __ldg(pl + 3);
+    }
   }
   float c[4] = {0.f, 0.f, 0.f, 0.f};
-#define HLWQ_STEP(S, XA, XB)                                                                            \
-  mma_f16_16816(c, tc_pair<BITS, 2 * S>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S>(lb, cur.n1, cur.s1), \
-                 tc_pair<BITS, 2 * S + 1>(lb, cur.n0, cur.s0), tc_pair<BITS, 2 * S + 1>(lb, cur.n1, cur.s1), XA, XB)
-  HLWQ_STEP(0, x0.x, x0.y); HLWQ_STEP(1, x0.z, x0.w); HLWQ_STEP(2, x1.x, x1.y); HLWQ_STEP(3, x1.z, x1.w);
-  HLWQ_STEP(4, x2.x, x2.y); HLWQ_STEP(5, x2.z, x2.w); HLWQ_STEP(6, x3.x, x3.y); HLWQ_STEP(7, x3.z, x3.w);
+#define HLWQ_STEP(S, XA, XB, LA, LB)                                                                               \
+  {                                                                                                                \
+    const uint32_t a0 = tc_pair<BITS, 2 * S>(lb, cur.n0, cur.s0), a1 = tc_pair<BITS, 2 * S>(lb, cur.n1, cur.s1);   \
+    const uint32_t a2 = tc_pair<BITS, 2 * S + 1>(lb, cur.n0, cur.s0);                                              \
+    const uint32_t a3 = tc_pair<BITS, 2 * S + 1>(lb, cur.n1, cur.s1);                                              \
+    mma_f16_16816(c, a0, a1, a2, a3, XA, XB);                                                                      \
+    if (SPLIT) {                                                                                                   \
+      mma_f16_16816(c, a0, a1, a2, a3, LA, LB);                                                                    \
+      mma_f16_16816(c, tc_pair<BITS, 2 * S>(ll, cur.n0, cur.s0), tc_pair<BITS, 2 * S>(ll, cur.n1, cur.s1),         \
+                    tc_pair<BITS, 2 * S + 1>(ll, cur.n0, cur.s0), tc_pair<BITS, 2 * S + 1>(ll, cur.n1, cur.s1), XA, \
+                    XB);                                                                                           \
+    }                                                                                                              \
+  }
+  HLWQ_STEP(0, x0.x, x0.y, l0.x, l0.y); HLWQ_STEP(1, x0.z, x0.w, l0.z, l0.w);
+  HLWQ_STEP(2, x1.x, x1.y, l1.x, l1.y); HLWQ_STEP(3, x1.z, x1.w, l1.z, l1.w);
+  HLWQ_STEP(4, x2.x, x2.y, l2.x, l2.y); HLWQ_STEP(5, x2.z, x2.w, l2.z, l2.w);
+  HLWQ_STEP(6, x3.x, x3.y, l3.x, l3.y); HLWQ_STEP(7, x3.z, x3.w, l3.z, l3.w);
 #undef HLWQ_STEP
   // Block scales of the weight rows (g, g+8) times those of the activation rows (2q, 2q+1) this lane's C holds.
   const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(&cur.sc));
@@ -319,32 +349,41 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
 }
 
 // The pair table: entry (byte idx, lane) = fp16x2 levels of the byte's two nibbles / sqrt(B), one copy per lane, at
-// word idx * ROW + lane (ROW 32: the tile kernel's packed table; 64: stream mode's wide one).
+// word idx * ROW + lane (ROW 32: the tile kernel's packed table; 64: stream mode's wide one). With `rem`, a second
+// table of the same shape there: each level's fp16 remainder (level/√B less its fp16; the sign XOR flips it too).
 template <int BITS, int ROW = 32>
-__device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __restrict__ codebook) {
+__device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __restrict__ codebook,
+                                                uint32_t* rem = nullptr) {
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int idx = i >> 5, lane = i & 31;
     const int lo = idx & 15, hi = idx >> 4;
     // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
-    const float a = codebook[BITS == 5 ? 16 + lo : lo], b = codebook[BITS == 5 ? 16 + hi : hi];
-    __half2 v = __floats2half2_rn(a * 0.08838834764831845f, b * 0.08838834764831845f);
-    tab[idx * ROW + lane] = *reinterpret_cast<uint32_t*>(&v);
+    const float a = codebook[BITS == 5 ? 16 + lo : lo] * 0.08838834764831845f;
+    const float b = codebook[BITS == 5 ? 16 + hi : hi] * 0.08838834764831845f;
+    const __half2 v = __floats2half2_rn(a, b);
+    tab[idx * ROW + lane] = *reinterpret_cast<const uint32_t*>(&v);
+    if (rem) {
+      const __half2 r = __floats2half2_rn(a - __low2float(v), b - __high2float(v));
+      rem[idx * ROW + lane] = *reinterpret_cast<const uint32_t*>(&r);
+    }
   }
 }
 
-template <int BITS, int PF, typename T>
+template <int BITS, int PF, bool SPLIT, typename T>
 __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict__ tiles,
                                                       const float* __restrict__ codebook,
                                                       const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                       T* __restrict__ y, int n, int R,
                                                       int n_blocks, int n_tiles) {
-  extern __shared__ uint32_t tab[];  // the pair table, then one 16x8 partial-sum tile per warp
-  float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TC_TABLE_WORDS);
-  fill_pair_table<BITS>(tab, codebook);
+  // The pair table (SPLIT: then the remainders' table), then one 16x8 partial-sum tile per warp.
+  extern __shared__ uint32_t tab[];
+  constexpr int TABLES = SPLIT ? 2 : 1;
+  float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TABLES * TC_TABLE_WORDS);
+  fill_pair_table<BITS>(tab, codebook, SPLIT ? tab + TC_TABLE_WORDS : nullptr);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4;
+  const uint32_t lb = (uint32_t)__cvta_generic_to_shared(tab) + lane * 4, ll = lb + TC_TABLE_WORDS * 4;
   constexpr int UB = Unit<BITS>::BYTES;
 
   for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
@@ -364,7 +403,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
         if (more) {
           if (b + PF * KS < n_blocks)
             tc_load<BITS>(r[(i + PF) % (PF + 1)], base + (size_t)(b + PF * KS) * UB, lane, xs, n, n_blocks, b + PF * KS);
-          tc_block<BITS>(acc, r[i], lb, xp, xs, n, n_blocks, b, g, q);
+          tc_block<BITS, SPLIT>(acc, r[i], lb, ll, xp, xs, n, n_blocks, b, g, q);
           b += KS;
           more = b < n_blocks;
         }
@@ -726,11 +765,14 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
 
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
 // z = H·D·(x / s) per block; xs[n, b] is a power of two that puts the block's largest |z| in [2^13, 2^14): exact to
-// undo, and fp16 keeps its 11-bit significand for any activation range.
+// undo, and fp16 keeps its 11-bit significand for any activation range. A float32 input gets ~22 bits: its row holds
+// the hi plane [n_blocks, 64] then the lo plane (fp16 of each pair's remainder), and the tile kernel multiplies both
+// (SPLIT). bf16 and fp16 inputs carry no more than fp16's 11 bits: one plane.
 template <typename T>
 __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __restrict__ signs,
                                     const float* __restrict__ inv_smooth, __half2* __restrict__ out,
                                     float* __restrict__ xs, int rows, int K, int n_blocks) {
+  constexpr bool SPLIT = std::is_same<T, float>::value;
   int row, blk, lane;
   size_t base;
   float v[4];
@@ -740,10 +782,12 @@ __global__ void rotate_pairs_kernel(const T* __restrict__ x, const float* __rest
   __syncthreads();
   pdl_trigger();
   if (!live) return;
-  uint4 pk;
+  uint4 pk, lo;
   float scale;
-  pair_block(v, pk, scale);
-  if (lane < 16) reinterpret_cast<uint4*>(out + ((size_t)row * n_blocks + blk) * 64)[lane] = pk;
+  pair_block(v, pk, scale, SPLIT ? &lo : nullptr);
+  uint4* o = reinterpret_cast<uint4*>(out + ((size_t)row * (SPLIT ? 2 : 1) * n_blocks + blk) * 64);
+  if (lane < 16) o[lane] = pk;
+  if (SPLIT && lane < 16) o[(size_t)n_blocks * 16 + lane] = lo;
   if (lane == 0) xs[(size_t)row * n_blocks + blk] = scale;
 }
 
@@ -928,11 +972,11 @@ int hlwq_dequant(const uint8_t* codes, const void* scales, const float* codebook
 
 }  // extern "C"
 
-// ---- dequantize the tiled layout to the rotated basis (prefill: fp16 [R, K] for cuBLAS) ----------------------------
+// ---- dequantize the tiled layout to the rotated basis (prefill: fp16 [R, K] for cuBLAS; float32 for the split path)
 // One thread per (tile, block, half, lane): 32 weights of row 16t + g + 8h, positions 16q..16q+15 and +64.
-template <int BITS>
+template <int BITS, typename O>
 __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const float* __restrict__ codebook,
-                                     __half* __restrict__ w, int R, int n_blocks, long units) {
+                                     O* __restrict__ w, int R, int n_blocks, long units) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = codebook[BITS == 5 ? 16 + threadIdx.x : threadIdx.x] * 0.08838834764831845f;
   __syncthreads();
@@ -950,40 +994,64 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
   const __half2 sc2 = *reinterpret_cast<const __half2*>(u + Unit<BITS>::NIB + Unit<BITS>::SGN + g * 4);
   const float sc = h ? __high2float(sc2) : __low2float(sc2);
   const uint32_t words[4] = {nb.x, nb.y, nb.z, nb.w};
-  uint32_t lo[8], hi[8];
+  float lo[16], hi[16];  // positions 16q + k and 64 + 16q + k
 #pragma unroll
-  for (int k = 0; k < 16; k += 2) {
-    const uint32_t b0 = (words[k >> 2] >> (8 * (k & 3))) & 0xFF, b1 = (words[k >> 2] >> (8 * ((k + 1) & 3))) & 0xFF;
-    float a0 = lut[b0 & 15] * sc, c0 = lut[b0 >> 4] * sc, a1 = lut[b1 & 15] * sc, c1 = lut[b1 >> 4] * sc;
+  for (int k = 0; k < 16; ++k) {
+    const uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xFF;
+    float a = lut[byte & 15] * sc, c = lut[byte >> 4] * sc;
     if (BITS == 5) {
-      if ((sg >> (15 - k)) & 1) a0 = -a0;
-      if ((sg >> (31 - k)) & 1) c0 = -c0;
-      if ((sg >> (14 - k)) & 1) a1 = -a1;
-      if ((sg >> (30 - k)) & 1) c1 = -c1;
+      if ((sg >> (15 - k)) & 1) a = -a;
+      if ((sg >> (31 - k)) & 1) c = -c;
     }
-    __half2 pa = __floats2half2_rn(a0, a1), pc = __floats2half2_rn(c0, c1);
-    lo[k >> 1] = *reinterpret_cast<uint32_t*>(&pa);
-    hi[k >> 1] = *reinterpret_cast<uint32_t*>(&pc);
+    lo[k] = a;
+    hi[k] = c;
   }
-  uint4* o = reinterpret_cast<uint4*>(w + (size_t)row * n_blocks * B + (size_t)blk * B + 16 * q);
-  o[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  o[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
-  o[8] = make_uint4(hi[0], hi[1], hi[2], hi[3]);  // +64 elements
-  o[9] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+  O* o = w + (size_t)row * n_blocks * B + (size_t)blk * B + 16 * q;
+  if (std::is_same<O, float>::value) {
+    float4* f = reinterpret_cast<float4*>(o);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[i] = make_float4(lo[4 * i], lo[4 * i + 1], lo[4 * i + 2], lo[4 * i + 3]);
+      f[16 + i] = make_float4(hi[4 * i], hi[4 * i + 1], hi[4 * i + 2], hi[4 * i + 3]);  // +64 elements
+    }
+  } else {
+    uint32_t pl[8], ph[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      __half2 pa = __floats2half2_rn(lo[2 * i], lo[2 * i + 1]), pc = __floats2half2_rn(hi[2 * i], hi[2 * i + 1]);
+      pl[i] = *reinterpret_cast<uint32_t*>(&pa);
+      ph[i] = *reinterpret_cast<uint32_t*>(&pc);
+    }
+    uint4* v = reinterpret_cast<uint4*>(o);
+    v[0] = make_uint4(pl[0], pl[1], pl[2], pl[3]);
+    v[1] = make_uint4(pl[4], pl[5], pl[6], pl[7]);
+    v[8] = make_uint4(ph[0], ph[1], ph[2], ph[3]);  // +64 elements
+    v[9] = make_uint4(ph[4], ph[5], ph[6], ph[7]);
+  }
 }
 
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
-template <int BITS, int PF, typename T>
+template <int BITS, int PF, bool SPLIT, typename T>
 static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
                      int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const int threads = 32 * warps;
-  const size_t smem = (TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
+  const size_t smem = ((SPLIT ? 2 : 1) * TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
   static int resident[17] = {0};
-  if (!resident[warps]) resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, T>, threads, smem);
+  if (!resident[warps]) {
+    // SPLIT's two tables pass the 48 KB default: opt in to the most any warps count needs, once, on the first call
+    // (before any graph capture), then size the grid.
+    if (SPLIT) {
+      const int most = (2 * TC_TABLE_WORDS + 16 * 128) * sizeof(uint32_t);
+      const cudaError_t e = cudaFuncSetAttribute(tc_gemv_kernel<BITS, PF, SPLIT, T>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+      if (e != cudaSuccess) return (int)e;
+    }
+    resident[warps] = resident_ctas(tc_gemv_kernel<BITS, PF, SPLIT, T>, threads, smem);
+  }
   const unsigned grid = (unsigned)(n_tiles < resident[warps] ? n_tiles : resident[warps]);
-  tc_gemv_kernel<BITS, PF, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y, n, R,
-                                                               n_blocks, n_tiles);
+  tc_gemv_kernel<BITS, PF, SPLIT, T><<<grid, threads, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs, (T*)y,
+                                                                      n, R, n_blocks, n_tiles);
   return (int)cudaGetLastError();
 }
 
@@ -1068,8 +1136,10 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
 
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
-                   int R, int n_blocks, int warps, int pf, bool streamed, bool pdl, float* ws, int* counters,
-                   cudaStream_t stream) {
+                   int R, int n_blocks, int warps, int pf, bool streamed, bool pdl, bool split, float* ws,
+                   int* counters, cudaStream_t stream) {
+  // A split activation (hi and lo planes) runs on the tile kernel with a float32 output only.
+  if (split && (streamed || !std::is_same<T, float>::value)) return (int)cudaErrorInvalidValue;
   if (streamed && pf >= 6) {  // the lean-issue kernel: 6 -> 2 slots, 7 -> 3, 8 -> 4 (one unit each)
     using Launch2 = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
                             int*, bool, cudaStream_t);
@@ -1092,9 +1162,13 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
       : bits == 5 ? (pf == 2 ? launch_tc_stream<5, 3, 1, T> : pf == 3 ? launch_tc_stream<5, 4, 1, T>
                      : pf == 4 ? launch_tc_stream<5, 3, 2, T> : pf == 5 ? launch_tc_stream<5, 6, 1, T> : nullptr)
       : nullptr;
+  else if (split)
+    f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, true, float> : pf == 2 ? launch_tc<4, 2, true, float> : nullptr)
+      : bits == 5 ? (pf == 1 ? launch_tc<5, 1, true, float> : pf == 2 ? launch_tc<5, 2, true, float> : nullptr)
+      : nullptr;
   else
-    f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, T> : pf == 2 ? launch_tc<4, 2, T> : nullptr)
-      : bits == 5 ? (pf == 1 ? launch_tc<5, 1, T> : pf == 2 ? launch_tc<5, 2, T> : nullptr)
+    f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, false, T> : pf == 2 ? launch_tc<4, 2, false, T> : nullptr)
+      : bits == 5 ? (pf == 1 ? launch_tc<5, 1, false, T> : pf == 2 ? launch_tc<5, 2, false, T> : nullptr)
       : nullptr;
   if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, counters, stream);
   return (int)cudaErrorInvalidValue;
@@ -1102,7 +1176,8 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
 
 extern "C" {
 
-// out: fp16 pairs [rows, K/128, 64, 2] and xs: float32 block scales [rows, K/128] (see rotate_pairs_kernel).
+// out: fp16 pairs [rows, K/128, 64, 2] (a float32 x: [rows, 2, K/128, 64, 2], hi and lo planes) and xs: float32
+// block scales [rows, K/128] (see rotate_pairs_kernel).
 int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth, void* out, float* xs, int rows, int K,
                       int dtype, cudaStream_t stream) {
   const int n_blocks = K / B;
@@ -1115,25 +1190,26 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
   return (int)cudaGetLastError();
 }
 
-// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input. Stream mode (sm_90+):
+// y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input (with a split
+// activation, launch bit 19: each row's hi plane then its lo plane; the tile kernel, float32 y). Stream mode (sm_90+):
 // ws float32 [SMs x max resident warps per SM, 2, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on
 // return; unused otherwise.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
                  int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
   // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16),
-  // programmatic launch (bit 17; the lean-issue stream kernel only).
+  // programmatic launch (bit 17; the lean-issue stream kernel only), split activation (bit 19).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
-  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1;
+  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, split = (launch >> 19) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 8 : 2))
     return (int)cudaErrorInvalidValue;
   if (streamed && (!ws || !counters)) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
-  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, ws,
-                                        counters, stream);
+  if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl,
+                                        split, ws, counters, stream);
   if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed,
-                                                pdl, ws, counters, stream);
-  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, ws, counters,
-                         stream);
+                                                pdl, split, ws, counters, stream);
+  return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, split, ws,
+                         counters, stream);
 }
 
 // One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
@@ -1145,30 +1221,35 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
                      int dtype, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
-  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5))
-    return (int)cudaErrorInvalidValue;
+  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5) || dtype == 0)
+    return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
   const int n_blocks = K / B;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
                          const float*, bool, void*, int, int, int, int, float*, int*, bool, cudaStream_t);
-  const Launch f = dtype == 0   ? (bits == 4 ? launch_stream2<4, 2, true, float> : launch_stream2<5, 2, true, float>)
-                   : dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, __nv_bfloat16>
-                                             : launch_stream2<5, 2, true, __nv_bfloat16>)
-                                : (bits == 4 ? launch_stream2<4, 2, true, __half> : launch_stream2<5, 2, true, __half>);
+  const Launch f = dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, __nv_bfloat16>
+                                           : launch_stream2<5, 2, true, __nv_bfloat16>)
+                              : (bits == 4 ? launch_stream2<4, 2, true, __half> : launch_stream2<5, 2, true, __half>);
   return f(tiles, codebook, nullptr, nullptr, x, signs, inv_smooth, trigger, y, 1, R, n_blocks, warps, ws, counters,
            pdl, stream);
 }
 
-// w: float16 [R, K] in the rotated basis, from the tiled layout.
-int hlwq_dequant_tiles(const uint8_t* tiles, const float* codebook, void* w, int R, int K, int bits,
+// w: [R, K] in the rotated basis, from the tiled layout: float16 (dtype 2) or float32 (dtype 0).
+int hlwq_dequant_tiles(const uint8_t* tiles, const float* codebook, void* w, int R, int K, int bits, int dtype,
                        cudaStream_t stream) {
   const int n_blocks = K / B;
   const long units = (long)((R + 15) / 16) * n_blocks;
   const int threads = 256;
   const unsigned grid = (unsigned)((units * 64 + threads - 1) / threads);
-  __half* o = (__half*)w;
-  if (bits == 4) dequant_tiles_kernel<4><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
-  else if (bits == 5) dequant_tiles_kernel<5><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
-  else return (int)cudaErrorInvalidValue;
+  if ((bits != 4 && bits != 5) || (dtype != 0 && dtype != 2)) return (int)cudaErrorInvalidValue;
+  if (dtype == 0) {
+    float* o = (float*)w;
+    if (bits == 4) dequant_tiles_kernel<4, float><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+    else dequant_tiles_kernel<5, float><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+  } else {
+    __half* o = (__half*)w;
+    if (bits == 4) dequant_tiles_kernel<4, __half><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+    else dequant_tiles_kernel<5, __half><<<grid, threads, 0, stream>>>(tiles, codebook, o, R, n_blocks, units);
+  }
   return (int)cudaGetLastError();
 }
 

@@ -81,7 +81,6 @@ def split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, cb_ptr, n_ptr, o_ptr, m_
     s = tl.program_id(1)
     lo, hi = split_range(n_ptr, s, S, BN)
     RB: tl.constexpr = D * BITS // 8
-    d = tl.arange(0, D)
     q, m_i, l_i, acc = split_start(q_ptr, h, G, GP, D)  # q fp16
     for start in range(lo, hi, BN):
         pos = start + tl.arange(0, BN)

@@ -5,12 +5,13 @@ captures: each op launches on the current stream through the ctypes library and 
     gemv(xr, codes, scales, codebook, …) float32 [n, K] (n <= 4) -> [n, R] in out_dtype, straight from packed codes
     dequant(codes, scales, codebook, …)  -> bfloat16 [R, K], the weight in the rotated basis (for prefill on cuBLAS)
     gather_pinned(table, ids)            rows of an embedding table kept in pinned host memory, graph-capturable
-    rotate_pairs(x, signs, inv_smooth)   x [n, K] -> (fp16 [n, K] in gemv_tc's pair order, fp32 block scales)
+    rotate_pairs(x, signs, inv_smooth)   x [n, K] -> (fp16 [n, K] in gemv_tc's pair order, fp32 block scales); a
+                                         float32 x: fp16 [n, 2K], each row's hi then lo plane (~22 bits)
     gemv_tc(xp, xs, tiles, codebook, …)  [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py),
                                          per 16-row tile or in stream mode (tc_launch) with an in-kernel fix-up
     gemv_tc_rot(x, signs, inv_smooth, …) one token [1, K] -> [1, R]: stream mode rotating its own input (no
                                          rotate_pairs launch)
-    dequant_tiles(tiles, codebook, …)    -> float16 [R, K] in the rotated basis, from the tiled layout
+    dequant_tiles(tiles, codebook, …)    -> float16 (or float32) [R, K] in the rotated basis, from the tiled layout
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ def _(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.empty(*ids.shape, table.shape[1], dtype=table.dtype, device=ids.device)
 
 
+def _pair_columns(x: torch.Tensor) -> int:
+    """rotate_pairs' fp16 columns per row: a float32 x gets a lo plane beside the hi one."""
+    return x.shape[-1] * (2 if x.dtype == torch.float32 else 1)
+
+
 @custom_op("hlwq::rotate_pairs", mutates_args=())
 def rotate_pairs(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> list[torch.Tensor]:
-    """x [n, K] -> [float16 [n, K] in gemv_tc's pair order, float32 [n, K/128] power-of-two block scales]."""
+    """x [n, K] -> [float16 [n, K] in gemv_tc's pair order, float32 [n, K/128] power-of-two block scales]. A float32
+    x keeps ~22 bits: float16 [n, 2K], each row's pairs (hi) then their remainders (lo), for the tile kernel."""
     n, k = x.shape
     x2 = x.contiguous()
-    out = torch.empty(n, k, dtype=torch.float16, device=x.device)
+    out = torch.empty(n, _pair_columns(x), dtype=torch.float16, device=x.device)
     xs = torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)
     rc = library().hlwq_rotate_pairs(x2.data_ptr(), signs.data_ptr(), _ptr(inv_smooth), out.data_ptr(), xs.data_ptr(),
                                      n, k, _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
@@ -122,7 +129,7 @@ def rotate_pairs(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor 
 @rotate_pairs.register_fake
 def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> list[torch.Tensor]:
     n, k = x.shape
-    return [torch.empty(n, k, dtype=torch.float16, device=x.device),
+    return [torch.empty(n, _pair_columns(x), dtype=torch.float16, device=x.device),
             torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)]  # fmt: skip
 
 
@@ -179,10 +186,16 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
     kernels.tc_launch's word. Stream mode takes a scratch fp32 [resident warps, 2, 128] per call and the shared
-    counters (they end the call zero, as they began it: no argument is mutated)."""
-    n, k = xp.shape
+    counters (they end the call zero, as they began it: no argument is mutated). A split xp ([n, 2K], a float32
+    input's) runs on the tile kernel with three products per step, into a float32 y."""
+    n = xp.shape[0]
+    k = tiles.shape[1] * BLOCK
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
     ws = counters = None
+    if xp.shape[1] == 2 * k:
+        if launch_streamed(launch) or out_dtype != torch.float32:
+            raise RuntimeBackendError("gemv_tc takes a split (float32) activation on the tile kernel into float32")
+        launch |= 1 << 19
     if launch_streamed(launch):
         ws, counters = _stream_scratch(xp.device, bits, launch, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
@@ -222,15 +235,19 @@ def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, til
 
 
 @custom_op("hlwq::dequant_tiles", mutates_args=())
-def dequant_tiles(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """The tiled weight -> float16 [rows, K] in the rotated basis (for prefill on cuBLAS)."""
+def dequant_tiles(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+                  dtype: torch.dtype = torch.float16) -> torch.Tensor:  # fmt: skip
+    """The tiled weight -> float16 (or float32) [rows, K] in the rotated basis (for prefill on cuBLAS)."""
+    if dtype not in (torch.float16, torch.float32):
+        raise RuntimeBackendError(f"dequant_tiles writes float16 or float32, not {dtype}")
     k = tiles.shape[1] * BLOCK
-    w = torch.empty(rows, k, dtype=torch.float16, device=tiles.device)
+    w = torch.empty(rows, k, dtype=dtype, device=tiles.device)
     _check(library().hlwq_dequant_tiles(tiles.data_ptr(), codebook.data_ptr(), w.data_ptr(), rows, k, bits,
-                                        _stream()), "dequant_tiles")  # fmt: skip
+                                        _DTYPE_CODES[dtype], _stream()), "dequant_tiles")  # fmt: skip
     return w
 
 
 @dequant_tiles.register_fake
-def _(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    return torch.empty(rows, tiles.shape[1] * BLOCK, dtype=torch.float16, device=tiles.device)
+def _(tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+      dtype: torch.dtype = torch.float16) -> torch.Tensor:  # fmt: skip
+    return torch.empty(rows, tiles.shape[1] * BLOCK, dtype=dtype, device=tiles.device)
