@@ -163,7 +163,7 @@ def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> N
 
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize(("rows", "cols"), [(21504, 5376), (5376, 21504), (300, 640), (16, 128), (48, 1280)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("warps", "trigger"), [(32, True), (24, False)])
 def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: int, dtype: torch.dtype, warps: int,
                                                   trigger: bool) -> None:  # fmt: skip
@@ -185,6 +185,21 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
         y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, rot)
         assert y.dtype == dtype and torch.equal(y, ref)
     assert not ops.tile_counters(x.device, tiles.shape[0]).any()
+
+
+def test_gemv_tc_rot_refuses_float32() -> None:
+    """A float32 input is split into two fp16 planes (rotate_pairs + the tile kernel); the rotating kernel keeps one,
+    so it refuses float32 in one line rather than drop half its bits."""
+    from pipeline.errors import RuntimeBackendError
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    params = QuantParams(bits=5)
+    q = quantize(torch.randn(64, 256, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    launch = tc_launch(24, 6, stream=True, pdl=True)
+    with pytest.raises(RuntimeBackendError, match="gemv_tc_rot"):
+        torch.ops.hlwq.gemv_tc_rot(torch.randn(1, 256, device="cuda"), signs, None, tiles, q.codebook, 5, 64, launch)
 
 
 def test_tiled_linear_one_token_rotates_in_the_matvec() -> None:

@@ -64,6 +64,14 @@ def test_choose_rule(tokens: int, rows: int, n_blocks: int, streamed: bool) -> N
     assert not ops.launch_streamed(kernels.tc_choose(tokens, rows, n_blocks, stream_ok=False))
 
 
+def test_choose_rule_when_the_matvec_rotates() -> None:
+    """With the rotation inside the matvec, one token of a sliding layer's o_proj (44M weights) streams too; a
+    smaller weight and eight tokens stay on the tile kernel."""
+    for rows, n_blocks, tokens, streamed in [(5376, 64, 1, True), (4096, 32, 1, False), (5376, 64, 8, False)]:
+        word = kernels.tc_choose(tokens, rows, n_blocks, stream_ok=True, rotating=True)
+        assert ops.launch_streamed(word) == (streamed if kernels.TC_STREAM == "auto" else kernels.TC_STREAM == "1")
+
+
 def test_stream_fits_only_where_its_shared_memory_does() -> None:
     need5, need4 = kernels.stream_smem_bytes(5), kernels.stream_smem_bytes(4)
     assert need5 == 65536 + 32 * (3 * 1312 + 24) and need4 < need5

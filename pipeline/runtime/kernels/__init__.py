@@ -35,6 +35,7 @@ STREAM_RINGS = {2: (3, 1), 3: (4, 1), 4: (3, 2), 5: (6, 1), 6: (2, 1), 7: (3, 1)
 STREAM_PREFETCH = tuple(STREAM_RINGS)
 LEAN_RINGS = (6, 7, 8)
 STREAM_MIN_WEIGHTS = 1 << 26  # smaller weights (o_proj 5376x8192: 44M) measured faster on the tile kernel
+STREAM_MIN_WEIGHTS_ROTATING = 1 << 25  # ... unless stream mode rotates the input itself (gemv_tc_rot)
 STREAM_FULL_WEIGHTS = 100_000_000  # from here stream mode runs 32 warps per SM, below 24
 # HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). HLWQ_TC_LEAN: "1" stream
 # mode runs the lean-issue kernel, programmatically launched (the default), "0" the first kernel (A/B runs). Read once
@@ -124,14 +125,17 @@ def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int, 
     return need <= (smem_optin or (232448 if capability[0] in (9, 10) else 0))
 
 
-def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool) -> int:
+def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool, rotating: bool = False) -> int:
     """The launch word of one gemv_tc call: stream_default where bench/kernel.py measured it faster on the H200
     (one token, at least STREAM_MIN_WEIGHTS weights: bench/results/kernel_stream2_pdl.json, 5-bit, kernel alone:
     21504x5376 29.15 us vs 34.03 for the tile kernel, 5376x21504 30.80 vs 35.66, 16384x5376 23.97 vs 25.99,
     5376x16384 25.39 vs 28.81; 5376x8192 17.59 vs 17.10, kept on the tile kernel) on a GPU that can run it
-    (`stream_ok`, stream_fits); otherwise the tile kernel."""
+    (`stream_ok`, stream_fits); otherwise the tile kernel. `rotating` (the call can use gemv_tc_rot): from
+    STREAM_MIN_WEIGHTS_ROTATING (bench/results/kernel_rot.json: 5376x8192 with its rotation 18.18 us in one launch
+    against 18.96 for rotate_pairs + the tile kernel)."""
     weights = rows * n_blocks * BLOCK
-    stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and weights >= STREAM_MIN_WEIGHTS)
+    least = STREAM_MIN_WEIGHTS_ROTATING if rotating else STREAM_MIN_WEIGHTS
+    stream = {"1": True, "0": False}.get(TC_STREAM, tokens == 1 and weights >= least)
     return stream_default(weights) if stream and stream_ok else tc_launch()
 
 
@@ -228,9 +232,10 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     # model): split operands, tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
     split = x2.dtype == torch.float32
     stream_ok = not split and stream_supported(x.device, bits)
-    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok)
-    rot = rotating_launch(launch) if x2.shape[0] == 1 and stream_ok else None
-    if rot is not None and stream_supported(x.device, bits, n_blocks):
+    rotating = stream_ok and x2.shape[0] == 1 and TC_ROTATE == "1" and stream_supported(x.device, bits, n_blocks)
+    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, rotating)
+    rot = rotating_launch(launch) if rotating else None
+    if rot is not None:
         y = torch.ops.hlwq.gemv_tc_rot(x2, signs, inv_smooth, tiles, codebook, bits, rows, rot)
     elif x2.shape[0] <= TC_CHUNKED_BATCH:
         # Up to 8 tokens per launch; a few launches re-read the weight but still beat dequantize + cuBLAS, whose

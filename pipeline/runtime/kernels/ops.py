@@ -217,6 +217,8 @@ def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
                 codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
     """One token x [1, K] (K whole blocks) -> [1, rows] in x's dtype: rotate_pairs then gemv_tc in one stream-mode
     launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit."""
+    if x.dtype == torch.float32:
+        raise RuntimeBackendError("gemv_tc_rot takes bf16 or fp16: a float32 input is split (rotate_pairs + gemv_tc)")
     k = x.shape[1]
     x2 = x.contiguous()
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
