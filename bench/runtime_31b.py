@@ -111,8 +111,8 @@ def measure(model: nn.Module, device: torch.device, tiny: bool, compile_layers: 
         torch.cuda.reset_peak_memory_stats(device)
     long = torch.randint(lo, hi, (1, context), generator=g)
     dec = LeanDecoder(model, max_len=context + new, prefill_chunk=512, compile_layers=compile_layers)
-    # A first pass compiles the prefill chunks' shapes (and captures the step): timed cold, prefill tok/s varied
-    # 830-2070 between runs of the same code. The figure is the second, warm pass; the first is kept beside it.
+    # A first pass meets each prefill chunk's shapes once (one-time setup per shape) and captures the step: timed cold,
+    # prefill tok/s varied 828-2067 between runs of the same code. The figure is the second pass; the first is kept.
     first = dec.generate(long, 2)
     r = dec.generate(long, new)
     fig.update(context_tokens=context, prefill_tok_s=round(context / r.prefill_s, 1),
