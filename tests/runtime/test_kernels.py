@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -33,28 +35,37 @@ def test_native_linear_matches_reference(bits: int, rows: int, cols: int, n: int
     assert err < (4e-3 if n <= 4 else 1e-2)
 
 
+def _smoothed_case(bits: int, rows: int, cols: int, seed: int):  # type: ignore[no-untyped-def]
+    """A random weight quantized with a smoothing vector: (generator, tiled codes, codebook, signs, 1/s, the float64
+    reference weight in the original basis)."""
+    from pipeline.runtime.kernels import layout
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
+    params = QuantParams(bits=bits)
+    q = quantize(w, params, torch.rand(cols, generator=g, device="cuda") + 0.5)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    w64 = dequantize(q, params.sign_bits(), torch.float64)
+    return g, layout.to_tiles(q.codes, q.scales, bits), q.codebook, signs, (1.0 / q.smooth).float(), w64
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize(("rows", "cols"), [(384, 640), (1000, 576), (2048, 5376)])
 @pytest.mark.parametrize("n", [1, 2, 8, 9, 20, 40])
 def test_tiled_linear_matches_reference(bits: int, rows: int, cols: int, n: int) -> None:
     """The tensor-core path (≤ 8 tokens) and the tiled dequantize + cuBLAS path (more), smoothing vector included."""
-    from pipeline.runtime.kernels import layout, tiled_linear
+    from pipeline.runtime.kernels import tiled_linear
 
-    g = torch.Generator(device="cuda").manual_seed(bits * rows + n + 7)
-    w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
-    params = QuantParams(bits=bits)
-    smooth = torch.rand(cols, generator=g, device="cuda") + 0.5
-    q = quantize(w, params, smooth)
-    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    g, tiles, codebook, signs, inv, w64 = _smoothed_case(bits, rows, cols, seed=bits * rows + n + 7)
     x = torch.randn(n, cols, generator=g, device="cuda").to(torch.bfloat16)
-    ref = x.double() @ dequantize(q, params.sign_bits(), torch.float64).t()
-    tiles = layout.to_tiles(q.codes, q.scales, bits)
-    inv = (1.0 / q.smooth).float()
-    y = tiled_linear(x, tiles, q.codebook, signs, bits, rows, inv)
-    err = float((y.double() - ref).norm() / ref.norm())
+    y = tiled_linear(x, tiles, codebook, signs, bits, rows, inv)
     # fp16 activations (block-scaled) and levels on tensor cores, fp32 accumulation, bf16 output rounding.
     assert torch.isfinite(y).all()
-    assert err < 3e-3
+    assert _rel_err(y, x.double() @ w64.t()) < 3e-3
 
 
 @pytest.mark.parametrize("bits", [4, 5])
@@ -63,22 +74,16 @@ def test_tiled_linear_matches_reference(bits: int, rows: int, cols: int, n: int)
 def test_tiled_linear_keeps_float32_precision(bits: int, rows: int, cols: int, n: int) -> None:
     """A float32 input gets ~22-bit operands (hi + lo fp16 pairs: three products per step in the tile kernel, three
     GEMMs in prefill) and a float32 output: within 1e-5 of the float64 reference, where one fp16 plane is ~5e-4 off."""
-    from pipeline.runtime.kernels import layout, tiled_linear
+    from pipeline.runtime.kernels import tiled_linear
 
-    g = torch.Generator(device="cuda").manual_seed(bits * rows + n + 11)
-    w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
-    params = QuantParams(bits=bits)
-    smooth = torch.rand(cols, generator=g, device="cuda") + 0.5
-    q = quantize(w, params, smooth)
-    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    g, tiles, codebook, signs, inv, w64 = _smoothed_case(bits, rows, cols, seed=bits * rows + n + 11)
     x = torch.randn(n, cols, generator=g, device="cuda") * torch.logspace(-3, 3, cols, device="cuda")
-    ref = x.double() @ dequantize(q, params.sign_bits(), torch.float64).t()
-    tiles = layout.to_tiles(q.codes, q.scales, bits)
-    y = tiled_linear(x, tiles, q.codebook, signs, bits, rows, (1.0 / q.smooth).float())
+    ref = x.double() @ w64.t()
+    y = tiled_linear(x, tiles, codebook, signs, bits, rows, inv)
     assert y.dtype == torch.float32
-    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
-    half = tiled_linear(x.half(), tiles, q.codebook, signs, bits, rows, (1.0 / q.smooth).float())
-    assert float((half.double() - ref).norm() / ref.norm()) > 1e-4  # the single-plane path this one improves on
+    assert _rel_err(y, ref) < 1e-5
+    half = tiled_linear(x.half(), tiles, codebook, signs, bits, rows, inv)
+    assert _rel_err(half, ref) > 1e-4  # the single-plane path this one improves on
 
 
 def test_gemv_tc_refuses_a_split_activation_it_cannot_run() -> None:
@@ -126,6 +131,26 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
     assert not ops.tile_counters(xp.device, tiles.shape[0]).any()
 
 
+def _replays_are_eager(step: Callable[[], torch.Tensor], x: torch.Tensor, g: torch.Generator) -> None:
+    """Capture `step` (warmed up on a side stream) in a CUDA graph; for four new inputs written into `x`, a replay
+    gives the eager step's output bit for bit (no stale input read, no state left between replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in range(4):
+        x.copy_(torch.randn(x.shape, generator=g, device="cuda").to(x.dtype))
+        eager = step()
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), seed
+
+
 @pytest.mark.parametrize(("warps", "prefetch", "pdl"), [(24, 2, False), (32, 6, False), (32, 6, True)])
 def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> None:
     """Replays of a captured rotation + stream-mode launch give the eager result each time, with no memset between
@@ -144,21 +169,7 @@ def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> N
         xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
         return torch.ops.hlwq.gemv_tc(xp, xs, tiles, q.codebook, 5, 5376, torch.bfloat16, launch)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for seed in range(4):
-        x.copy_(torch.randn(1, 8192, generator=g, device="cuda", dtype=torch.bfloat16))
-        eager = step()
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager), seed
+    _replays_are_eager(step, x, g)
 
 
 @pytest.mark.parametrize("bits", [4, 5])
@@ -248,18 +259,4 @@ def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool) -> None:
             h = torch.ops.hlwq.gemv_tc_rot(h, signs, None, tiles, codebook, 5, rows, launch)
         return h
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for seed in range(4):
-        x.copy_(torch.randn(1, 5376, generator=g, device="cuda", dtype=torch.bfloat16))
-        eager = step()
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager), seed
+    _replays_are_eager(step, x, g)
