@@ -90,3 +90,20 @@ def test_level_table_is_the_kernels_pair_table() -> None:
     assert torch.equal(t, (cb.float() * 0.08838834764831845).half().double())
     assert torch.equal(t[:16], -t[16:].flip(0))
     assert float((t - cb.double() / 128**0.5).abs().max()) > 0  # the rounding is real
+
+
+def test_split_operands_keep_22_bits_at_any_weight_scale() -> None:
+    """split_mm's weight operand: scaled by pow2_scale, hi + lo carries ~22 bits even for weights of ~1e-3, whose
+    remainders unscaled fall into fp16's subnormals (~17 bits); the scale is a power of two, so exact to undo."""
+    from pipeline.runtime.kernels import pow2_scale, split_hi_lo
+
+    g = torch.Generator().manual_seed(0)
+    for std in (1.0, 2e-3):
+        w = torch.randn(64, 512, generator=g) * std
+        s = pow2_scale(w)
+        assert float(torch.log2(s).frac()) == 0.0 and 2**13 < float((w / s).abs().max()) <= 2**14
+        hi, lo = split_hi_lo(w / s)
+        scaled = (hi.double() + lo.double()) * s.double()
+        assert float((scaled - w.double()).norm() / w.double().norm()) < 2**-21
+    hi, lo = split_hi_lo(w)  # the small weights unscaled: remainders in the subnormals
+    assert float(((hi.double() + lo.double()) - w.double()).norm() / w.double().norm()) > 2**-20

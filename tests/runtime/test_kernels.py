@@ -35,13 +35,13 @@ def test_native_linear_matches_reference(bits: int, rows: int, cols: int, n: int
     assert err < (4e-3 if n <= 4 else 1e-2)
 
 
-def _smoothed_case(bits: int, rows: int, cols: int, seed: int):  # type: ignore[no-untyped-def]
-    """A random weight quantized with a smoothing vector: (generator, tiled codes, codebook, signs, 1/s, the float64
-    reference weight in the original basis)."""
+def _smoothed_case(bits: int, rows: int, cols: int, seed: int, std: float = 1.0):  # type: ignore[no-untyped-def]
+    """A random weight (of standard deviation `std`) quantized with a smoothing vector: (generator, tiled codes,
+    codebook, signs, 1/s, the float64 reference weight in the original basis)."""
     from pipeline.runtime.kernels import layout
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(rows, cols, generator=g, device="cuda") * std).to(torch.bfloat16)
     params = QuantParams(bits=bits)
     q = quantize(w, params, torch.rand(cols, generator=g, device="cuda") + 0.5)
     signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
@@ -69,14 +69,15 @@ def test_tiled_linear_matches_reference(bits: int, rows: int, cols: int, n: int)
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize(("rows", "cols"), [(384, 640), (2048, 5376)])
+@pytest.mark.parametrize(("rows", "cols", "std"), [(384, 640, 1.0), (2048, 5376, 1.0), (2048, 5376, 2e-3)])
 @pytest.mark.parametrize("n", [1, 3, 8, 20, 40])
-def test_tiled_linear_keeps_float32_precision(bits: int, rows: int, cols: int, n: int) -> None:
-    """A float32 input gets ~22-bit operands (hi + lo fp16 pairs: three products per step in the tile kernel, three
-    GEMMs in prefill) and a float32 output: within 1e-5 of the float64 reference, where one fp16 plane is ~5e-4 off."""
+def test_tiled_linear_keeps_float32_precision(bits: int, rows: int, cols: int, std: float, n: int) -> None:
+    """A float32 input gets split operands (hi + lo fp16 pairs: three products per step in the tile kernel, three
+    GEMMs in prefill) and a float32 output: within 1e-5 of the float64 reference, where one fp16 plane is ~5e-4 off;
+    weights of ~1e-3 too (prefill scales them before splitting)."""
     from pipeline.runtime.kernels import tiled_linear
 
-    g, tiles, codebook, signs, inv, w64 = _smoothed_case(bits, rows, cols, seed=bits * rows + n + 11)
+    g, tiles, codebook, signs, inv, w64 = _smoothed_case(bits, rows, cols, seed=bits * rows + n + 11, std=std)
     x = torch.randn(n, cols, generator=g, device="cuda") * torch.logspace(-3, 3, cols, device="cuda")
     ref = x.double() @ w64.t()
     y = tiled_linear(x, tiles, codebook, signs, bits, rows, inv)
@@ -84,6 +85,16 @@ def test_tiled_linear_keeps_float32_precision(bits: int, rows: int, cols: int, n
     assert _rel_err(y, ref) < 1e-5
     half = tiled_linear(x.half(), tiles, codebook, signs, bits, rows, inv)
     assert _rel_err(half, ref) > 1e-4  # the single-plane path this one improves on
+
+
+def test_one_float32_token_on_a_stream_sized_weight_is_split() -> None:
+    """One float32 token on a weight stream mode would take (16384 x 5376) goes to the split tile kernel instead."""
+    from pipeline.runtime.kernels import tiled_linear
+
+    g, tiles, codebook, signs, inv, w64 = _smoothed_case(5, 16384, 5376, seed=17)
+    x = torch.randn(1, 5376, generator=g, device="cuda")
+    y = tiled_linear(x, tiles, codebook, signs, 5, 16384, inv)
+    assert y.dtype == torch.float32 and _rel_err(y, x.double() @ w64.t()) < 1e-5
 
 
 def test_gemv_tc_refuses_a_split_activation_it_cannot_run() -> None:
@@ -95,6 +106,8 @@ def test_gemv_tc_refuses_a_split_activation_it_cannot_run() -> None:
     for launch, dtype in [(tc_launch(), torch.bfloat16), (tc_launch(32, 6, stream=True, pdl=True), torch.float32)]:
         with pytest.raises(RuntimeBackendError, match="split"):
             torch.ops.hlwq.gemv_tc(split, xs, tiles, codebook, 5, 64, dtype, launch)
+    with pytest.raises(RuntimeBackendError, match="does not fit"):  # neither K nor 2K columns
+        torch.ops.hlwq.gemv_tc(xp[:, :128], xs, tiles, codebook, 5, 64, torch.float32, tc_launch())
 
 
 def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ignore[no-untyped-def]
@@ -198,9 +211,10 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
     assert not ops.tile_counters(x.device, tiles.shape[0]).any()
 
 
-def test_gemv_tc_rot_refuses_float32() -> None:
+def test_gemv_tc_rot_refuses_what_it_cannot_run() -> None:
     """A float32 input is split into two fp16 planes (rotate_pairs + the tile kernel); the rotating kernel keeps one,
-    so it refuses float32 in one line rather than drop half its bits."""
+    so it refuses float32 in one line rather than drop half its bits; so too more than one token, an input that is
+    not the weight's width, and a launch word that is not its 2-slot stream launch."""
     from pipeline.errors import RuntimeBackendError
     from pipeline.runtime.kernels import layout, tc_launch
 
@@ -209,8 +223,11 @@ def test_gemv_tc_rot_refuses_float32() -> None:
     signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
     tiles = layout.to_tiles(q.codes, q.scales, 5)
     launch = tc_launch(24, 6, stream=True, pdl=True)
-    with pytest.raises(RuntimeBackendError, match="gemv_tc_rot"):
-        torch.ops.hlwq.gemv_tc_rot(torch.randn(1, 256, device="cuda"), signs, None, tiles, q.codebook, 5, 64, launch)
+    x = torch.randn(1, 256, device="cuda")
+    for bad, word in [(x, launch), (x[:, :128].bfloat16(), launch), (torch.cat([x, x]).bfloat16(), launch),
+                      (x.bfloat16(), tc_launch()), (x.bfloat16(), tc_launch(24, 7, stream=True))]:  # fmt: skip
+        with pytest.raises(RuntimeBackendError, match="gemv_tc_rot"):
+            torch.ops.hlwq.gemv_tc_rot(bad, signs, None, tiles, q.codebook, 5, 64, word)
 
 
 def test_tiled_linear_one_token_rotates_in_the_matvec() -> None:
@@ -234,7 +251,7 @@ def test_tiled_linear_one_token_rotates_in_the_matvec() -> None:
     launch = kernels.tc_choose(1, 16384, 42, True)
     xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
     assert torch.equal(y, torch.ops.hlwq.gemv_tc(xp, xs, tiles, q.codebook, 5, 16384, torch.bfloat16, launch))
-    assert ("rotate_pairs" in names) == (kernels.TC_ROTATE == "0" or kernels.TC_STREAM == "0")
+    assert ("rotate_pairs" in names) == ("0" in (kernels.TC_ROTATE, kernels.TC_STREAM, kernels.TC_LEAN))
 
 
 @pytest.mark.parametrize("trigger", [True, False])

@@ -201,21 +201,31 @@ def hlwq_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, code
     return y.reshape(*lead, codes.shape[0])
 
 
+def pow2_scale(v: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The power of two that puts max |v| (over `dim`, or all of v) in (2^13, 2^14]: fp16's range, exact to undo."""
+    amax = (v.abs().amax(dim=dim, keepdim=True) if dim is not None else v.abs().amax()).clamp_min(1e-30)
+    return torch.exp2(torch.ceil(torch.log2(amax)) - 14)
+
+
 def split_hi_lo(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 v -> (fp16(v), fp16(v - fp16(v))): together ~22 significant bits."""
+    """float32 v -> (fp16(v), fp16(v - fp16(v))): together ~22 significant bits where the remainder stays a normal
+    fp16 (v scaled near fp16's top first: pow2_scale)."""
     hi = v.to(torch.float16)
     return hi, (v - hi.float()).to(torch.float16)
 
 
 def split_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """float32 a [n, K] · w [R, K]ᵀ on fp16 tensor cores at ~fp32 accuracy: hi·hi + hi·lo + lo·hi (lo·lo is below
-    fp32's rounding), fp32 accumulation (cuBLAS's fp32 GEMM would be a third of the speed and TF32 coarser)."""
+    """float32 a [n, K] (rows already scaled by pow2_scale) · w [R, K]ᵀ on fp16 tensor cores at ~fp32 accuracy:
+    hi·hi + hi·lo + lo·hi (lo·lo is below fp32's rounding), fp32 accumulation (cuBLAS's fp32 GEMM would be a third
+    of the speed and TF32 coarser). w is scaled by a power of two first: weights of ~1e-3 would leave their
+    remainders in fp16's subnormals (~17 bits in all instead of ~22)."""
+    sw = pow2_scale(w)
     ah, al = split_hi_lo(a)
-    wh, wl = split_hi_lo(w)
+    wh, wl = split_hi_lo(w / sw)
     y = torch.mm(ah, wh.t(), out_dtype=torch.float32)
     y += torch.mm(ah, wl.t(), out_dtype=torch.float32)
     y += torch.mm(al, wh.t(), out_dtype=torch.float32)
-    return y
+    return y * sw
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
@@ -228,11 +238,14 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     padded = tiles.shape[1] * BLOCK
     x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
     n_blocks = tiles.shape[1]
-    # A float32 input keeps ~22 bits (its rounding to fp16 alone cost 0.15 % top-1 against the reference on the bench
+    # A float32 input keeps split operands (its rounding to fp16 alone cost 0.15 % top-1 against the reference on the bench
     # model): split operands, tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
     split = x2.dtype == torch.float32
     stream_ok = not split and stream_supported(x.device, bits)
-    rotating = stream_ok and x2.shape[0] == 1 and TC_ROTATE == "1" and stream_supported(x.device, bits, n_blocks)
+    rotating = (
+        stream_ok and x2.shape[0] == 1 and rotating_launch(stream_default()) is not None
+        and stream_supported(x.device, bits, n_blocks)
+    )  # fmt: skip
     launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, rotating)
     rot = rotating_launch(launch) if rotating else None
     if rot is not None:
@@ -251,7 +264,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
         # fp16 operands, each row of the rotated activation scaled by a power of two into fp16's range, fp32
         # accumulation and output: bf16 here cost ~4e-4 KL against the reference on the bench model.
         xr = torch.ops.hlwq.rotate(x2, signs, inv_smooth)
-        scale = torch.exp2(torch.ceil(torch.log2(xr.abs().amax(dim=1, keepdim=True).clamp_min(1e-30))) - 14)
+        scale = pow2_scale(xr, dim=1)
         if split:
             y = split_mm(xr / scale, torch.ops.hlwq.dequant_tiles(tiles, codebook, bits, rows, torch.float32)) * scale
         else:

@@ -313,7 +313,8 @@ __device__ __forceinline__ uint32_t tc_pair(uint32_t lb, uint4 n, uint32_t s) {
 
 // One block of one 16-row tile: 8 mma steps over the lane's 16 pairs of rows g and g+8, then the block's scales.
 // SPLIT (a float32 input): the activation's lo plane and the levels' remainders (the table at `ll`) join in, three
-// mma per step (hi·hi + hi·lo + lo·hi; lo·lo is below fp32's rounding): ~22-bit operands, as the CPU reference's.
+// mma per step (hi·hi + hi·lo + lo·hi; lo·lo is below fp32's rounding). The activation carries ~22 bits; the small
+// levels' remainders (level/√B < 2^-2) fall into fp16's subnormals, so the table ~18-19 (4-bit 19.1, 5-bit 17.7).
 template <int BITS, bool SPLIT>
 __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cur, uint32_t lb, uint32_t ll,
                                          const uint4* __restrict__ xp, const float* __restrict__ xs, int n,
@@ -1088,13 +1089,16 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
 
 // A stream kernel's launch setup, per kernel function (`c`): its shared-memory limit, only ever raised, so a smaller
 // launch cannot lower it under a larger one's feet and, once set, no call is made inside a graph capture (one device
-// per process; the eager warm-up launches every shape first); and its grid, the CTAs that fit at once (cached per
-// warps count, re-asked when a launch needs more shared memory than the count was found with), fewer when that would
-// leave a warp under two units.
+// per process; the eager warm-up launches every shape first); and its grid, the CTAs that fit at once for this warps
+// count and shared memory (cached per pair, so a launch's grid, and with it the order of its fix-up sums, never
+// depends on the calls before it), fewer when that would leave a warp under two units.
 struct StreamLaunchCache {
+  static constexpr int SLOTS = 32;
   size_t opted = 0;
-  int resident[33] = {0};
-  size_t resident_smem[33] = {0};
+  int n = 0;
+  int warps[SLOTS] = {0};
+  size_t smem[SLOTS] = {0};
+  int ctas[SLOTS] = {0};
 };
 
 template <typename Kernel>
@@ -1104,12 +1108,19 @@ static int stream_grid(Kernel kernel, size_t smem, int warps, long units, Stream
     if (e != cudaSuccess) return (int)e;
     c.opted = smem;
   }
-  if (!c.resident[warps] || smem > c.resident_smem[warps]) {
-    c.resident[warps] = resident_ctas(kernel, 32 * warps, smem);
-    c.resident_smem[warps] = smem;
+  int resident = 0;
+  for (int i = 0; i < c.n && !resident; ++i)
+    if (c.warps[i] == warps && c.smem[i] == smem) resident = c.ctas[i];
+  if (!resident) {
+    resident = resident_ctas(kernel, 32 * warps, smem);
+    if (c.n < StreamLaunchCache::SLOTS) {  // past that many shapes: asked per call
+      c.warps[c.n] = warps;
+      c.smem[c.n] = smem;
+      c.ctas[c.n++] = resident;
+    }
   }
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
-  grid = (unsigned)(wanted < c.resident[warps] ? wanted : c.resident[warps]);
+  grid = (unsigned)(wanted < resident ? wanted : resident);
   return 0;
 }
 

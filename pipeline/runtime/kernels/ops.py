@@ -169,33 +169,52 @@ def resident_warps(device: torch.device) -> int:
     return _WARPS[device]
 
 
+# Stream mode's scratch (two fp32 partial tiles per resident warp), one per device, kept like the counters: a stream
+# kernel touches it only after griddepcontrol.wait, so launches on one stream take turns; a per-call buffer would go
+# back to the allocator while a kernel that lets its dependents start early (gemv_tc_rot) still sums in it.
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def stream_scratch(device: torch.device) -> torch.Tensor:
+    """fp32 [resident warps, 2, 128] on `device` (see _SCRATCH); inside a graph capture without one yet, its own."""
+    if device not in _SCRATCH:
+        ws = torch.empty(resident_warps(device), 2, 128, dtype=torch.float32, device=device)
+        if torch.cuda.is_current_stream_capturing():
+            return ws  # from the graph's pool: not kept past this capture
+        _SCRATCH[device] = ws
+    return _SCRATCH[device]
+
+
 def _stream_scratch(device: torch.device, bits: int, launch: int, n_tiles: int,
                     n_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Stream mode's per-call scratch fp32 [resident warps, 2, 128] and the shared counters, after checking that the
-    launch can run here (cached per device: no query per call); `n_blocks`: the input a rotating launch holds."""
+    """Stream mode's scratch and the shared counters, after checking that the launch can run here (cached per
+    device: no query per call); `n_blocks`: the input a rotating launch holds."""
+    warps, prefetch, _, _ = kernels.tc_fields(launch)
+    if prefetch not in kernels.STREAM_RINGS:
+        raise RuntimeBackendError(f"gemv_tc's launch word {launch:#x} has no stream ring for prefetch {prefetch}")
     if not kernels.stream_supported(device, bits, n_blocks):
-        warps, prefetch, _, _ = kernels.tc_fields(launch)
         need = kernels.stream_smem_bytes(bits, warps, prefetch, n_blocks) / 1024
         raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
-    ws = torch.empty(resident_warps(device), 2, 128, dtype=torch.float32, device=device)
-    return ws, tile_counters(device, n_tiles)
+    return stream_scratch(device), tile_counters(device, n_tiles)
 
 
 @custom_op("hlwq::gemv_tc", mutates_args=())
 def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
-    kernels.tc_launch's word. Stream mode takes a scratch fp32 [resident warps, 2, 128] per call and the shared
-    counters (they end the call zero, as they began it: no argument is mutated). A split xp ([n, 2K], a float32
+    kernels.tc_launch's word. Stream mode uses the device's scratch and the shared counters (they end the call zero,
+    as they began it: no argument is mutated). A split xp ([n, 2K], a float32
     input's) runs on the tile kernel with three products per step, into a float32 y."""
     n = xp.shape[0]
     k = tiles.shape[1] * BLOCK
+    if xp.shape[1] not in (k, 2 * k) or tuple(xs.shape) != (n, k // BLOCK):
+        raise RuntimeBackendError(f"gemv_tc: rotate_pairs output {tuple(xp.shape)} does not fit {k} weight columns")
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
     ws = counters = None
-    if xp.shape[1] == 2 * k:
-        if launch_streamed(launch) or out_dtype != torch.float32:
-            raise RuntimeBackendError("gemv_tc takes a split (float32) activation on the tile kernel into float32")
-        launch |= 1 << 19
+    split = xp.shape[1] == 2 * k
+    if split and (launch_streamed(launch) or out_dtype != torch.float32):
+        raise RuntimeBackendError("gemv_tc takes a split (float32) activation on the tile kernel into float32")
+    launch = launch & ~(1 << 19) | int(split) << 19  # bit 19: the kernel reads a lo plane after each row's hi one
     if launch_streamed(launch):
         ws, counters = _stream_scratch(xp.device, bits, launch, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
@@ -219,7 +238,16 @@ def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
     launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit."""
     if x.dtype == torch.float32:
         raise RuntimeBackendError("gemv_tc_rot takes bf16 or fp16: a float32 input is split (rotate_pairs + gemv_tc)")
-    k = x.shape[1]
+    k = tiles.shape[1] * BLOCK
+    if tuple(x.shape) != (1, k):
+        raise RuntimeBackendError(f"gemv_tc_rot takes one token of {k} columns, not {tuple(x.shape)}")
+    _, prefetch, stream, _ = kernels.tc_fields(launch)
+    if not stream or prefetch != kernels.ROTATING_PREFETCH:
+        raise RuntimeBackendError(f"gemv_tc_rot's launch word {launch:#x} is not a 2-slot stream launch")
+    if inv_smooth is not None:  # read 16 bytes at a time: contiguous float32, 16-byte aligned
+        inv_smooth = inv_smooth.float().contiguous()
+        if inv_smooth.data_ptr() % 16:
+            inv_smooth = inv_smooth.clone()
     x2 = x.contiguous()
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
     ws, counters = _stream_scratch(x.device, bits, launch, tiles.shape[0], k // BLOCK)
