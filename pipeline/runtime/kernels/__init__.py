@@ -238,8 +238,8 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     padded = tiles.shape[1] * BLOCK
     x2, inv_smooth = _rows_padded(x, inv_smooth, padded)
     n_blocks = tiles.shape[1]
-    # A float32 input keeps split operands (its rounding to fp16 alone cost 0.15 % top-1 against the reference on the bench
-    # model): split operands, tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
+    # A float32 input keeps split hi + lo operands (rounded to fp16 alone it cost 0.15 % top-1 against the reference
+    # on the bench model): tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
     split = x2.dtype == torch.float32
     stream_ok = not split and stream_supported(x.device, bits)
     rotating = (
