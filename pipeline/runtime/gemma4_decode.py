@@ -128,6 +128,17 @@ def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tens
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
+def project_glu(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], gu: torch.Tensor) -> torch.Tensor:
+    """project(parts, tensors, gelu(gate, tanh) · up) for gu [1, 2K] = [gate | up]: one HLWQ part on the GPU makes the
+    product inside its matvec (kernels.tiled_glu_linear), no elementwise kernel between the two projections."""
+    if len(parts) == 1 and parts[0].kind == "hlwq" and gu.is_cuda:
+        tiles, codebook, signs = tensors[0][:3]
+        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+        return kernels.tiled_glu_linear(gu, tiles, codebook, signs, parts[0].bits, parts[0].rows, inv_smooth)  # type: ignore[no-any-return]
+    gate, up = gu.split(gu.shape[-1] // 2, dim=-1)
+    return project(parts, tensors, F.gelu(gate, approximate="tanh") * up)
+
+
 def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tensors:
     """The token's query [heads, d], key and value [1, Hkv, 1, d] (normed, rope on q and k)."""
     d = spec.head_dim
@@ -144,8 +155,12 @@ def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor, a: torch.Te
     """The rest of the layer from the attention output a [1, heads * d]."""
     h = h + rms_norm(project(spec.o, w["o"], a), w["post_attn_norm"], spec.eps)
     x = rms_norm(h, w["pre_ffn_norm"], spec.eps)
-    gate, up = project(spec.mlp, w["mlp"], x).split(spec.mlp_split, dim=-1)
-    y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
+    gu = project(spec.mlp, w["mlp"], x)
+    if spec.mlp_split[0] == spec.mlp_split[1]:  # [gate | up] of equal width: the GLU input made where it is read
+        y = project_glu(spec.down, w["down"], gu)
+    else:
+        gate, up = gu.split(spec.mlp_split, dim=-1)
+        y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
     return (h + rms_norm(y, w["post_ffn_norm"], spec.eps)) * w["layer_scalar"]
 
 

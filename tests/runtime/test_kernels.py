@@ -277,3 +277,41 @@ def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool) -> None:
         return h
 
     _replays_are_eager(step, x, g)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(5376, 21504), (300, 640), (16, 128)])
+def test_gemv_tc_rot_makes_the_glu_input(bits: int, rows: int, cols: int) -> None:
+    """glu: [gate | up] in, gelu(gate, tanh) · up made inside the rotating matvec: the result of feeding that product
+    (fp32, rounded to bf16 once, as the compiled step's fused kernel stores it) to the plain rotating matvec, up to
+    the tanh's last bits moving a rounding."""
+    import torch.nn.functional as F
+
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits + rows)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    gu = (torch.randn(1, 2 * cols, generator=g, device="cuda") * 2).to(torch.bfloat16)
+    gate, up = gu.float().split(cols, dim=-1)
+    x = (F.gelu(gate, approximate="tanh") * up).to(torch.bfloat16)
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, launch)
+    y = torch.ops.hlwq.gemv_tc_rot(gu, signs, inv, tiles, q.codebook, bits, rows, launch, True)
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-3
+
+
+def test_tiled_glu_linear_falls_back_where_it_cannot_fuse() -> None:
+    """Two tokens (no rotating matvec): gelu(gate)·up, then tiled_linear, exactly."""
+    import torch.nn.functional as F
+
+    from pipeline.runtime.kernels import tiled_glu_linear, tiled_linear
+
+    g, tiles, codebook, signs, inv, _ = _smoothed_case(5, 384, 640, seed=5)
+    gu = torch.randn(2, 1280, generator=g, device="cuda").to(torch.bfloat16)
+    gate, up = gu.split(640, dim=-1)
+    want = tiled_linear(F.gelu(gate, approximate="tanh") * up, tiles, codebook, signs, 5, 384, inv)
+    assert torch.equal(tiled_glu_linear(gu, tiles, codebook, signs, 5, 384, inv), want)

@@ -674,11 +674,19 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
 // the ring advances by compare-and-reset, and the activation pointers advance per unit. Launched programmatically
 // (PDL), its prologue and first weight fetches overlap the kernel before it; it reads the activation only after
 // griddepcontrol.wait.
+// PyTorch's gelu(approximate="tanh"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), tanh from one exp (saturates
+// to ±1 for large |y|; --use_fast_math's __expf is within 2 ulp).
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (2.f - 2.f / (1.f + __expf(2.f * y)));
+}
+
 // ROT (one token): the kernel rotates its own input. After the weight fetches are under way and the table is built,
 // each warp turns blocks of x into the pair layout in shared memory (pair_block, as rotate_pairs), and the units read
 // the activation from there: no rotation launch, and no wait for its output to reach memory. `trigger` then lets the
-// kernel after it launch once every warp has read x (the rotation kernel's rule).
-template <int BITS, int STAGES, bool ROT, typename T>
+// kernel after it launch once every warp has read x (the rotation kernel's rule). GLU (with ROT): x holds [gate | up]
+// (2K values) and the input is gelu_tanh(gate)·up, rounded to T once, as the compiled step's fused kernel stores it.
+template <int BITS, int STAGES, bool ROT, bool GLU, typename T>
 __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restrict__ tiles,
                                                          const float* __restrict__ codebook,
                                                          const uint4* __restrict__ xp, const float* __restrict__ xs,
@@ -723,7 +731,11 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
         if (blk < n_blocks) {
           const T* xb = x + (size_t)blk * B + lane * 4;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) v[j][i] = to_f32<T>(xb[i]) * sg[i];
+          for (int i = 0; i < 4; ++i) {
+            float xi = to_f32<T>(xb[i]);
+            if (GLU) xi = to_f32<T>(from_f32<T>(gelu_tanh(xi) * to_f32<T>(xb[(size_t)n_blocks * B + i])));
+            v[j][i] = xi * sg[i];
+          }
           if (inv_smooth) {
             const float4 is = *reinterpret_cast<const float4*>(inv_smooth + (size_t)blk * B + lane * 4);
             v[j][0] *= is.x; v[j][1] *= is.y; v[j][2] *= is.z; v[j][3] *= is.w;
@@ -1141,7 +1153,7 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
 
 // `rot`: the kernel rotates x (one token) itself (tc_stream2_kernel's ROT) instead of reading rotate_pairs' xp/xs;
 // `trigger`: it then lets its dependents launch early.
-template <int BITS, int STAGES, bool ROT, typename T>
+template <int BITS, int STAGES, bool ROT, bool GLU, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, void* y, int n, int R,
                           int n_blocks, int warps, float* ws, int* counters, bool pdl, cudaStream_t stream) {
@@ -1150,7 +1162,7 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   const size_t smem = ROT ? S::rot_bytes(warps, n_blocks) : S::bytes(warps);
   static StreamLaunchCache cache;
   unsigned grid = 0;
-  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, T>, smem, warps, (long)n_tiles * n_blocks, cache,
+  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, GLU, T>, smem, warps, (long)n_tiles * n_blocks, cache,
                              grid);
   if (rc) return rc;
   cudaLaunchConfig_t cfg = {};
@@ -1163,7 +1175,7 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, T>, tiles, codebook, (const uint4*)xp, xs,
+  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, GLU, T>, tiles, codebook, (const uint4*)xp, xs,
                                  (const T*)x, signs, inv_smooth, trigger, (T*)y, n, R, n_blocks, n_tiles, ws,
                                  counters);
 }
@@ -1172,8 +1184,8 @@ template <int BITS, int STAGES, typename T>
 static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
                              int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
                              cudaStream_t stream) {
-  return launch_stream2<BITS, STAGES, false, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, y, n, R,
-                                                n_blocks, warps, ws, counters, pdl, stream);
+  return launch_stream2<BITS, STAGES, false, false, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, y, n,
+                                                       R, n_blocks, warps, ws, counters, pdl, stream);
 }
 
 template <typename T>
@@ -1255,12 +1267,13 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 }
 
 // One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
-// rotate_pairs takes them). launch: a stream-mode word of the lean-issue kernel with 2 slots (prefetch 6: the largest
-// ring that leaves room for the rotated input); bit 18 lets the kernel's dependents launch once it has read x. ws and
-// counters as hlwq_gemv_tc's stream mode.
+// rotate_pairs takes them); with `glu`, x is [1, 2K] = [gate | up] and the input gelu_tanh(gate)·up. launch: a
+// stream-mode word of the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the
+// rotated input); bit 18 lets the kernel's dependents launch once it has read x. ws and counters as hlwq_gemv_tc's
+// stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
-                     int dtype, cudaStream_t stream) {
+                     int dtype, int glu, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
   if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5) || dtype == 0)
@@ -1268,9 +1281,15 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
   const int n_blocks = K / B;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
                          const float*, bool, void*, int, int, int, int, float*, int*, bool, cudaStream_t);
-  const Launch f = dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, __nv_bfloat16>
-                                           : launch_stream2<5, 2, true, __nv_bfloat16>)
-                              : (bits == 4 ? launch_stream2<4, 2, true, __half> : launch_stream2<5, 2, true, __half>);
+  Launch f;
+  if (glu)
+    f = dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, true, __nv_bfloat16>
+                                : launch_stream2<5, 2, true, true, __nv_bfloat16>)
+                   : (bits == 4 ? launch_stream2<4, 2, true, true, __half> : launch_stream2<5, 2, true, true, __half>);
+  else
+    f = dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, false, __nv_bfloat16>
+                                : launch_stream2<5, 2, true, false, __nv_bfloat16>)
+                   : (bits == 4 ? launch_stream2<4, 2, true, false, __half> : launch_stream2<5, 2, true, false, __half>);
   return f(tiles, codebook, nullptr, nullptr, x, signs, inv_smooth, trigger, y, 1, R, n_blocks, warps, ws, counters,
            pdl, stream);
 }

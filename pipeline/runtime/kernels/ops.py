@@ -233,14 +233,17 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
 
 @custom_op("hlwq::gemv_tc_rot", mutates_args=())
 def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
-                codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+                codebook: torch.Tensor, bits: int, rows: int, launch: int,
+                glu: bool = False) -> torch.Tensor:  # fmt: skip
     """One token x [1, K] (K whole blocks) -> [1, rows] in x's dtype: rotate_pairs then gemv_tc in one stream-mode
-    launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit."""
+    launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit. With
+    `glu`, x is [1, 2K] = [gate | up] and the input gelu(gate, tanh)·up, made in the same launch (rounded to x's
+    dtype once, as the compiled step's fused kernel stores it)."""
     if x.dtype == torch.float32:
         raise RuntimeBackendError("gemv_tc_rot takes bf16 or fp16: a float32 input is split (rotate_pairs + gemv_tc)")
     k = tiles.shape[1] * BLOCK
-    if tuple(x.shape) != (1, k):
-        raise RuntimeBackendError(f"gemv_tc_rot takes one token of {k} columns, not {tuple(x.shape)}")
+    if tuple(x.shape) != (1, 2 * k if glu else k):
+        raise RuntimeBackendError(f"gemv_tc_rot takes one token of {2 * k if glu else k} columns, not {tuple(x.shape)}")
     _, prefetch, stream, _ = kernels.tc_fields(launch)
     if not stream or prefetch != kernels.ROTATING_PREFETCH:
         raise RuntimeBackendError(f"gemv_tc_rot's launch word {launch:#x} is not a 2-slot stream launch")
@@ -253,14 +256,14 @@ def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
     ws, counters = _stream_scratch(x.device, bits, launch, tiles.shape[0], k // BLOCK)
     rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
                                     _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
-                                    launch, _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
+                                    launch, _DTYPE_CODES[x.dtype], int(glu), _stream())  # fmt: skip
     _check(rc, "gemv_tc_rot")
     return y
 
 
 @gemv_tc_rot.register_fake
 def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
-      codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+      codebook: torch.Tensor, bits: int, rows: int, launch: int, glu: bool = False) -> torch.Tensor:  # fmt: skip
     return torch.empty(1, rows, dtype=x.dtype, device=x.device)
 
 
