@@ -139,6 +139,22 @@ def project_glu(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], gu: torch
     return project(parts, tensors, F.gelu(gate, approximate="tanh") * up)
 
 
+def project_norm2(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tensor, h: torch.Tensor,
+                  w1: torch.Tensor | None, w2: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(project(parts, tensors, rms_norm(h2, w2)), h2) with h2 = h + rms_norm(x, w1): a residual join and the next
+    projection's pre-norm. One HLWQ part on the GPU makes both inside its matvec (kernels.tiled_norm2_linear)."""
+    if len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda and w1 is not None and w2 is not None:
+        tiles, codebook, signs = tensors[0][:3]
+        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+        fused = kernels.tiled_norm2_linear(x, h, w1, w2, eps, tiles, codebook, signs, parts[0].bits, parts[0].rows,
+                                           inv_smooth)  # fmt: skip
+        if fused is not None:
+            return fused[0], fused[1]
+    h2 = h + rms_norm(x, w1, eps)
+    return project(parts, tensors, rms_norm(h2, w2, eps)), h2
+
+
 def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tensors:
     """The token's query [heads, d], key and value [1, Hkv, 1, d] (normed, rope on q and k)."""
     d = spec.head_dim
@@ -153,9 +169,8 @@ def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin:
 
 def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The rest of the layer from the attention output a [1, heads * d]."""
-    h = h + rms_norm(project(spec.o, w["o"], a), w["post_attn_norm"], spec.eps)
-    x = rms_norm(h, w["pre_ffn_norm"], spec.eps)
-    gu = project(spec.mlp, w["mlp"], x)
+    o = project(spec.o, w["o"], a)
+    gu, h = project_norm2(spec.mlp, w["mlp"], o, h, w["post_attn_norm"], w["pre_ffn_norm"], spec.eps)
     if spec.mlp_split[0] == spec.mlp_split[1]:  # [gate | up] of equal width: the GLU input made where it is read
         y = project_glu(spec.down, w["down"], gu)
     else:

@@ -315,3 +315,30 @@ def test_tiled_glu_linear_falls_back_where_it_cannot_fuse() -> None:
     gate, up = gu.split(640, dim=-1)
     want = tiled_linear(F.gelu(gate, approximate="tanh") * up, tiles, codebook, signs, 5, 384, inv)
     assert torch.equal(tiled_glu_linear(gu, tiles, codebook, signs, 5, 384, inv), want)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(43008, 5376), (300, 640), (16, 128)])
+def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int) -> None:
+    """gemv_tc_rot_norm2 against the step's own ops (gemma4_decode.rms_norm, bf16 between them, then the plain
+    rotating matvec): the new residual within one bf16 rounding (the mean's sum order differs), the product within
+    bf16 output rounding."""
+    from pipeline.runtime.gemma4_decode import rms_norm
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits + cols)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    x, h = torch.randn(2, 1, cols, generator=g, device="cuda") * torch.tensor([[[3.0]], [[20.0]]], device="cuda")
+    x, h = x.to(torch.bfloat16), h.to(torch.bfloat16)
+    w1, w2 = (torch.rand(2, cols, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    h2 = h + rms_norm(x, w1, 1e-6)
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    ref = torch.ops.hlwq.gemv_tc_rot(rms_norm(h2, w2, 1e-6), signs, None, tiles, q.codebook, bits, rows, launch)
+    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, signs, None, tiles, q.codebook,
+                                                bits, rows, launch)  # fmt: skip
+    ulp = 2**-7 * (h.float().abs() + 1)  # bf16's spacing at the sum's larger term, at most
+    assert h_out.dtype == torch.bfloat16 and bool(((h_out.float() - h2.float()).abs() <= ulp).all())
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3

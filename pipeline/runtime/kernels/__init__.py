@@ -52,9 +52,12 @@ if TC_LEAN not in {"0", "1"}:
 TC_ROTATE = os.environ.get("HLWQ_TC_ROTATE", "1").strip()
 TC_TRIGGER = os.environ.get("HLWQ_TC_TRIGGER", "1").strip()
 # HLWQ_TC_GLU: "1" a rotating down projection also makes its gelu(gate)·up input (tiled_glu_linear, the default),
-# "0" an elementwise kernel before it (A/B runs).
+# "0" an elementwise kernel before it. HLWQ_TC_NORM: "1" a rotating gate/up projection also joins the attention
+# output to the residual and makes its pre-norm (tiled_norm2_linear, the default), "0" inductor's kernel does.
 TC_GLU = os.environ.get("HLWQ_TC_GLU", "1").strip()
-for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIGGER), ("HLWQ_TC_GLU", TC_GLU)):
+TC_NORM = os.environ.get("HLWQ_TC_NORM", "1").strip()
+for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIGGER), ("HLWQ_TC_GLU", TC_GLU),
+                      ("HLWQ_TC_NORM", TC_NORM)):  # fmt: skip
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
@@ -256,6 +259,26 @@ def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tens
             y = torch.ops.hlwq.gemv_tc_rot(flat, signs, inv_smooth, tiles, codebook, bits, rows, launch, True)
             return y.reshape(*gu.shape[:-1], rows)  # type: ignore[no-any-return]
     return tiled_linear(F.gelu(gate, approximate="tanh") * up, tiles, codebook, signs, bits, rows, inv_smooth)
+
+
+def tiled_norm2_linear(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
+                       tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int, rows: int,
+                       inv_smooth: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
+    """[W · rms_norm(h2)·w2, h2] with h2 = h + rms_norm(x)·w1, for one token, made inside the rotating matvec
+    (gemv_tc_rot_norm2: the residual join and the pre-norm need no kernel of their own); None where that launch
+    cannot run (more tokens, float32, no rotating stream launch, a width over 2 blocks per warp, HLWQ_TC_NORM=0)."""
+    from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.*)
+
+    n_blocks = tiles.shape[1]
+    flat = x.reshape(-1, x.shape[-1])
+    if TC_NORM != "1" or x.shape[-1] != n_blocks * BLOCK or not _rotates(flat, bits, n_blocks):
+        return None
+    launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+    if launch is None or n_blocks > 2 * tc_fields(launch)[0]:
+        return None
+    y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, signs, inv_smooth, tiles,
+                                             codebook, bits, rows, launch)  # fmt: skip
+    return [y.reshape(*x.shape[:-1], rows), h2.reshape(h.shape)]
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
