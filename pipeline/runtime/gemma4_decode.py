@@ -139,16 +139,20 @@ def project_glu(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], gu: torch
     return project(parts, tensors, F.gelu(gate, approximate="tanh") * up)
 
 
+Gains = tuple[torch.Tensor, torch.Tensor]
+
+
 def project_norm2(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tensor, h: torch.Tensor,
-                  w1: torch.Tensor | None, w2: torch.Tensor | None,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  w1: torch.Tensor | None, w2: torch.Tensor | None, eps: float,
+                  gains32: Gains | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(project(parts, tensors, rms_norm(h2, w2)), h2) with h2 = h + rms_norm(x, w1): a residual join and the next
-    projection's pre-norm. One HLWQ part on the GPU makes both inside its matvec (kernels.tiled_norm2_linear)."""
-    if len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda and w1 is not None and w2 is not None:
+    projection's pre-norm. One HLWQ part on the GPU makes both inside its matvec (kernels.tiled_norm2_linear), from
+    `gains32`, w1 and w2 as float32."""
+    if len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda and gains32 is not None:
         tiles, codebook, signs = tensors[0][:3]
         inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
-        fused = kernels.tiled_norm2_linear(x, h, w1, w2, eps, tiles, codebook, signs, parts[0].bits, parts[0].rows,
-                                           inv_smooth)  # fmt: skip
+        fused = kernels.tiled_norm2_linear(x, h, gains32[0], gains32[1], eps, tiles, codebook, signs, parts[0].bits,
+                                           parts[0].rows, inv_smooth)  # fmt: skip
         if fused is not None:
             return fused[0], fused[1]
     h2 = h + rms_norm(x, w1, eps)
@@ -170,7 +174,8 @@ def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin:
 def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The rest of the layer from the attention output a [1, heads * d]."""
     o = project(spec.o, w["o"], a)
-    gu, h = project_norm2(spec.mlp, w["mlp"], o, h, w["post_attn_norm"], w["pre_ffn_norm"], spec.eps)
+    gu, h = project_norm2(spec.mlp, w["mlp"], o, h, w["post_attn_norm"], w["pre_ffn_norm"], spec.eps,
+                          w["norm2_gains"])  # fmt: skip
     if spec.mlp_split[0] == spec.mlp_split[1]:  # [gate | up] of equal width: the GLU input made where it is read
         y = project_glu(spec.down, w["down"], gu)
     else:
@@ -321,6 +326,9 @@ def plan_layer(layer: Any, cfg: Any, kv_readers: bool = False) -> tuple[Spec, di
         "layer_scalar": layer.layer_scalar, "qkv": qkv_t, "mlp": mlp_t, "o": o_t, "down": down_t,
     }  # fmt: skip
     _norm_weight(attn.v_norm, d)  # checked: the step normalizes values without a gain
+    gains = (w["post_attn_norm"], w["pre_ffn_norm"])
+    # project_norm2's fused launch reads the two gains as float32 (rms_norm applies weight.float()): cast once here
+    w["norm2_gains"] = None if None in gains else tuple(g.float().contiguous() for g in gains)
     return spec, w
 
 

@@ -318,11 +318,20 @@ def test_tiled_glu_linear_falls_back_where_it_cannot_fuse() -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize(("rows", "cols"), [(43008, 5376), (300, 640), (16, 128)])
-def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int) -> None:
-    """gemv_tc_rot_norm2 against the step's own ops (gemma4_decode.rms_norm, bf16 between them, then the plain
-    rotating matvec): the new residual within one bf16 rounding (the mean's sum order differs), the product within
-    bf16 output rounding."""
+@pytest.mark.parametrize(
+    ("rows", "cols", "warps", "dtype", "smoothed"),
+    [
+        (43008, 5376, 32, torch.bfloat16, True),  # 31B's gate/up, its 42 blocks
+        (300, 640, 24, torch.float16, False),
+        (16, 128, 32, torch.bfloat16, False),  # one block
+        (256, 8192, 32, torch.bfloat16, True),  # 64 blocks: two per warp, the most it takes
+    ],
+)
+def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int, warps: int, dtype: torch.dtype,
+                                              smoothed: bool) -> None:  # fmt: skip
+    """gemv_tc_rot_norm2 against the step's own ops (gemma4_decode.rms_norm, rounded between them as eager rounds,
+    then the plain rotating matvec): the new residual within one rounding of its terms (the mean's sum order and
+    rsqrt differ, which can move t = rms_norm(x)·w1 to its neighbour), the product within output rounding."""
     from pipeline.runtime.gemma4_decode import rms_norm
     from pipeline.runtime.kernels import layout, tc_launch
 
@@ -331,14 +340,65 @@ def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int) -
     q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
     signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
     tiles = layout.to_tiles(q.codes, q.scales, bits)
-    x, h = torch.randn(2, 1, cols, generator=g, device="cuda") * torch.tensor([[[3.0]], [[20.0]]], device="cuda")
-    x, h = x.to(torch.bfloat16), h.to(torch.bfloat16)
-    w1, w2 = (torch.rand(2, cols, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
-    h2 = h + rms_norm(x, w1, 1e-6)
-    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
-    ref = torch.ops.hlwq.gemv_tc_rot(rms_norm(h2, w2, 1e-6), signs, None, tiles, q.codebook, bits, rows, launch)
-    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, signs, None, tiles, q.codebook,
+    x = (torch.randn(1, cols, generator=g, device="cuda") * 3).to(dtype)
+    h = (torch.randn(1, cols, generator=g, device="cuda") * 20).to(dtype)
+    w1, w2 = (torch.rand(2, cols, generator=g, device="cuda") + 0.5).to(dtype)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5 if smoothed else None
+    t = rms_norm(x, w1, 1e-6)
+    h2 = h + t
+    launch = tc_launch(warps, 6, stream=True, pdl=True, trigger=warps == 32)
+    ref = torch.ops.hlwq.gemv_tc_rot(rms_norm(h2, w2, 1e-6), signs, inv, tiles, q.codebook, bits, rows, launch)
+    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, signs, inv, tiles, q.codebook,
                                                 bits, rows, launch)  # fmt: skip
-    ulp = 2**-7 * (h.float().abs() + 1)  # bf16's spacing at the sum's larger term, at most
-    assert h_out.dtype == torch.bfloat16 and bool(((h_out.float() - h2.float()).abs() <= ulp).all())
+    ulp = 2**-7 * (h2.float().abs() + t.float().abs())  # a rounding of the sum and one of t, at most
+    assert h_out.dtype == dtype and bool(((h_out.float() - h2.float()).abs() <= ulp).all())
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3
+
+
+def test_gemv_tc_rot_norm2_refuses_what_it_cannot_run() -> None:
+    """More blocks than two per warp, or gains that are not float32: one line each; tiled_norm2_linear falls back
+    (None) for two tokens and for such gains."""
+    from pipeline.errors import RuntimeBackendError
+    from pipeline.runtime import kernels
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    params = QuantParams(bits=5)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    q = quantize(torch.randn(64, 8320, device="cuda").to(torch.bfloat16), params)  # 65 blocks
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    x = torch.randn(1, 8320, device="cuda").to(torch.bfloat16)
+    ones = torch.ones(8320, device="cuda")
+    with pytest.raises(RuntimeBackendError, match="at most 64 blocks"):
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones, ones, 1e-6, signs, None, tiles, q.codebook, 5, 64,
+                                         tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
+    with pytest.raises(RuntimeBackendError, match="float32 gains"):
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones.bfloat16(), ones, 1e-6, signs, None, tiles, q.codebook, 5, 64,
+                                         tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
+    two = torch.randn(2, 8320, device="cuda").to(torch.bfloat16)
+    assert kernels.tiled_norm2_linear(two, two, ones, ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
+    assert kernels.tiled_norm2_linear(x, x, ones.bfloat16(), ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
+
+
+def test_fused_projections_match_the_step_ops() -> None:
+    """gemma4_decode.project_norm2 and project_glu with the fused launches (31B's gate/up and down shapes, smoothed)
+    against the same functions on their unfused path: the residual within a rounding, outputs within 2e-3."""
+    from pipeline.runtime import gemma4_decode as g4
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    parts_t = []
+    for rows, cols in [(43008, 5376), (5376, 21504)]:
+        _, tiles, codebook, signs, inv, _ = _smoothed_case(5, rows, cols, seed=rows)
+        parts_t.append(((g4.Part("hlwq", rows, cols, 5),), ((tiles, codebook, signs, inv),)))
+    (mlp_p, mlp_t), (down_p, down_t) = parts_t
+    o = (torch.randn(1, 5376, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    h = (torch.randn(1, 5376, generator=g, device="cuda") * 20).to(torch.bfloat16)
+    w1, w2 = (torch.rand(2, 5376, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    gains = (w1.float(), w2.float())
+    gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, w1, w2, 1e-6, gains)
+    gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, w1, w2, 1e-6, None)
+    assert bool(((h2.float() - h2_ref.float()).abs() <= 2**-6 * (h2_ref.float().abs() + 8)).all())
+    assert float((gu.double() - gu_ref.double()).norm() / gu_ref.double().norm()) < 2e-3
+    y = g4.project_glu(down_p, down_t, gu_ref)
+    gate, up = gu_ref.split(21504, dim=-1)
+    y_ref = g4.project(down_p, down_t, torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    assert float((y.double() - y_ref.double()).norm() / y_ref.double().norm()) < 2e-3

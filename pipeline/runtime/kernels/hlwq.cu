@@ -674,11 +674,12 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
 // the ring advances by compare-and-reset, and the activation pointers advance per unit. Launched programmatically
 // (PDL), its prologue and first weight fetches overlap the kernel before it; it reads the activation only after
 // griddepcontrol.wait.
-// PyTorch's gelu(approximate="tanh"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), tanh from one exp (saturates
-// to ±1 for large |y|; --use_fast_math's __expf is within 2 ulp).
+// PyTorch's gelu(approximate="tanh"): 0.5·x·(1 + tanh(y)), y = √(2/π)·(x + 0.044715·x³), in its sigmoid form
+// x / (1 + e^(-2y)): no cancellation for negative x (1 - 2/(1 + e^(2y)) lost all bits below x ≈ -4.9), +inf -> inf,
+// large negative x -> -0, as torch.
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (2.f - 2.f / (1.f + __expf(2.f * y)));
+  return x / (1.f + __expf(-2.f * y));
 }
 
 // What a rotating stream matvec computes its input from (PRE, below): NORM2's residual stream and norms.
@@ -732,15 +733,19 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
                                             int warps, uint4* xsm, float* xss) {
   __shared__ float red[32];
   const float inv_k = 1.f / (float)(n_blocks * B);
-  float a[2][4], h[2][4], ss = 0.f;
+  // Everything the three phases read, loaded at once: one L2 round trip before the first sum.
+  float a[2][4], h[2][4], g1[2][4], g2[2][4], ss = 0.f;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int blk = warp + j * warps;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const size_t at = (size_t)blk * B + lane * 4 + i;
-      a[j][i] = blk < n_blocks ? to_f32<T>(x[at]) : 0.f;
-      h[j][i] = blk < n_blocks ? to_f32<T>(pre.h[at]) : 0.f;
+      const bool live = blk < n_blocks;
+      a[j][i] = live ? to_f32<T>(x[at]) : 0.f;
+      h[j][i] = live ? to_f32<T>(pre.h[at]) : 0.f;
+      g1[j][i] = live ? pre.w1[at] : 0.f;
+      g2[j][i] = live ? pre.w2[at] : 0.f;
       ss = fmaf(a[j][i], a[j][i], ss);
     }
   }
@@ -753,7 +758,7 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
     for (int i = 0; i < 4; ++i) {
       const size_t at = (size_t)blk * B + lane * 4 + i;
       if (blk < n_blocks) {
-        h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * pre.w1[at]));
+        h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * g1[j][i]));
         if (blockIdx.x == 0) pre.h_out[at] = from_f32<T>(h[j][i]);
       }
       ss2 = fmaf(h[j][i], h[j][i], ss2);
@@ -766,7 +771,7 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
     if (blk < n_blocks) {
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = round_to<T>(h[j][i] * r2 * pre.w2[(size_t)blk * B + lane * 4 + i]);
+      for (int i = 0; i < 4; ++i) v[i] = round_to<T>(h[j][i] * r2 * g2[j][i]);
       rotate_store(v, sg, inv_smooth, blk, lane, xsm, xss);
     }
   }

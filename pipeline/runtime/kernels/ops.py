@@ -292,8 +292,10 @@ def gemv_tc_rot_norm2(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: to
     projection's pre-norm made inside the matvec that reads them."""
     if h.shape != x.shape or h.dtype != x.dtype or w1.shape != (x.shape[1],) or w2.shape != (x.shape[1],):
         raise RuntimeBackendError(f"gemv_tc_rot_norm2: h {tuple(h.shape)} and gains must match x {tuple(x.shape)}")
+    if w1.dtype != torch.float32 or w2.dtype != torch.float32:  # a cast here would be a launch per call
+        raise RuntimeBackendError("gemv_tc_rot_norm2 takes float32 gains (cast them once, where the layer is planned)")
     h_out = torch.empty_like(x)
-    norm = (h.contiguous(), w1.float().contiguous(), w2.float().contiguous(), float(eps), h_out)
+    norm = (h.contiguous(), w1.contiguous(), w2.contiguous(), float(eps), h_out)
     return [_rot_launch(x, signs, inv_smooth, tiles, codebook, bits, rows, launch, 2, 1, norm), h_out]
 
 
