@@ -348,8 +348,8 @@ def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int, w
     h2 = h + t
     launch = tc_launch(warps, 6, stream=True, pdl=True, trigger=warps == 32)
     ref = torch.ops.hlwq.gemv_tc_rot(rms_norm(h2, w2, 1e-6), signs, inv, tiles, q.codebook, bits, rows, launch)
-    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, signs, inv, tiles, q.codebook,
-                                                bits, rows, launch)  # fmt: skip
+    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, None, signs, inv, tiles,
+                                                q.codebook, bits, rows, launch)  # fmt: skip
     ulp = 2**-7 * (h2.float().abs() + t.float().abs())  # a rounding of the sum and one of t, at most
     assert h_out.dtype == dtype and bool(((h_out.float() - h2.float()).abs() <= ulp).all())
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3
@@ -369,19 +369,20 @@ def test_gemv_tc_rot_norm2_refuses_what_it_cannot_run() -> None:
     x = torch.randn(1, 8320, device="cuda").to(torch.bfloat16)
     ones = torch.ones(8320, device="cuda")
     with pytest.raises(RuntimeBackendError, match="at most 64 blocks"):
-        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones, ones, 1e-6, signs, None, tiles, q.codebook, 5, 64,
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones, ones, 1e-6, None, signs, None, tiles, q.codebook, 5, 64,
                                          tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
     with pytest.raises(RuntimeBackendError, match="float32 gains"):
-        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones.bfloat16(), ones, 1e-6, signs, None, tiles, q.codebook, 5, 64,
-                                         tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones.bfloat16(), ones, 1e-6, None, signs, None, tiles, q.codebook,
+                                         5, 64, tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
     two = torch.randn(2, 8320, device="cuda").to(torch.bfloat16)
     assert kernels.tiled_norm2_linear(two, two, ones, ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
     assert kernels.tiled_norm2_linear(x, x, ones.bfloat16(), ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
 
 
 def test_fused_projections_match_the_step_ops() -> None:
-    """gemma4_decode.project_norm2 and project_glu with the fused launches (31B's gate/up and down shapes, smoothed)
-    against the same functions on their unfused path: the residual within a rounding, outputs within 2e-3."""
+    """gemma4_decode.project_norm2 (plain, and scaled with another layer's gain: the cross-layer join) and
+    project_glu with the fused launches (31B's gate/up and down shapes, smoothed) against the same functions on their
+    unfused path: the residual within a rounding, outputs within 2e-3."""
     from pipeline.runtime import gemma4_decode as g4
 
     g = torch.Generator(device="cuda").manual_seed(8)
@@ -393,11 +394,19 @@ def test_fused_projections_match_the_step_ops() -> None:
     o = (torch.randn(1, 5376, generator=g, device="cuda") * 3).to(torch.bfloat16)
     h = (torch.randn(1, 5376, generator=g, device="cuda") * 20).to(torch.bfloat16)
     w1, w2 = (torch.rand(2, 5376, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
-    gains = (w1.float(), w2.float())
-    gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, w1, w2, 1e-6, gains)
-    gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, w1, w2, 1e-6, None)
-    assert bool(((h2.float() - h2_ref.float()).abs() <= 2**-6 * (h2_ref.float().abs() + 8)).all())
-    assert float((gu.double() - gu_ref.double()).norm() / gu_ref.double().norm()) < 2e-3
+    scalar = torch.tensor([0.75], device="cuda", dtype=torch.bfloat16)
+    w = {
+        "a": w1,
+        "b": w2,
+        "layer_scalar": scalar,
+        "f32": {"a": w1.float(), "b": w2.float(), "layer_scalar": scalar.float()},
+    }
+    plain = {k: v for k, v in w.items() if k != "f32"} | {"f32": {}}  # no float32 copies: the unfused path
+    for scaled in (False, True):
+        gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, w, "a", "b", scaled=scaled)
+        gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, plain, "a", "b", scaled=scaled)
+        assert bool(((h2.float() - h2_ref.float()).abs() <= 2**-6 * (h2_ref.float().abs() + 8)).all())
+        assert float((gu.double() - gu_ref.double()).norm() / gu_ref.double().norm()) < 2e-3
     y = g4.project_glu(down_p, down_t, gu_ref)
     gate, up = gu_ref.split(21504, dim=-1)
     y_ref = g4.project(down_p, down_t, torch.nn.functional.gelu(gate, approximate="tanh") * up)

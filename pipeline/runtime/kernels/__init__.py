@@ -263,24 +263,27 @@ def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tens
 
 def tiled_norm2_linear(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
                        tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int, rows: int,
-                       inv_smooth: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
-    """[W · rms_norm(h2)·w2, h2] with h2 = h + rms_norm(x)·w1 (gains float32), for one token, made inside the
-    rotating matvec (gemv_tc_rot_norm2: the residual join and the pre-norm need no kernel of their own); None where
-    that launch cannot run (more tokens, float32 activations, other gains, no rotating stream launch, a width over 2
-    blocks per warp, HLWQ_TC_NORM=0)."""
+                       inv_smooth: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
+    """[W · rms_norm(h2)·w2, h2] with h2 = (h + rms_norm(x)·w1)·scale (float32 gains and scale; no scale: 1), for
+    one token, made inside the rotating matvec (gemv_tc_rot_norm2: the residual join and the pre-norm need no kernel
+    of their own); None where that launch cannot run (more tokens, float32 activations, other gains, no rotating
+    stream launch, a width over 2 blocks per warp, HLWQ_TC_NORM=0)."""
     from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.*)
 
     n_blocks = tiles.shape[1]
     flat = x.reshape(-1, x.shape[-1])
     if TC_NORM != "1" or x.shape[-1] != n_blocks * BLOCK or not _rotates(flat, bits, n_blocks):
         return None
-    if h.dtype != x.dtype or h.numel() != x.numel() or w1.dtype != torch.float32 or w2.dtype != torch.float32:
+    if h.dtype != x.dtype or h.numel() != x.numel() or any(
+        t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)
+    ):  # fmt: skip
         return None
     launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
     if launch is None or n_blocks > 2 * tc_fields(launch)[0]:
         return None
-    y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, signs, inv_smooth, tiles,
-                                             codebook, bits, rows, launch)  # fmt: skip
+    y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, scale, signs, inv_smooth,
+                                             tiles, codebook, bits, rows, launch)  # fmt: skip
     return [y.reshape(*x.shape[:-1], rows), h2.reshape(h.shape)]
 
 

@@ -689,7 +689,8 @@ struct Pre {
   const float* w1;    // NORM2: the gain of the norm applied to x before it joins h
   const float* w2;    // NORM2: the gain of the norm of the new residual, whose output is the input
   float eps;
-  T* h_out;           // NORM2: the new residual h + rms_norm(x)·w1, written by CTA 0
+  T* h_out;           // NORM2: the new residual (h + rms_norm(x)·w1)·scale, written by CTA 0
+  const float* scale; // NORM2: a scalar the joined residual is multiplied by (a layer's scalar), or none
 };
 
 template <typename T>
@@ -724,8 +725,8 @@ __device__ __forceinline__ void rotate_store(float (&v)[4], const float (&sg)[4]
   if (lane == 0) xss[blk] = scale;
 }
 
-// NORM2's input, one token of width K = n_blocks·128 (at most 2 blocks per warp): t = rms_norm(x)·w1, h2 = h + t,
-// input = rms_norm(h2)·w2, each rounded to T as the step's eager ops round them (Gemma-4's attention output joining
+// NORM2's input, one token of width K = n_blocks·128 (at most 2 blocks per warp): t = rms_norm(x)·w1, h2 = (h + t)
+// [·scale], input = rms_norm(h2)·w2, each rounded to T as the step's eager ops round them (Gemma-4's attention output joining
 // the residual, then the MLP's pre-norm). Every CTA computes all of it; CTA 0 writes h2.
 template <typename T>
 __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T>& pre, const float (&sg)[4],
@@ -734,6 +735,7 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
   __shared__ float red[32];
   const float inv_k = 1.f / (float)(n_blocks * B);
   // Everything the three phases read, loaded at once: one L2 round trip before the first sum.
+  const float sc = pre.scale ? *pre.scale : 1.f;
   float a[2][4], h[2][4], g1[2][4], g2[2][4], ss = 0.f;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -759,6 +761,7 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
       const size_t at = (size_t)blk * B + lane * 4 + i;
       if (blk < n_blocks) {
         h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * g1[j][i]));
+        if (pre.scale) h[j][i] = round_to<T>(h[j][i] * sc);
         if (blockIdx.x == 0) pre.h_out[at] = from_f32<T>(h[j][i]);
       }
       ss2 = fmaf(h[j][i], h[j][i], ss2);
@@ -1252,6 +1255,7 @@ struct PreArgs {
   const float* w2;
   float eps;
   void* h_out;
+  const float* scale;
 };
 
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
@@ -1277,7 +1281,7 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out};
+  const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
   return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
                                  (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
                                  n_blocks, n_tiles, ws, counters);
@@ -1371,14 +1375,14 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 
 // One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
 // rotate_pairs takes them). `pre` (the kernel's PRE): 1, x is [1, 2K] = [gate | up] and the input gelu_tanh(gate)·up;
-// 2, the input is rms_norm(h + rms_norm(x)·w1)·w2 (h [1, K] in `dtype`, w1/w2 float32 [K]), and h_out [1, K] gets
-// h + rms_norm(x)·w1 (at most 2 blocks per warp). launch: a stream-mode word of the lean-issue kernel with 2 slots
-// (prefetch 6: the largest ring that leaves room for the rotated input); bit 18 lets the kernel's dependents launch
-// once it has read its inputs. ws and counters as hlwq_gemv_tc's stream mode.
+// 2, the input is rms_norm(h2)·w2 with h2 = (h + rms_norm(x)·w1)·scale (h [1, K] in `dtype`, w1/w2 float32 [K],
+// scale float32 [1] or null), and h_out [1, K] gets h2 (at most 2 blocks per warp). launch: a stream-mode word of
+// the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
+// lets the kernel's dependents launch once it has read its inputs. ws and counters as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
-                     cudaStream_t stream) {
+                     const float* scale, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
   const int n_blocks = K / B;
@@ -1396,7 +1400,7 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
        {launch_stream2<4, 2, true, PRE_GLU, __half>, launch_stream2<5, 2, true, PRE_GLU, __half>}},
       {{launch_stream2<4, 2, true, PRE_NORM2, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_NORM2, __nv_bfloat16>},
        {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
-  const PreArgs pa = {h, w1, w2, eps, h_out};
+  const PreArgs pa = {h, w1, w2, eps, h_out, scale};
   return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
                                                            trigger, pa, y, 1, R, n_blocks, warps, ws, counters, pdl,
                                                            stream);

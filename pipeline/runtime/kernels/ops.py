@@ -11,7 +11,7 @@ captures: each op launches on the current stream through the ctypes library and 
                                          per 16-row tile or in stream mode (tc_launch) with an in-kernel fix-up
     gemv_tc_rot(x, signs, inv_smooth, …) one token [1, K] -> [1, R]: stream mode rotating its own input (no
                                          rotate_pairs launch); glu: from [gate | up]
-    gemv_tc_rot_norm2(x, h, w1, w2, …)   the same from rms_norm(h + rms_norm(x)·w1)·w2, and that new residual
+    gemv_tc_rot_norm2(x, h, w1, w2, …)   the same from rms_norm(h2)·w2, h2 = (h + rms_norm(x)·w1)·scale, and h2
     dequant_tiles(tiles, codebook, …)    -> float16 (or float32) [R, K] in the rotated basis, from the tiled layout
 """
 
@@ -234,9 +234,9 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
 
 def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
                 codebook: torch.Tensor, bits: int, rows: int, launch: int, pre: int = 0, width: int = 1,
-                norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
-                ) -> torch.Tensor:  # fmt: skip
-    """hlwq_gemv_tc_rot for the ops below: x [1, width·K]; `norm` = (h, w1, w2, eps, h_out) for pre 2."""
+                norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]
+                | None = None) -> torch.Tensor:  # fmt: skip
+    """hlwq_gemv_tc_rot for the ops below: x [1, width·K]; `norm` = (h, w1, w2, eps, h_out, scale) for pre 2."""
     if x.dtype == torch.float32:
         raise RuntimeBackendError("gemv_tc_rot takes bf16 or fp16: a float32 input is split (rotate_pairs + gemv_tc)")
     k = tiles.shape[1] * BLOCK
@@ -249,10 +249,10 @@ def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
         inv_smooth = inv_smooth.float().contiguous()
         if inv_smooth.data_ptr() % 16:
             inv_smooth = inv_smooth.clone()
-    h = w1 = w2 = h_out = None
+    h = w1 = w2 = h_out = scale = None
     eps = 0.0
     if norm is not None:
-        h, w1, w2, eps, h_out = norm
+        h, w1, w2, eps, h_out, scale = norm
         if k // BLOCK > 2 * warps:
             raise RuntimeBackendError(f"gemv_tc_rot_norm2 takes at most {2 * warps} blocks, not {k // BLOCK}")
     x2 = x.contiguous()
@@ -261,7 +261,7 @@ def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
     rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
                                     _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
                                     launch, _DTYPE_CODES[x.dtype], pre, _ptr(h), _ptr(w1), _ptr(w2), eps, _ptr(h_out),
-                                    _stream())  # fmt: skip
+                                    _ptr(scale), _stream())  # fmt: skip
     _check(rc, "gemv_tc_rot")
     return y
 
@@ -285,24 +285,28 @@ def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, til
 
 @custom_op("hlwq::gemv_tc_rot_norm2", mutates_args=())
 def gemv_tc_rot_norm2(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
-                      signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
-                      codebook: torch.Tensor, bits: int, rows: int, launch: int) -> list[torch.Tensor]:  # fmt: skip
-    """One token: h2 = h + rms_norm(x)·w1, then [W · rms_norm(h2)·w2, h2] (each step rounded to x's dtype, as the
-    step's eager ops round them; w1, w2 float32 [K]) in one rotating stream-mode launch: a residual join and the next
-    projection's pre-norm made inside the matvec that reads them."""
+                      scale: torch.Tensor | None, signs: torch.Tensor, inv_smooth: torch.Tensor | None,
+                      tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+                      launch: int) -> list[torch.Tensor]:  # fmt: skip
+    """One token: h2 = (h + rms_norm(x)·w1)·scale (scale optional), then [W · rms_norm(h2)·w2, h2] (each step rounded
+    to x's dtype, as the step's eager ops round them; w1, w2 float32 [K], scale float32 [1]) in one rotating
+    stream-mode launch: a residual join and the next projection's pre-norm made inside the matvec that reads them."""
     if h.shape != x.shape or h.dtype != x.dtype or w1.shape != (x.shape[1],) or w2.shape != (x.shape[1],):
         raise RuntimeBackendError(f"gemv_tc_rot_norm2: h {tuple(h.shape)} and gains must match x {tuple(x.shape)}")
-    if w1.dtype != torch.float32 or w2.dtype != torch.float32:  # a cast here would be a launch per call
+    if any(t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)):  # a cast here: a launch per call
         raise RuntimeBackendError("gemv_tc_rot_norm2 takes float32 gains (cast them once, where the layer is planned)")
+    if scale is not None and scale.numel() != 1:
+        raise RuntimeBackendError(f"gemv_tc_rot_norm2's scale is one number, not {tuple(scale.shape)}")
     h_out = torch.empty_like(x)
-    norm = (h.contiguous(), w1.contiguous(), w2.contiguous(), float(eps), h_out)
+    norm = (h.contiguous(), w1.contiguous(), w2.contiguous(), float(eps), h_out,
+            None if scale is None else scale.contiguous())  # fmt: skip
     return [_rot_launch(x, signs, inv_smooth, tiles, codebook, bits, rows, launch, 2, 1, norm), h_out]
 
 
 @gemv_tc_rot_norm2.register_fake
-def _(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float, signs: torch.Tensor,
-      inv_smooth: torch.Tensor | None, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
-      launch: int) -> list[torch.Tensor]:  # fmt: skip
+def _(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float, scale: torch.Tensor | None,
+      signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor, codebook: torch.Tensor, bits: int,
+      rows: int, launch: int) -> list[torch.Tensor]:  # fmt: skip
     return [torch.empty(1, rows, dtype=x.dtype, device=x.device), torch.empty_like(x)]
 
 
