@@ -106,6 +106,11 @@ class StaticKV:
         return True
 
 
+def _no_pending(h: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+    """A decoder without the fused step never leaves a join pending."""
+    return h
+
+
 @dataclass
 class DecodeResult:
     tokens: list[int]
@@ -243,9 +248,8 @@ class LeanDecoder:
         if getattr(text, "hidden_size_per_layer_input", 0):
             per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
         shared: dict[str, Any] = {}
-        from pipeline.runtime.gemma4_decode import finish  # lean_kv, which gemma4_decode reads, imports this module
-
         plans = self.decode_layers.plans if decode and self.decode_layers is not None else {}
+        finish = self.decode_layers.finish if self.decode_layers is not None else _no_pending
         pending: Pending | None = None  # the last fused layer's final join, left for the next one's qkv matvec
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]

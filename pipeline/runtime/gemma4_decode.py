@@ -358,7 +358,7 @@ def plan_layer(layer: Any, cfg: Any, kv_readers: bool = False) -> tuple[Spec, di
     }  # fmt: skip
     _norm_weight(attn.v_norm, d)  # checked: the step normalizes values without a gain
     # project_norm2's fused launch reads the gains and the layer scalar as float32 (rms_norm applies weight.float()):
-    # cast once here
+    # cast once here, so a plan is made after the weights are final (as the decoders make theirs)
     scalar = w["layer_scalar"]
     w["f32"] = {k: w[k].float().contiguous() for k in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
                 if w[k] is not None}  # fmt: skip
@@ -398,7 +398,13 @@ class DecodeLayers:
                 continue
             self.plans[i] = (specs.setdefault(spec, spec), w)
         options = compile_options()
+        if compile_step:
+            # Per spec up to three step graphs (no pending join, a pending join, one of another eps), plus finish's.
+            dyn = torch._dynamo.config
+            dyn.recompile_limit = max(dyn.recompile_limit, 3 * len(set(specs)) + 2)
         self.step = torch.compile(layer_step, dynamic=False, options=options) if compile_step else layer_step
+        # A pending join made on its own (before a layer the step does not cover, after the last): one fused kernel.
+        self.finish = torch.compile(finish, dynamic=False, options=options) if compile_step else finish
         self.packed_step = (
             torch.compile(packed_layer_step, dynamic=False, options=options) if compile_step else packed_layer_step
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -401,10 +402,18 @@ def test_fused_projections_match_the_step_ops() -> None:
         "layer_scalar": scalar,
         "f32": {"a": w1.float(), "b": w2.float(), "layer_scalar": scalar.float()},
     }
-    plain = {k: v for k, v in w.items() if k != "f32"} | {"f32": {}}  # no float32 copies: the unfused path
-    for scaled in (False, True):
-        gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, w, "a", "b", scaled=scaled)
-        gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, plain, "a", "b", scaled=scaled)
+    # The previous layer's weights: its own gain and scalar for the join (the cross-layer case)
+    pw1 = (torch.rand(5376, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    pscalar = torch.tensor([1.25], device="cuda", dtype=torch.bfloat16)
+    pw = {"a": pw1, "layer_scalar": pscalar, "f32": {"a": pw1.float(), "layer_scalar": pscalar.float()}}
+
+    def unfused(d: dict[str, Any]) -> dict[str, Any]:  # the same weights without float32 copies: the unfused path
+        return {k: v for k, v in d.items() if k != "f32"} | {"f32": {}}
+
+    for scaled, prev in [(False, None), (True, None), (True, pw)]:
+        gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, w, "a", "b", prev, scaled=scaled)
+        ref_prev = None if prev is None else unfused(prev)
+        gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, unfused(w), "a", "b", ref_prev, scaled=scaled)
         assert bool(((h2.float() - h2_ref.float()).abs() <= 2**-6 * (h2_ref.float().abs() + 8)).all())
         assert float((gu.double() - gu_ref.double()).norm() / gu_ref.double().norm()) < 2e-3
     y = g4.project_glu(down_p, down_t, gu_ref)
