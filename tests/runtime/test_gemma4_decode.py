@@ -126,6 +126,13 @@ def _teacher_forced(dec: LeanDecoder, ids: torch.Tensor, tokens: list[int]) -> t
 def test_teacher_forced_logits_agree_on_cpu() -> None:
     torch.manual_seed(0)
     model = _to_native(_tiny_model(layers=6, window=16))
+    # Layer scalars other than 1 and one layer with its own eps: the step must apply each layer's own.
+    for i, layer in enumerate(model.model.language_model.layers):
+        if isinstance(getattr(layer, "layer_scalar", None), torch.Tensor):
+            layer.layer_scalar.fill_(0.5 + 0.1 * i)
+    for module in model.model.language_model.layers[3].modules():  # every norm of one layer (the step's eps is one)
+        if hasattr(module, "eps"):
+            module.eps = 1e-3
     ids = torch.randint(10, 500, (1, 24))
     tokens = torch.randint(10, 500, (8,)).tolist()
     ref = _teacher_forced(LeanDecoder(model, max_len=40, prefill_chunk=8, fused=False), ids, tokens)
