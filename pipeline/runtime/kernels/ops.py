@@ -186,7 +186,7 @@ def stream_scratch(device: torch.device) -> torch.Tensor:
     return _SCRATCH[device]
 
 
-def _stream_scratch(device: torch.device, bits: int, launch: int, n_tiles: int,
+def _stream_buffers(device: torch.device, bits: int, launch: int, n_tiles: int,
                     n_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Stream mode's scratch and the shared counters, after checking that the launch can run here (cached per
     device: no query per call); `n_blocks`: the input a rotating launch holds."""
@@ -204,8 +204,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
     kernels.tc_launch's word. Stream mode uses the device's scratch and the shared counters (they end the call zero,
-    as they began it: no argument is mutated). A split xp ([n, 2K], a float32
-    input's) runs on the tile kernel with three products per step, into a float32 y."""
+    as they began it: no argument is mutated). A split xp ([n, 2K], a float32 input's) runs on the tile kernel with
+    three products per step, into a float32 y."""
     n = xp.shape[0]
     k = tiles.shape[1] * BLOCK
     if xp.shape[1] not in (k, 2 * k) or tuple(xs.shape) != (n, k // BLOCK):
@@ -217,7 +217,7 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
         raise RuntimeBackendError("gemv_tc takes a split (float32) activation on the tile kernel into float32")
     launch = launch & ~(1 << 19) | int(split) << 19  # bit 19: the kernel reads a lo plane after each row's hi one
     if launch_streamed(launch):
-        ws, counters = _stream_scratch(xp.device, bits, launch, tiles.shape[0])
+        ws, counters = _stream_buffers(xp.device, bits, launch, tiles.shape[0])
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
                                 _ptr(ws), _ptr(counters), n, rows, k, bits, launch, _DTYPE_CODES[out_dtype],
                                 _stream())  # fmt: skip
@@ -257,7 +257,7 @@ def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
             raise RuntimeBackendError(f"gemv_tc_rot_norm2 takes at most {2 * warps} blocks, not {k // BLOCK}")
     x2 = x.contiguous()
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
-    ws, counters = _stream_scratch(x.device, bits, launch, tiles.shape[0], k // BLOCK)
+    ws, counters = _stream_buffers(x.device, bits, launch, tiles.shape[0], k // BLOCK)
     rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
                                     _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
                                     launch, _DTYPE_CODES[x.dtype], pre, _ptr(h), _ptr(w1), _ptr(w2), eps, _ptr(h_out),
