@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.runtime.measure import sync
 
 if TYPE_CHECKING:
+    from pipeline.runtime.gemma4_decode import Pending
     from pipeline.runtime.kv_cache import KVCacheConfig
     from pipeline.runtime.lean_kv import PackedStaticKV
 
@@ -103,6 +104,11 @@ class StaticKV:
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _no_pending(h: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+    """A decoder without the fused step never leaves a join pending."""
+    return h
 
 
 @dataclass
@@ -243,11 +249,14 @@ class LeanDecoder:
             per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
         shared: dict[str, Any] = {}
         plans = self.decode_layers.plans if decode and self.decode_layers is not None else {}
+        finish = self.decode_layers.finish if self.decode_layers is not None else _no_pending
+        pending: Pending | None = None  # the last fused layer's final join, left for the next one's qkv matvec
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]
             if i in plans and self.cache.has(i):
-                h = self._step(i, h, rope[lt], masks[lt])
+                h, pending = self._step(i, h, rope[lt], masks[lt], pending)
                 continue
+            h, pending = finish(h, pending), None
             kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
                                       "position_ids": position_ids, "past_key_values": self.cache}  # fmt: skip
             if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
@@ -255,6 +264,7 @@ class LeanDecoder:
                 kwargs["per_layer_input"] = per_layer[:, :, i, :] if per_layer is not None else None
             out = self._layer_call(layer, h, kwargs) if decode else layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
+        h = finish(h, pending)
         if not decode and self.window is not None:
             self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.ring :], q_pos[-self.ring :])
         h = text.norm(h[:, -1:])
@@ -301,21 +311,25 @@ class LeanDecoder:
             raise ValueError(f"the image gives {feats.shape[0]} soft tokens; the prompt has {int(mask.sum())} slots")
         return h.masked_scatter(mask.unsqueeze(-1), feats.to(h.dtype))
 
-    def _step(self, i: int, h: torch.Tensor, rope: Any, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i on one token through the fused decode step, its key/value written to this cache's slot."""
+    def _step(self, i: int, h: torch.Tensor, rope: Any, mask: torch.Tensor,
+              prev: Pending | None) -> tuple[torch.Tensor, Pending]:  # fmt: skip
+        """Layer i on one token through the fused decode step, its key/value written to this cache's slot: (its
+        residual before the last join, that join pending; gemma4_decode.finish makes the layer's output). `prev`:
+        the previous layer's pending join, made inside this layer's qkv matvec."""
         assert self.decode_layers is not None
         spec, w = self.decode_layers.plans[i]
         cos, sin = rope
+        hv = h.view(1, -1)
         if self.packed is not None and i in self.packed.layers:
             layer = self.packed.layers[i]
-            out = self.decode_layers.packed_step(spec, w, h.view(1, -1), layer.tensors(), layer.bits,
-                                                 self.packed.res_idx, mask.reshape(-1), cos.reshape(-1),
-                                                 sin.reshape(-1))  # fmt: skip
-            return out.view_as(h)
-        slot = self.cache.ring_idx if self.cache.sliding(i) else self.cache.full_idx
-        out = self.decode_layers.step(spec, w, h.view(1, -1), self.cache.keys[i], self.cache.values[i], slot,
-                                      mask.reshape(-1), cos.reshape(-1), sin.reshape(-1))  # fmt: skip
-        return out.view_as(h)
+            at = (mask.reshape(-1), cos.reshape(-1), sin.reshape(-1))
+            h2, y = self.decode_layers.packed_step(spec, w, hv, layer.tensors(), layer.bits, self.packed.res_idx, *at,
+                                                   prev)  # fmt: skip
+        else:
+            slot = self.cache.ring_idx if self.cache.sliding(i) else self.cache.full_idx
+            h2, y = self.decode_layers.step(spec, w, hv, self.cache.keys[i], self.cache.values[i], slot,
+                                            mask.reshape(-1), cos.reshape(-1), sin.reshape(-1), prev)  # fmt: skip
+        return h2.view_as(h), (y, w, spec.eps)
 
     def _decode_body(self) -> None:
         logits = self._forward(self.ids, self.pos, decode=True)

@@ -128,32 +128,98 @@ def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tens
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tensors:
-    """The token's query [heads, d], key and value [1, Hkv, 1, d] (normed, rope on q and k)."""
+def project_glu(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], gu: torch.Tensor) -> torch.Tensor:
+    """project(parts, tensors, gelu(gate, tanh) · up) for gu [1, 2K] = [gate | up]: one HLWQ part on the GPU makes the
+    product inside its matvec (kernels.tiled_glu_linear), no elementwise kernel between the two projections."""
+    if len(parts) == 1 and parts[0].kind == "hlwq" and gu.is_cuda:
+        tiles, codebook, signs = tensors[0][:3]
+        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+        return kernels.tiled_glu_linear(gu, tiles, codebook, signs, parts[0].bits, parts[0].rows, inv_smooth)  # type: ignore[no-any-return]
+    gate, up = gu.split(gu.shape[-1] // 2, dim=-1)
+    return project(parts, tensors, F.gelu(gate, approximate="tanh") * up)
+
+
+def project_norm2(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tensor, h: torch.Tensor,
+                  eps: float, w: dict[str, Any], w1: str, w2: str, pw: dict[str, Any] | None = None,
+                  scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(project(parts, tensors, rms_norm(h2, w[w2])), h2) with h2 = (h + rms_norm(x, pw[w1])) [· pw's layer_scalar]
+    (pw: the weights the join's gain comes from, w by default): a residual join and the next projection's pre-norm.
+    One HLWQ part on the GPU makes both inside its matvec (kernels.tiled_norm2_linear), from the float32 copies."""
+    pw = w if pw is None else pw
+    g1, g2 = pw["f32"].get(w1), w["f32"].get(w2)
+    s32 = pw["f32"].get("layer_scalar") if scaled else None
+    if len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda and g1 is not None and g2 is not None \
+            and (s32 is not None or not scaled):  # fmt: skip
+        tiles, codebook, signs = tensors[0][:3]
+        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+        fused = kernels.tiled_norm2_linear(x, h, g1, g2, eps, tiles, codebook, signs, parts[0].bits, parts[0].rows,
+                                           inv_smooth, s32)  # fmt: skip
+        if fused is not None:
+            return fused[0], fused[1]
+    h2 = join(h, x, pw, w1, eps, scaled)
+    return project(parts, tensors, rms_norm(h2, w[w2], eps)), h2
+
+
+def join(h: torch.Tensor, x: torch.Tensor, w: dict[str, Any], gain: str, eps: float, scaled: bool) -> torch.Tensor:
+    """The residual stream after a block: h + rms_norm(x, w[gain]), times the layer scalar where `scaled`."""
+    h2 = h + rms_norm(x, w[gain], eps)
+    return h2 * w["layer_scalar"] if scaled else h2
+
+
+# A layer's last join, left for the next layer's qkv matvec to make: (its MLP output y, its weights, eps). h then holds
+# the layer's residual before the MLP joins it; finish() makes the layer's output from both.
+Pending = tuple[torch.Tensor, dict[str, Any], float]
+
+
+def finish(h: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+    """The layer output a pending join stands for: (h + rms_norm(y, post_ffn_norm)) · layer_scalar."""
+    if pending is None:
+        return h
+    y, w, eps = pending
+    return join(h, y, w, "post_ffn_norm", eps, True)
+
+
+def _qkv(spec: Spec, w: dict[str, Any], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         prev: Pending | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The token's query [heads, d], key and value [1, Hkv, 1, d] (normed, rope on q and k), and the layer's input
+    residual: with `prev`, the previous layer's last join is made here (inside the qkv matvec on the GPU)."""
     d = spec.head_dim
-    x = rms_norm(h, w["input_norm"], spec.eps)
-    qkv = project(spec.qkv, w["qkv"], x).split(spec.qkv_split, dim=-1)
+    if prev is not None and prev[2] != spec.eps:  # one eps for both norms inside the matvec: else join first
+        h, prev = finish(h, prev), None
+    if prev is None:
+        qkv = project(spec.qkv, w["qkv"], rms_norm(h, w["input_norm"], spec.eps))
+    else:
+        qkv, h = project_norm2(spec.qkv, w["qkv"], prev[0], h, spec.eps, w, "post_ffn_norm", "input_norm", prev[1],
+                               scaled=True)  # fmt: skip
+    qkv = qkv.split(spec.qkv_split, dim=-1)
     q = rope(rms_norm(qkv[0].view(spec.heads, d), w["q_norm"], spec.eps), cos, sin)
     raw_k = qkv[1].view(spec.kv_heads, d)
     k = rope(rms_norm(raw_k, w["k_norm"], spec.eps), cos, sin)
     v = rms_norm(raw_k if spec.k_eq_v else qkv[2].view(spec.kv_heads, d), None, spec.eps)
-    return q, k.view(1, spec.kv_heads, 1, d), v.view(1, spec.kv_heads, 1, d)
+    return q, k.view(1, spec.kv_heads, 1, d), v.view(1, spec.kv_heads, 1, d), h
 
 
-def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The rest of the layer from the attention output a [1, heads * d]."""
-    h = h + rms_norm(project(spec.o, w["o"], a), w["post_attn_norm"], spec.eps)
-    x = rms_norm(h, w["pre_ffn_norm"], spec.eps)
-    gate, up = project(spec.mlp, w["mlp"], x).split(spec.mlp_split, dim=-1)
-    y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
-    return (h + rms_norm(y, w["post_ffn_norm"], spec.eps)) * w["layer_scalar"]
+def _after_attention(spec: Spec, w: dict[str, Any], h: torch.Tensor,
+                     a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The rest of the layer from the attention output a [1, heads * d], up to its last join: (the residual after
+    the attention block, the MLP output y); finish() or the next layer's qkv makes the layer's output."""
+    o = project(spec.o, w["o"], a)
+    gu, h = project_norm2(spec.mlp, w["mlp"], o, h, spec.eps, w, "post_attn_norm", "pre_ffn_norm")
+    if spec.mlp_split[0] == spec.mlp_split[1]:  # [gate | up] of equal width: the GLU input made where it is read
+        y = project_glu(spec.down, w["down"], gu)
+    else:
+        gate, up = gu.split(spec.mlp_split, dim=-1)
+        y = project(spec.down, w["down"], F.gelu(gate, approximate="tanh") * up)
+    return h, y
 
 
 def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """h [1, hidden] -> h after the layer; writes this token's key/value into keys/values [1, Hkv, L, d] at `slot`."""
-    q, k, v = _qkv(spec, w, h, cos, sin)
+               slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               prev: Pending | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """h [1, hidden] (with `prev`: the previous layer's residual before its last join) -> (the residual before this
+    layer's last join, its MLP output y): finish(h, (y, w, spec.eps)) is the layer's output. Writes this token's
+    key/value into keys/values [1, Hkv, L, d] at `slot`."""
+    q, k, v, h = _qkv(spec, w, h, cos, sin, prev)
     keys.index_copy_(2, slot, k)
     values.index_copy_(2, slot, v)
     a = grouped_attention(q, keys[0], values[0], mask, spec.scaling).view(1, -1)
@@ -161,11 +227,11 @@ def layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, keys: torch.Tenso
 
 
 def packed_layer_step(spec: Spec, w: dict[str, Any], h: torch.Tensor, store: Tensors, bits: int,
-                      slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                      slot: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      prev: Pending | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """layer_step over a compressed store (lean_kv.PackedLayer.tensors()): the token's key/value go to the ring at
     `slot`; mask [max_len + ring] covers the packed positions, then the ring slots."""
-    q, k, v = _qkv(spec, w, h, cos, sin)
+    q, k, v, h = _qkv(spec, w, h, cos, sin, prev)
     store[4].index_copy_(2, slot, k)
     store[5].index_copy_(2, slot, v)
     a = packed_attention(q, store, bits, mask, spec.scaling).view(1, -1)
@@ -291,6 +357,13 @@ def plan_layer(layer: Any, cfg: Any, kv_readers: bool = False) -> tuple[Spec, di
         "layer_scalar": layer.layer_scalar, "qkv": qkv_t, "mlp": mlp_t, "o": o_t, "down": down_t,
     }  # fmt: skip
     _norm_weight(attn.v_norm, d)  # checked: the step normalizes values without a gain
+    # project_norm2's fused launch reads the gains and the layer scalar as float32 (rms_norm applies weight.float()):
+    # cast once here, so a plan is made after the weights are final (as the decoders make theirs)
+    scalar = w["layer_scalar"]
+    w["f32"] = {k: w[k].float().contiguous() for k in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
+                if w[k] is not None}  # fmt: skip
+    if isinstance(scalar, torch.Tensor) and scalar.numel() == 1:
+        w["f32"]["layer_scalar"] = scalar.float().reshape(1).contiguous()
     return spec, w
 
 
@@ -325,7 +398,13 @@ class DecodeLayers:
                 continue
             self.plans[i] = (specs.setdefault(spec, spec), w)
         options = compile_options()
+        if compile_step:
+            # Per spec up to three step graphs (no pending join, a pending join, one of another eps), plus finish's.
+            dyn = torch._dynamo.config
+            dyn.recompile_limit = max(dyn.recompile_limit, 3 * len(set(specs)) + 2)
         self.step = torch.compile(layer_step, dynamic=False, options=options) if compile_step else layer_step
+        # A pending join made on its own (before a layer the step does not cover, after the last): one fused kernel.
+        self.finish = torch.compile(finish, dynamic=False, options=options) if compile_step else finish
         self.packed_step = (
             torch.compile(packed_layer_step, dynamic=False, options=options) if compile_step else packed_layer_step
         )

@@ -126,7 +126,8 @@ def _teacher_forced(dec: LeanDecoder, ids: torch.Tensor, tokens: list[int]) -> t
 def test_teacher_forced_logits_agree_on_cpu() -> None:
     torch.manual_seed(0)
     model = _to_native(_tiny_model(layers=6, window=16))
-    # Layer scalars other than 1 and one layer with its own eps: the step must apply each layer's own.
+    # Layer scalars other than 1 and one layer with its own eps: the step leaves each layer's last join (scalar
+    # included) to the next layer's qkv, and joins first where the two layers' eps differ.
     for i, layer in enumerate(model.model.language_model.layers):
         if isinstance(getattr(layer, "layer_scalar", None), torch.Tensor):
             layer.layer_scalar.fill_(0.5 + 0.1 * i)

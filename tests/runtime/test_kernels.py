@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -277,3 +278,145 @@ def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool) -> None:
         return h
 
     _replays_are_eager(step, x, g)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(5376, 21504), (300, 640), (16, 128)])
+def test_gemv_tc_rot_makes_the_glu_input(bits: int, rows: int, cols: int) -> None:
+    """glu: [gate | up] in, gelu(gate, tanh) · up made inside the rotating matvec: the result of feeding that product
+    (fp32, rounded to bf16 once, as the compiled step's fused kernel stores it) to the plain rotating matvec, up to
+    the tanh's last bits moving a rounding."""
+    import torch.nn.functional as F
+
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits + rows)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    gu = (torch.randn(1, 2 * cols, generator=g, device="cuda") * 2).to(torch.bfloat16)
+    gate, up = gu.float().split(cols, dim=-1)
+    x = (F.gelu(gate, approximate="tanh") * up).to(torch.bfloat16)
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, launch)
+    y = torch.ops.hlwq.gemv_tc_rot(gu, signs, inv, tiles, q.codebook, bits, rows, launch, True)
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-3
+
+
+def test_tiled_glu_linear_falls_back_where_it_cannot_fuse() -> None:
+    """Two tokens (no rotating matvec): gelu(gate)·up, then tiled_linear, exactly."""
+    import torch.nn.functional as F
+
+    from pipeline.runtime.kernels import tiled_glu_linear, tiled_linear
+
+    g, tiles, codebook, signs, inv, _ = _smoothed_case(5, 384, 640, seed=5)
+    gu = torch.randn(2, 1280, generator=g, device="cuda").to(torch.bfloat16)
+    gate, up = gu.split(640, dim=-1)
+    want = tiled_linear(F.gelu(gate, approximate="tanh") * up, tiles, codebook, signs, 5, 384, inv)
+    assert torch.equal(tiled_glu_linear(gu, tiles, codebook, signs, 5, 384, inv), want)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(
+    ("rows", "cols", "warps", "dtype", "smoothed"),
+    [
+        (43008, 5376, 32, torch.bfloat16, True),  # 31B's gate/up, its 42 blocks
+        (300, 640, 24, torch.float16, False),
+        (16, 128, 32, torch.bfloat16, False),  # one block
+        (256, 8192, 32, torch.bfloat16, True),  # 64 blocks: two per warp, the most it takes
+    ],
+)
+def test_gemv_tc_rot_norm2_joins_the_residual(bits: int, rows: int, cols: int, warps: int, dtype: torch.dtype,
+                                              smoothed: bool) -> None:  # fmt: skip
+    """gemv_tc_rot_norm2 against the step's own ops (gemma4_decode.rms_norm, rounded between them as eager rounds,
+    then the plain rotating matvec): the new residual within one rounding of its terms (the mean's sum order and
+    rsqrt differ, which can move t = rms_norm(x)·w1 to its neighbour), the product within output rounding."""
+    from pipeline.runtime.gemma4_decode import rms_norm
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits + cols)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    x = (torch.randn(1, cols, generator=g, device="cuda") * 3).to(dtype)
+    h = (torch.randn(1, cols, generator=g, device="cuda") * 20).to(dtype)
+    w1, w2 = (torch.rand(2, cols, generator=g, device="cuda") + 0.5).to(dtype)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5 if smoothed else None
+    t = rms_norm(x, w1, 1e-6)
+    h2 = h + t
+    launch = tc_launch(warps, 6, stream=True, pdl=True, trigger=warps == 32)
+    ref = torch.ops.hlwq.gemv_tc_rot(rms_norm(h2, w2, 1e-6), signs, inv, tiles, q.codebook, bits, rows, launch)
+    y, h_out = torch.ops.hlwq.gemv_tc_rot_norm2(x, h, w1.float(), w2.float(), 1e-6, None, signs, inv, tiles,
+                                                q.codebook, bits, rows, launch)  # fmt: skip
+    ulp = 2**-7 * (h2.float().abs() + t.float().abs())  # a rounding of the sum and one of t, at most
+    assert h_out.dtype == dtype and bool(((h_out.float() - h2.float()).abs() <= ulp).all())
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3
+
+
+def test_gemv_tc_rot_norm2_refuses_what_it_cannot_run() -> None:
+    """More blocks than two per warp, or gains that are not float32: one line each; tiled_norm2_linear falls back
+    (None) for two tokens and for such gains."""
+    from pipeline.errors import RuntimeBackendError
+    from pipeline.runtime import kernels
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    params = QuantParams(bits=5)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    q = quantize(torch.randn(64, 8320, device="cuda").to(torch.bfloat16), params)  # 65 blocks
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    x = torch.randn(1, 8320, device="cuda").to(torch.bfloat16)
+    ones = torch.ones(8320, device="cuda")
+    with pytest.raises(RuntimeBackendError, match="at most 64 blocks"):
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones, ones, 1e-6, None, signs, None, tiles, q.codebook, 5, 64,
+                                         tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
+    with pytest.raises(RuntimeBackendError, match="float32 gains"):
+        torch.ops.hlwq.gemv_tc_rot_norm2(x, x, ones.bfloat16(), ones, 1e-6, None, signs, None, tiles, q.codebook,
+                                         5, 64, tc_launch(32, 6, stream=True, pdl=True))  # fmt: skip
+    two = torch.randn(2, 8320, device="cuda").to(torch.bfloat16)
+    assert kernels.tiled_norm2_linear(two, two, ones, ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
+    assert kernels.tiled_norm2_linear(x, x, ones.bfloat16(), ones, 1e-6, tiles, q.codebook, signs, 5, 64) is None
+
+
+def test_fused_projections_match_the_step_ops() -> None:
+    """gemma4_decode.project_norm2 (plain, and scaled with another layer's gain: the cross-layer join) and
+    project_glu with the fused launches (31B's gate/up and down shapes, smoothed) against the same functions on their
+    unfused path: the residual within a rounding, outputs within 2e-3."""
+    from pipeline.runtime import gemma4_decode as g4
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    parts_t = []
+    for rows, cols in [(43008, 5376), (5376, 21504)]:
+        _, tiles, codebook, signs, inv, _ = _smoothed_case(5, rows, cols, seed=rows)
+        parts_t.append(((g4.Part("hlwq", rows, cols, 5),), ((tiles, codebook, signs, inv),)))
+    (mlp_p, mlp_t), (down_p, down_t) = parts_t
+    o = (torch.randn(1, 5376, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    h = (torch.randn(1, 5376, generator=g, device="cuda") * 20).to(torch.bfloat16)
+    w1, w2 = (torch.rand(2, 5376, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    scalar = torch.tensor([0.75], device="cuda", dtype=torch.bfloat16)
+    w = {
+        "a": w1,
+        "b": w2,
+        "layer_scalar": scalar,
+        "f32": {"a": w1.float(), "b": w2.float(), "layer_scalar": scalar.float()},
+    }
+    # The previous layer's weights: its own gain and scalar for the join (the cross-layer case)
+    pw1 = (torch.rand(5376, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    pscalar = torch.tensor([1.25], device="cuda", dtype=torch.bfloat16)
+    pw = {"a": pw1, "layer_scalar": pscalar, "f32": {"a": pw1.float(), "layer_scalar": pscalar.float()}}
+
+    def unfused(d: dict[str, Any]) -> dict[str, Any]:  # the same weights without float32 copies: the unfused path
+        return {k: v for k, v in d.items() if k != "f32"} | {"f32": {}}
+
+    for scaled, prev in [(False, None), (True, None), (True, pw)]:
+        gu, h2 = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, w, "a", "b", prev, scaled=scaled)
+        ref_prev = None if prev is None else unfused(prev)
+        gu_ref, h2_ref = g4.project_norm2(mlp_p, mlp_t, o, h, 1e-6, unfused(w), "a", "b", ref_prev, scaled=scaled)
+        assert bool(((h2.float() - h2_ref.float()).abs() <= 2**-6 * (h2_ref.float().abs() + 8)).all())
+        assert float((gu.double() - gu_ref.double()).norm() / gu_ref.double().norm()) < 2e-3
+    y = g4.project_glu(down_p, down_t, gu_ref)
+    gate, up = gu_ref.split(21504, dim=-1)
+    y_ref = g4.project(down_p, down_t, torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    assert float((y.double() - y_ref.double()).norm() / y_ref.double().norm()) < 2e-3

@@ -51,7 +51,13 @@ if TC_LEAN not in {"0", "1"}:
 # has read its input, "0" at its end (A/B runs).
 TC_ROTATE = os.environ.get("HLWQ_TC_ROTATE", "1").strip()
 TC_TRIGGER = os.environ.get("HLWQ_TC_TRIGGER", "1").strip()
-for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIGGER)):
+# HLWQ_TC_GLU: "1" a rotating down projection also makes its gelu(gate)·up input (tiled_glu_linear, the default),
+# "0" an elementwise kernel before it. HLWQ_TC_NORM: "1" a rotating gate/up projection also joins the attention
+# output to the residual and makes its pre-norm (tiled_norm2_linear, the default), "0" inductor's kernel does.
+TC_GLU = os.environ.get("HLWQ_TC_GLU", "1").strip()
+TC_NORM = os.environ.get("HLWQ_TC_NORM", "1").strip()
+for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIGGER), ("HLWQ_TC_GLU", TC_GLU),
+                      ("HLWQ_TC_NORM", TC_NORM)):  # fmt: skip
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
@@ -228,6 +234,59 @@ def split_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y * sw
 
 
+def _rotates(x2: torch.Tensor, bits: int, n_blocks: int) -> bool:
+    """Whether one matvec of x2 [tokens, K] can rotate its own input (gemv_tc_rot): one bf16/fp16 token, the lean
+    stream kernel on a GPU with room for the rotated input, HLWQ_TC_ROTATE on."""
+    return (
+        x2.shape[0] == 1 and x2.dtype != torch.float32 and rotating_launch(stream_default()) is not None
+        and stream_supported(x2.device, bits) and stream_supported(x2.device, bits, n_blocks)
+    )  # fmt: skip
+
+
+def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
+                     rows: int, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """tiled_linear of gelu(gate, tanh) · up for gu [..., 2K] = [gate | up] (a GLU MLP's down projection). Where the
+    matvec rotates its own input and streams (one token, HLWQ_TC_GLU on), it makes that product itself, in the same
+    launch: the step's elementwise kernel between the two matvecs is gone."""
+    from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.*)
+
+    k, n_blocks = tiles.shape[1] * BLOCK, tiles.shape[1]
+    gate, up = gu.split(gu.shape[-1] // 2, dim=-1)
+    flat = gu.reshape(-1, gu.shape[-1])
+    if TC_GLU == "1" and gu.shape[-1] == 2 * k and _rotates(flat, bits, n_blocks):
+        launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+        if launch is not None:
+            y = torch.ops.hlwq.gemv_tc_rot(flat, signs, inv_smooth, tiles, codebook, bits, rows, launch, True)
+            return y.reshape(*gu.shape[:-1], rows)  # type: ignore[no-any-return]
+    return tiled_linear(F.gelu(gate, approximate="tanh") * up, tiles, codebook, signs, bits, rows, inv_smooth)
+
+
+def tiled_norm2_linear(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
+                       tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int, rows: int,
+                       inv_smooth: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
+    """[W · rms_norm(h2)·w2, h2] with h2 = (h + rms_norm(x)·w1)·scale (float32 gains and scale; no scale: 1), for
+    one token, made inside the rotating matvec (gemv_tc_rot_norm2: the residual join and the pre-norm need no kernel
+    of their own); None where that launch cannot run (more tokens, float32 activations, other gains, no rotating
+    stream launch, a width over 2 blocks per warp, HLWQ_TC_NORM=0)."""
+    from pipeline.runtime.kernels import ops  # noqa: F401  (registers torch.ops.hlwq.*)
+
+    n_blocks = tiles.shape[1]
+    flat = x.reshape(-1, x.shape[-1])
+    if TC_NORM != "1" or x.shape[-1] != n_blocks * BLOCK or not _rotates(flat, bits, n_blocks):
+        return None
+    if h.dtype != x.dtype or h.numel() != x.numel() or any(
+        t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)
+    ):  # fmt: skip
+        return None
+    launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+    if launch is None or n_blocks > 2 * tc_fields(launch)[0]:
+        return None
+    y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, scale, signs, inv_smooth,
+                                             tiles, codebook, bits, rows, launch)  # fmt: skip
+    return [y.reshape(*x.shape[:-1], rows), h2.reshape(h.shape)]
+
+
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
                  rows: int, inv_smooth: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -242,12 +301,8 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     # on the bench model): tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
     split = x2.dtype == torch.float32
     stream_ok = not split and stream_supported(x.device, bits)
-    rotating = (
-        stream_ok and x2.shape[0] == 1 and rotating_launch(stream_default()) is not None
-        and stream_supported(x.device, bits, n_blocks)
-    )  # fmt: skip
-    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, rotating)
-    rot = rotating_launch(launch) if rotating else None
+    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, _rotates(x2, bits, n_blocks))
+    rot = rotating_launch(launch) if _rotates(x2, bits, n_blocks) else None
     if rot is not None:
         y = torch.ops.hlwq.gemv_tc_rot(x2, signs, inv_smooth, tiles, codebook, bits, rows, rot)
     elif x2.shape[0] <= TC_CHUNKED_BATCH:

@@ -674,18 +674,129 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
 // the ring advances by compare-and-reset, and the activation pointers advance per unit. Launched programmatically
 // (PDL), its prologue and first weight fetches overlap the kernel before it; it reads the activation only after
 // griddepcontrol.wait.
+// PyTorch's gelu(approximate="tanh"): 0.5·x·(1 + tanh(y)), y = √(2/π)·(x + 0.044715·x³), in its sigmoid form
+// x / (1 + e^(-2y)): no cancellation for negative x (1 - 2/(1 + e^(2y)) lost all bits below x ≈ -4.9), +inf -> inf,
+// large negative x -> -0, as torch.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.f + __expf(-2.f * y));
+}
+
+// What a rotating stream matvec computes its input from (PRE, below): NORM2's residual stream and norms.
+template <typename T>
+struct Pre {
+  const T* h;         // NORM2: the residual h
+  const float* w1;    // NORM2: the gain of the norm applied to x before it joins h
+  const float* w2;    // NORM2: the gain of the norm of the new residual, whose output is the input
+  float eps;
+  T* h_out;           // NORM2: the new residual (h + rms_norm(x)·w1)·scale, written by CTA 0
+  const float* scale; // NORM2: a scalar the joined residual is multiplied by (a layer's scalar), or none
+};
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_f32<T>(from_f32<T>(v)); }
+
+// The sum of every thread's v, the same float in every thread of every CTA: warps' lane-0 sums added in warp order.
+__device__ __forceinline__ float cta_sum(float v, float* red, int warp, int lane, int warps) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += red[w];
+  __syncthreads();  // red is reused by the next sum
+  return total;
+}
+
+// One block of the input (lane's 4 values, before the sign diagonal) -> the pair layout in shared memory.
+__device__ __forceinline__ void rotate_store(float (&v)[4], const float (&sg)[4], const float* __restrict__ inv_smooth,
+                                             int blk, int lane, uint4* xsm, float* xss) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] *= sg[i];
+  if (inv_smooth) {
+    const float4 is = *reinterpret_cast<const float4*>(inv_smooth + (size_t)blk * B + lane * 4);
+    v[0] *= is.x; v[1] *= is.y; v[2] *= is.z; v[3] *= is.w;
+  }
+  warp_fwht_regs(v, lane);
+  uint4 pk;
+  float scale;
+  pair_block(v, pk, scale);
+  if (lane < 16) xsm[blk * 16 + lane] = pk;
+  if (lane == 0) xss[blk] = scale;
+}
+
+// NORM2's input, one token of width K = n_blocks·128 (at most 2 blocks per warp): t = rms_norm(x)·w1, h2 = (h + t)
+// [·scale], input = rms_norm(h2)·w2, each rounded to T as the step's eager ops round them (Gemma-4's attention output joining
+// the residual, then the MLP's pre-norm). Every CTA computes all of it; CTA 0 writes h2.
+template <typename T>
+__device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T>& pre, const float (&sg)[4],
+                                            const float* __restrict__ inv_smooth, int n_blocks, int warp, int lane,
+                                            int warps, uint4* xsm, float* xss) {
+  __shared__ float red[32];
+  const float inv_k = 1.f / (float)(n_blocks * B);
+  // Everything the three phases read, loaded at once: one L2 round trip before the first sum.
+  const float sc = pre.scale ? *pre.scale : 1.f;
+  float a[2][4], h[2][4], g1[2][4], g2[2][4], ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int blk = warp + j * warps;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const size_t at = (size_t)blk * B + lane * 4 + i;
+      const bool live = blk < n_blocks;
+      a[j][i] = live ? to_f32<T>(x[at]) : 0.f;
+      h[j][i] = live ? to_f32<T>(pre.h[at]) : 0.f;
+      g1[j][i] = live ? pre.w1[at] : 0.f;
+      g2[j][i] = live ? pre.w2[at] : 0.f;
+      ss = fmaf(a[j][i], a[j][i], ss);
+    }
+  }
+  const float r1 = rsqrtf(cta_sum(ss, red, warp, lane, warps) * inv_k + pre.eps);
+  float ss2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int blk = warp + j * warps;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const size_t at = (size_t)blk * B + lane * 4 + i;
+      if (blk < n_blocks) {
+        h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * g1[j][i]));
+        if (pre.scale) h[j][i] = round_to<T>(h[j][i] * sc);
+        if (blockIdx.x == 0) pre.h_out[at] = from_f32<T>(h[j][i]);
+      }
+      ss2 = fmaf(h[j][i], h[j][i], ss2);
+    }
+  }
+  const float r2 = rsqrtf(cta_sum(ss2, red, warp, lane, warps) * inv_k + pre.eps);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int blk = warp + j * warps;
+    if (blk < n_blocks) {
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = round_to<T>(h[j][i] * r2 * g2[j][i]);
+      rotate_store(v, sg, inv_smooth, blk, lane, xsm, xss);
+    }
+  }
+}
+
 // ROT (one token): the kernel rotates its own input. After the weight fetches are under way and the table is built,
 // each warp turns blocks of x into the pair layout in shared memory (pair_block, as rotate_pairs), and the units read
 // the activation from there: no rotation launch, and no wait for its output to reach memory. `trigger` then lets the
-// kernel after it launch once every warp has read x (the rotation kernel's rule).
-template <int BITS, int STAGES, bool ROT, typename T>
+// kernel after it launch once every warp has read x (the rotation kernel's rule). PRE (with ROT) says what the input
+// is: 0 x itself; PRE_GLU x holds [gate | up] (2K values) and the input is gelu_tanh(gate)·up, rounded to T once, as
+// the compiled step's fused kernel stores it; PRE_NORM2 norm2_input of x and the residual (pre).
+#define PRE_GLU 1
+#define PRE_NORM2 2
+template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restrict__ tiles,
                                                          const float* __restrict__ codebook,
                                                          const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                          const T* __restrict__ x, const float* __restrict__ signs,
                                                          const float* __restrict__ inv_smooth, bool trigger,
-                                                         T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
-                                                         float* __restrict__ ws, int* __restrict__ counters) {
+                                                         Pre<T> pre, T* __restrict__ y, int n, int R, int n_blocks,
+                                                         int n_tiles, float* __restrict__ ws,
+                                                         int* __restrict__ counters) {
   extern __shared__ __align__(16) uint32_t tab[];
   constexpr int UB = Unit<BITS>::BYTES;
   using S = StreamSmem<BITS, STAGES, 1>;
@@ -709,37 +820,33 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   float* xss = reinterpret_cast<float*>(xsm + (size_t)n_blocks * 16);
   if (ROT) {
     pdl_wait();  // x is the previous kernel's output
-    // A warp's blocks in groups of RG: the group's loads are all in flight at once (one L2 round trip per group,
-    // where one block at a time cost one per block: 6 for 21504 columns).
-    constexpr int RG = 4;
     float sg[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) sg[i] = signs[lane * 4 + i];
-    for (int first = warp; first < n_blocks; first += RG * KS) {
-      float v[RG][4];
+    if (PRE == PRE_NORM2) {
+      norm2_input<T>(x, pre, sg, inv_smooth, n_blocks, warp, lane, KS, xsm, xss);
+    } else {
+      // A warp's blocks in groups of RG: the group's loads are all in flight at once (one L2 round trip per group,
+      // where one block at a time cost one per block: 6 for 21504 columns).
+      constexpr int RG = 4;
+      for (int first = warp; first < n_blocks; first += RG * KS) {
+        float v[RG][4];
 #pragma unroll
-      for (int j = 0; j < RG; ++j) {
-        const int blk = first + j * KS;
-        if (blk < n_blocks) {
-          const T* xb = x + (size_t)blk * B + lane * 4;
+        for (int j = 0; j < RG; ++j) {
+          const int blk = first + j * KS;
+          if (blk < n_blocks) {
+            const T* xb = x + (size_t)blk * B + lane * 4;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) v[j][i] = to_f32<T>(xb[i]) * sg[i];
-          if (inv_smooth) {
-            const float4 is = *reinterpret_cast<const float4*>(inv_smooth + (size_t)blk * B + lane * 4);
-            v[j][0] *= is.x; v[j][1] *= is.y; v[j][2] *= is.z; v[j][3] *= is.w;
+            for (int i = 0; i < 4; ++i) {
+              v[j][i] = to_f32<T>(xb[i]);
+              if (PRE == PRE_GLU) v[j][i] = round_to<T>(gelu_tanh(v[j][i]) * to_f32<T>(xb[(size_t)n_blocks * B + i]));
+            }
           }
         }
-      }
 #pragma unroll
-      for (int j = 0; j < RG; ++j) {
-        const int blk = first + j * KS;
-        if (blk < n_blocks) {
-          warp_fwht_regs(v[j], lane);
-          uint4 pk;
-          float scale;
-          pair_block(v[j], pk, scale);
-          if (lane < 16) xsm[blk * 16 + lane] = pk;
-          if (lane == 0) xss[blk] = scale;
+        for (int j = 0; j < RG; ++j) {
+          const int blk = first + j * KS;
+          if (blk < n_blocks) rotate_store(v[j], sg, inv_smooth, blk, lane, xsm, xss);
         }
       }
     }
@@ -1141,17 +1248,28 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
 
 // `rot`: the kernel rotates x (one token) itself (tc_stream2_kernel's ROT) instead of reading rotate_pairs' xp/xs;
 // `trigger`: it then lets its dependents launch early.
-template <int BITS, int STAGES, bool ROT, typename T>
+// PreArgs: PRE's tensors, type-erased for the C ABI (the kernel's Pre<T>).
+struct PreArgs {
+  const void* h;
+  const float* w1;
+  const float* w2;
+  float eps;
+  void* h_out;
+  const float* scale;
+};
+
+template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
-                          const float* signs, const float* inv_smooth, bool trigger, void* y, int n, int R,
-                          int n_blocks, int warps, float* ws, int* counters, bool pdl, cudaStream_t stream) {
+                          const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
+                          int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
+                          cudaStream_t stream) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
   const size_t smem = ROT ? S::rot_bytes(warps, n_blocks) : S::bytes(warps);
   static StreamLaunchCache cache;
   unsigned grid = 0;
-  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, T>, smem, warps, (long)n_tiles * n_blocks, cache,
-                             grid);
+  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, (long)n_tiles * n_blocks,
+                             cache, grid);
   if (rc) return rc;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
@@ -1163,17 +1281,18 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, T>, tiles, codebook, (const uint4*)xp, xs,
-                                 (const T*)x, signs, inv_smooth, trigger, (T*)y, n, R, n_blocks, n_tiles, ws,
-                                 counters);
+  const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
+  return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
+                                 (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
+                                 n_blocks, n_tiles, ws, counters);
 }
 
 template <int BITS, int STAGES, typename T>
 static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
                              int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
                              cudaStream_t stream) {
-  return launch_stream2<BITS, STAGES, false, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, y, n, R,
-                                                n_blocks, warps, ws, counters, pdl, stream);
+  return launch_stream2<BITS, STAGES, false, 0, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, PreArgs{},
+                                                   y, n, R, n_blocks, warps, ws, counters, pdl, stream);
 }
 
 template <typename T>
@@ -1255,24 +1374,36 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 }
 
 // One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
-// rotate_pairs takes them). launch: a stream-mode word of the lean-issue kernel with 2 slots (prefetch 6: the largest
-// ring that leaves room for the rotated input); bit 18 lets the kernel's dependents launch once it has read x. ws and
-// counters as hlwq_gemv_tc's stream mode.
+// rotate_pairs takes them). `pre` (the kernel's PRE): 1, x is [1, 2K] = [gate | up] and the input gelu_tanh(gate)·up;
+// 2, the input is rms_norm(h2)·w2 with h2 = (h + rms_norm(x)·w1)·scale (h [1, K] in `dtype`, w1/w2 float32 [K],
+// scale float32 [1] or null), and h_out [1, K] gets h2 (at most 2 blocks per warp). launch: a stream-mode word of
+// the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
+// lets the kernel's dependents launch once it has read its inputs. ws and counters as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
-                     int dtype, cudaStream_t stream) {
+                     int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
+                     const float* scale, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
+  const int n_blocks = K / B;
   if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5) || dtype == 0)
     return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
-  const int n_blocks = K / B;
+  if (pre < 0 || pre > 2 || (pre == 2 && (!h || !w1 || !w2 || !h_out || n_blocks > 2 * warps)))
+    return (int)cudaErrorInvalidValue;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, void*, int, int, int, int, float*, int*, bool, cudaStream_t);
-  const Launch f = dtype == 1 ? (bits == 4 ? launch_stream2<4, 2, true, __nv_bfloat16>
-                                           : launch_stream2<5, 2, true, __nv_bfloat16>)
-                              : (bits == 4 ? launch_stream2<4, 2, true, __half> : launch_stream2<5, 2, true, __half>);
-  return f(tiles, codebook, nullptr, nullptr, x, signs, inv_smooth, trigger, y, 1, R, n_blocks, warps, ws, counters,
-           pdl, stream);
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, int*, bool,
+                         cudaStream_t);
+  static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
+      {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, 0, __half>, launch_stream2<5, 2, true, 0, __half>}},
+      {{launch_stream2<4, 2, true, PRE_GLU, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_GLU, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, PRE_GLU, __half>, launch_stream2<5, 2, true, PRE_GLU, __half>}},
+      {{launch_stream2<4, 2, true, PRE_NORM2, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_NORM2, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
+  const PreArgs pa = {h, w1, w2, eps, h_out, scale};
+  return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
+                                                           trigger, pa, y, 1, R, n_blocks, warps, ws, counters, pdl,
+                                                           stream);
 }
 
 // w: [R, K] in the rotated basis, from the tiled layout: float16 (dtype 2) or float32 (dtype 0).

@@ -10,7 +10,8 @@ captures: each op launches on the current stream through the ctypes library and 
     gemv_tc(xp, xs, tiles, codebook, …)  [n <= 8, K] -> [n, R] on tensor cores from the tiled layout (layout.py),
                                          per 16-row tile or in stream mode (tc_launch) with an in-kernel fix-up
     gemv_tc_rot(x, signs, inv_smooth, …) one token [1, K] -> [1, R]: stream mode rotating its own input (no
-                                         rotate_pairs launch)
+                                         rotate_pairs launch); glu: from [gate | up]
+    gemv_tc_rot_norm2(x, h, w1, w2, …)   the same from rms_norm(h2)·w2, h2 = (h + rms_norm(x)·w1)·scale, and h2
     dequant_tiles(tiles, codebook, …)    -> float16 (or float32) [R, K] in the rotated basis, from the tiled layout
 """
 
@@ -231,37 +232,82 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
 
 
-@custom_op("hlwq::gemv_tc_rot", mutates_args=())
-def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
-                codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
-    """One token x [1, K] (K whole blocks) -> [1, rows] in x's dtype: rotate_pairs then gemv_tc in one stream-mode
-    launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit."""
+def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
+                codebook: torch.Tensor, bits: int, rows: int, launch: int, pre: int = 0, width: int = 1,
+                norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]
+                | None = None) -> torch.Tensor:  # fmt: skip
+    """hlwq_gemv_tc_rot for the ops below: x [1, width·K]; `norm` = (h, w1, w2, eps, h_out, scale) for pre 2."""
     if x.dtype == torch.float32:
         raise RuntimeBackendError("gemv_tc_rot takes bf16 or fp16: a float32 input is split (rotate_pairs + gemv_tc)")
     k = tiles.shape[1] * BLOCK
-    if tuple(x.shape) != (1, k):
-        raise RuntimeBackendError(f"gemv_tc_rot takes one token of {k} columns, not {tuple(x.shape)}")
-    _, prefetch, stream, _ = kernels.tc_fields(launch)
+    if tuple(x.shape) != (1, width * k):
+        raise RuntimeBackendError(f"gemv_tc_rot takes one token of {width * k} columns, not {tuple(x.shape)}")
+    warps, prefetch, stream, _ = kernels.tc_fields(launch)
     if not stream or prefetch != kernels.ROTATING_PREFETCH:
         raise RuntimeBackendError(f"gemv_tc_rot's launch word {launch:#x} is not a 2-slot stream launch")
     if inv_smooth is not None:  # read 16 bytes at a time: contiguous float32, 16-byte aligned
         inv_smooth = inv_smooth.float().contiguous()
         if inv_smooth.data_ptr() % 16:
             inv_smooth = inv_smooth.clone()
+    h = w1 = w2 = h_out = scale = None
+    eps = 0.0
+    if norm is not None:
+        h, w1, w2, eps, h_out, scale = norm
+        if k // BLOCK > 2 * warps:
+            raise RuntimeBackendError(f"gemv_tc_rot_norm2 takes at most {2 * warps} blocks, not {k // BLOCK}")
     x2 = x.contiguous()
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
     ws, counters = _stream_buffers(x.device, bits, launch, tiles.shape[0], k // BLOCK)
     rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
                                     _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
-                                    launch, _DTYPE_CODES[x.dtype], _stream())  # fmt: skip
+                                    launch, _DTYPE_CODES[x.dtype], pre, _ptr(h), _ptr(w1), _ptr(w2), eps, _ptr(h_out),
+                                    _ptr(scale), _stream())  # fmt: skip
     _check(rc, "gemv_tc_rot")
     return y
 
 
+@custom_op("hlwq::gemv_tc_rot", mutates_args=())
+def gemv_tc_rot(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
+                codebook: torch.Tensor, bits: int, rows: int, launch: int,
+                glu: bool = False) -> torch.Tensor:  # fmt: skip
+    """One token x [1, K] (K whole blocks) -> [1, rows] in x's dtype: rotate_pairs then gemv_tc in one stream-mode
+    launch (kernels.rotating_launch's word), the rotated input kept in shared memory. Same result, bit for bit. With
+    `glu`, x is [1, 2K] = [gate | up] and the input gelu(gate, tanh)·up, made in the same launch (rounded to x's
+    dtype once, as the compiled step's fused kernel stores it)."""
+    return _rot_launch(x, signs, inv_smooth, tiles, codebook, bits, rows, launch, int(glu), 2 if glu else 1)
+
+
 @gemv_tc_rot.register_fake
 def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
-      codebook: torch.Tensor, bits: int, rows: int, launch: int) -> torch.Tensor:  # fmt: skip
+      codebook: torch.Tensor, bits: int, rows: int, launch: int, glu: bool = False) -> torch.Tensor:  # fmt: skip
     return torch.empty(1, rows, dtype=x.dtype, device=x.device)
+
+
+@custom_op("hlwq::gemv_tc_rot_norm2", mutates_args=())
+def gemv_tc_rot_norm2(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
+                      scale: torch.Tensor | None, signs: torch.Tensor, inv_smooth: torch.Tensor | None,
+                      tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
+                      launch: int) -> list[torch.Tensor]:  # fmt: skip
+    """One token: h2 = (h + rms_norm(x)·w1)·scale (scale optional), then [W · rms_norm(h2)·w2, h2] (each step rounded
+    to x's dtype, as the step's eager ops round them; w1, w2 float32 [K], scale float32 [1]) in one rotating
+    stream-mode launch: a residual join and the next projection's pre-norm made inside the matvec that reads them."""
+    if h.shape != x.shape or h.dtype != x.dtype or w1.shape != (x.shape[1],) or w2.shape != (x.shape[1],):
+        raise RuntimeBackendError(f"gemv_tc_rot_norm2: h {tuple(h.shape)} and gains must match x {tuple(x.shape)}")
+    if any(t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)):  # a cast here: a launch per call
+        raise RuntimeBackendError("gemv_tc_rot_norm2 takes float32 gains (cast them once, where the layer is planned)")
+    if scale is not None and scale.numel() != 1:
+        raise RuntimeBackendError(f"gemv_tc_rot_norm2's scale is one number, not {tuple(scale.shape)}")
+    h_out = torch.empty_like(x)
+    norm = (h.contiguous(), w1.contiguous(), w2.contiguous(), float(eps), h_out,
+            None if scale is None else scale.contiguous())  # fmt: skip
+    return [_rot_launch(x, signs, inv_smooth, tiles, codebook, bits, rows, launch, 2, 1, norm), h_out]
+
+
+@gemv_tc_rot_norm2.register_fake
+def _(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float, scale: torch.Tensor | None,
+      signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor, codebook: torch.Tensor, bits: int,
+      rows: int, launch: int) -> list[torch.Tensor]:  # fmt: skip
+    return [torch.empty(1, rows, dtype=x.dtype, device=x.device), torch.empty_like(x)]
 
 
 @custom_op("hlwq::dequant_tiles", mutates_args=())
