@@ -61,31 +61,24 @@ for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIG
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
-# Units of each warp's run gemv_tc_rot pulls into L2 during its prologue (0-15; HLWQ_TC_L2PF for an A/B).
-TC_L2_PREFETCH = os.environ.get("HLWQ_TC_L2PF", "0").strip()
-if not (TC_L2_PREFETCH.isdigit() and int(TC_L2_PREFETCH) <= 15):
-    raise RuntimeBackendError(f"HLWQ_TC_L2PF must be an integer 0-15, not {TC_L2_PREFETCH!r}")
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
-              trigger: bool = False, l2_prefetch: int = 0) -> int:  # fmt: skip
+              trigger: bool = False) -> int:  # fmt: skip
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
     at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
     sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json). `pdl`: a
     programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
     kernel before it (rotate_pairs lets it start once it has read its input). `trigger` (gemv_tc_rot only): the
-    matvec lets its own dependents launch once it has read its input; `l2_prefetch` (gemv_tc_rot only): units of
-    each warp's run it prefetches into L2 while its prologue runs."""
+    matvec lets its own dependents launch once it has read its input."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
     if pdl and not (stream and prefetch in LEAN_RINGS):
         raise ValueError(f"a programmatic launch (pdl) needs stream mode with prefetch in {LEAN_RINGS}")
     if trigger and not (pdl and prefetch == ROTATING_PREFETCH):
         raise ValueError(f"trigger is gemv_tc_rot's: a programmatic stream launch with prefetch {ROTATING_PREFETCH}")
-    if l2_prefetch and not (pdl and prefetch == ROTATING_PREFETCH and 0 < l2_prefetch <= 15):
-        raise ValueError(f"l2_prefetch is gemv_tc_rot's: 1-15 units on a programmatic stream launch, not {l2_prefetch}")
-    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18 | l2_prefetch << 20
+    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18
 
 
 def tc_fields(launch: int) -> tuple[int, int, bool, bool]:
@@ -158,7 +151,7 @@ def rotating_launch(launch: int) -> int | None:
     warps, prefetch, stream, pdl = tc_fields(launch)
     if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
         return None
-    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", l2_prefetch=int(TC_L2_PREFETCH))
+    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1")
 
 
 _STREAM_OK: dict[tuple[int, int, int], bool] = {}

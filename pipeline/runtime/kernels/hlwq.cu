@@ -536,13 +536,6 @@ __device__ __forceinline__ void bulk_fetch(uint32_t dst, const void* src, uint32
 #endif
 }
 
-// Bring `bytes` at src into L2 without shared memory or registers (a TMA prefetch; a no-op before sm_90).
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
@@ -818,7 +811,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
                                                          const float* __restrict__ inv_smooth, bool trigger,
                                                          Pre<T> pre, T* __restrict__ y, int n, int R, int n_blocks,
                                                          int n_tiles, float* __restrict__ ws,
-                                                         int* __restrict__ counters, int l2pf) {
+                                                         int* __restrict__ counters) {
   extern __shared__ __align__(16) uint32_t tab[];
   constexpr int UB = Unit<BITS>::BYTES;
   using S = StreamSmem<BITS, STAGES, 1>;
@@ -835,9 +828,6 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   if (lane == 0) {
     for (int i = 0; i < STAGES; ++i) mbar_init(bars + i * 8, 1);
     for (int k = 0; k < STAGES - 1 && k < count; ++k, src += UB) bulk_fetch(ring_s + k * UB, src, UB, bars + k * 8);
-    // The ring holds one unit in flight; the next l2pf units of the run are pulled into L2 meanwhile, so the memory
-    // keeps streaming through the prologue (the rotation of every input block, the table) and the wait before it.
-    if (l2pf > 0 && count > STAGES - 1) prefetch_l2(src, (uint32_t)min(l2pf, count - (STAGES - 1)) * UB);
   }
   fill_pair_table<BITS, 64>(tab, codebook);
   // ROT: the rotated input after the mbarriers, [n_blocks][16] uint4 of pairs, then [n_blocks] block scales.
@@ -1286,7 +1276,7 @@ struct PreArgs {
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
-                          int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl, int l2pf,
+                          int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
                           cudaStream_t stream) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
@@ -1309,7 +1299,7 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
   return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
                                  (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
-                                 n_blocks, n_tiles, ws, counters, l2pf);
+                                 n_blocks, n_tiles, ws, counters);
 }
 
 template <int BITS, int STAGES, typename T>
@@ -1317,7 +1307,7 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
                              int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
                              cudaStream_t stream) {
   return launch_stream2<BITS, STAGES, false, 0, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, PreArgs{},
-                                                   y, n, R, n_blocks, warps, ws, counters, pdl, 0, stream);
+                                                   y, n, R, n_blocks, warps, ws, counters, pdl, stream);
 }
 
 template <typename T>
@@ -1403,22 +1393,20 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 // 2, the input is rms_norm(h2)·w2 with h2 = (h + rms_norm(x)·w1)·scale (h [1, K] in `dtype`, w1/w2 float32 [K],
 // scale float32 [1] or null), and h_out [1, K] gets h2 (at most 2 blocks per warp). launch: a stream-mode word of
 // the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
-// lets the kernel's dependents launch once it has read its inputs; bits 20-23: units of each warp's run prefetched
-// into L2 in the prologue. ws and counters as hlwq_gemv_tc's stream mode.
+// lets the kernel's dependents launch once it has read its inputs. ws and counters as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
                      const float* scale, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
-  const int l2pf = (launch >> 20) & 15;  // units of each run prefetched into L2 in the prologue
   const int n_blocks = K / B;
   if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5) || dtype == 0)
     return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
   if (pre < 0 || pre > 2 || (pre == 2 && (!h || !w1 || !w2 || !h_out || n_blocks > 2 * warps)))
     return (int)cudaErrorInvalidValue;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, int*, bool, int,
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, int*, bool,
                          cudaStream_t);
   static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
       {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
@@ -1430,7 +1418,7 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
   const PreArgs pa = {h, w1, w2, eps, h_out, scale};
   return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
                                                            trigger, pa, y, 1, R, n_blocks, warps, ws, counters, pdl,
-                                                           l2pf, stream);
+                                                           stream);
 }
 
 // w: [R, K] in the rotated basis, from the tiled layout: float16 (dtype 2) or float32 (dtype 0).
