@@ -361,17 +361,21 @@ __device__ __forceinline__ void tc_block(float (&acc)[4], const TcRegs<BITS>& cu
 template <int BITS, int ROW = 32>
 __device__ __forceinline__ void fill_pair_table(uint32_t* tab, const float* __restrict__ codebook,
                                                 uint32_t* rem = nullptr) {
-  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-    const int idx = i >> 5, lane = i & 31;
+  // A thread makes one entry and stores it for 4 lanes at once (16 bytes): the fill runs before any unit, so its
+  // instruction count is on every launch's critical path.
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    const int idx = i >> 3, lane = (i & 7) * 4;
     const int lo = idx & 15, hi = idx >> 4;
     // 5-bit: magnitudes are the upper half of the symmetric codebook; 4-bit: the codes themselves.
     const float a = codebook[BITS == 5 ? 16 + lo : lo] * 0.08838834764831845f;
     const float b = codebook[BITS == 5 ? 16 + hi : hi] * 0.08838834764831845f;
     const __half2 v = __floats2half2_rn(a, b);
-    tab[idx * ROW + lane] = *reinterpret_cast<const uint32_t*>(&v);
+    const uint32_t vw = *reinterpret_cast<const uint32_t*>(&v);
+    *reinterpret_cast<uint4*>(tab + idx * ROW + lane) = make_uint4(vw, vw, vw, vw);
     if (rem) {
       const __half2 r = __floats2half2_rn(a - __low2float(v), b - __high2float(v));
-      rem[idx * ROW + lane] = *reinterpret_cast<const uint32_t*>(&r);
+      const uint32_t rw = *reinterpret_cast<const uint32_t*>(&r);
+      *reinterpret_cast<uint4*>(rem + idx * ROW + lane) = make_uint4(rw, rw, rw, rw);
     }
   }
 }
@@ -438,10 +442,18 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
 // A tile the warp covers whole is written to y at once; a tile shared with neighbouring warps is parked in ws[w][0]
 // (the run's first tile) or ws[w][1] (its last), and its last contributor to arrive adds the parts in warp order:
 // the same sum whatever the arrival order, and the counter is left zero for the next launch.
+// 32-bit division where the products fit (every shape of the 31B model but its head): the 64-bit one is a ~100
+// instruction call, and the flush that waits on these sits at the end of every run.
 __device__ __forceinline__ int stream_owner(int u, int U, int W) {
-  return (int)((((long long)u + 1) * W + U - 1) / U) - 1;  // the warp w with w*U/W <= u < (w+1)*U/W
+  const unsigned long long num = ((unsigned long long)u + 1) * (unsigned)W + (unsigned)(U - 1);
+  if ((unsigned long long)U * (unsigned)(W + 1) < (1ull << 32)) return (int)((unsigned)num / (unsigned)U) - 1;
+  return (int)(num / (unsigned)U) - 1;  // the warp w with w*U/W <= u < (w+1)*U/W
 }
-__device__ __forceinline__ int stream_start(int w, int U, int W) { return (int)((long long)w * U / W); }
+__device__ __forceinline__ int stream_start(int w, int U, int W) {
+  const unsigned long long num = (unsigned long long)w * (unsigned)U;
+  if ((unsigned long long)U * (unsigned)(W + 1) < (1ull << 32)) return (int)((unsigned)num / (unsigned)W);
+  return (int)(num / (unsigned)W);
+}
 
 template <typename T>
 __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict__ y, int t, int g, int q, int n,
@@ -475,10 +487,13 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   if (lane == 0) counters[t] = 0;  // every part has arrived: nothing else touches this counter in this launch
   __threadfence();                 // the other parts are read only after their arrivals were seen
   float v[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int o = first; o <= last; ++o) {
-    const int s = t == stream_start(o, U, W) / n_blocks ? 0 : 1;
+  // Every owner after the first starts its run inside tile t, so parked it in slot 0; the first did so only if its
+  // run starts at the tile's first unit (otherwise t is its last tile: slot 1).
+  const float* part = ws + ((size_t)first * 2 + (stream_start(first, U, W) == t * n_blocks ? 0 : 1)) * 128;
+#pragma unroll 4
+  for (int o = first; o <= last; ++o, part = ws + (size_t)o * 2 * 128) {
     // __ldcg: from L2, where the other warps' stores landed (never a stale L1 line).
-    const float4 p = __ldcg(reinterpret_cast<const float4*>(ws + ((size_t)o * 2 + s) * 128) + lane);
+    const float4 p = __ldcg(reinterpret_cast<const float4*>(part) + lane);
     v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
   }
   stream_store<T>(v, y, t, g, q, n, R);
