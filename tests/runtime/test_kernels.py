@@ -145,6 +145,31 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
     assert not ops.tile_counters(xp.device, tiles.shape[0]).any()
 
 
+def test_gemv_tc_stream_where_the_run_arithmetic_needs_64_bits() -> None:
+    """The stream flush divides in 32 bits where units x (warps + 1) < 2^32 and in 64 bits past it: a weight of 2^20
+    units (random tiles with unit scales, 1.4 GB) on a full grid takes the 64-bit path, against the tile kernel."""
+    from pipeline.runtime.kernels import layout, ops, stream_warps, tc_launch
+
+    warps, tiles_n, blocks = 32, 16384, 64
+    units = tiles_n * blocks
+    grid_warps = torch.cuda.get_device_properties(0).multi_processor_count * warps  # one CTA per SM
+    if units * (stream_warps(grid_warps, units) + 1) < 1 << 32:
+        pytest.skip("this GPU's grid keeps the arithmetic in 32 bits")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    ub = layout.unit_bytes(5)
+    tiles = torch.randint(0, 256, (tiles_n, blocks, ub), generator=g, device="cuda", dtype=torch.uint8)
+    tiles[..., ub - 32 :] = torch.full((16,), 2**-4, dtype=torch.float16, device="cuda").view(torch.uint8)
+    codebook = quantize(torch.randn(16, 128, device="cuda").to(torch.bfloat16), QuantParams(bits=5)).codebook
+    signs = sign_vector(QuantParams(bits=5).sign_bits(), 128, "cuda")
+    x = torch.randn(1, blocks * 128, generator=g, device="cuda").to(torch.bfloat16)
+    xp, xs = torch.ops.hlwq.rotate_pairs(x, signs, None)
+    rows = tiles_n * 16
+    ref = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, rows, torch.float32, tc_launch())
+    y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, rows, torch.float32, tc_launch(warps, 6, stream=True))
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+    assert not ops.tile_counters(xp.device, tiles_n).any()
+
+
 def _replays_are_eager(step: Callable[[], torch.Tensor], x: torch.Tensor, g: torch.Generator) -> None:
     """Capture `step` (warmed up on a side stream) in a CUDA graph; for four new inputs written into `x`, a replay
     gives the eager step's output bit for bit (no stale input read, no state left between replays)."""
