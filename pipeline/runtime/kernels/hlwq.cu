@@ -752,36 +752,34 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
   // Everything the three phases read, loaded at once: one L2 round trip before the first sum.
   const float sc = pre.scale ? *pre.scale : 1.f;
   float a[2][4], h[2][4], g1[2][4], g2[2][4], ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int blk = warp + j * warps;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const size_t at = (size_t)blk * B + lane * 4 + i;
-      const bool live = blk < n_blocks;
-      a[j][i] = live ? to_f32<T>(x[at]) : 0.f;
-      h[j][i] = live ? to_f32<T>(pre.h[at]) : 0.f;
-      g1[j][i] = live ? pre.w1[at] : 0.f;
-      g2[j][i] = live ? pre.w2[at] : 0.f;
-      ss = fmaf(a[j][i], a[j][i], ss);
-    }
+  // Element i of the lane's j-th block (blk), at `at` in the row: the loop both phases below run.
+#define HLWQ_NORM2_EACH(...)                                                                                       \
+  _Pragma("unroll") for (int j = 0; j < 2; ++j) {                                                                  \
+    const int blk = warp + j * warps;                                                                              \
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {                                                                \
+      const size_t at = (size_t)blk * B + lane * 4 + i;                                                            \
+      __VA_ARGS__                                                                                                  \
+    }                                                                                                              \
   }
+  HLWQ_NORM2_EACH({
+    const bool live = blk < n_blocks;
+    a[j][i] = live ? to_f32<T>(x[at]) : 0.f;
+    h[j][i] = live ? to_f32<T>(pre.h[at]) : 0.f;
+    g1[j][i] = live ? pre.w1[at] : 0.f;
+    g2[j][i] = live ? pre.w2[at] : 0.f;
+    ss = fmaf(a[j][i], a[j][i], ss);
+  })
   const float r1 = rsqrtf(cta_sum(ss, red, warp, lane, warps) * inv_k + pre.eps);
   float ss2 = 0.f;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int blk = warp + j * warps;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const size_t at = (size_t)blk * B + lane * 4 + i;
-      if (blk < n_blocks) {
-        h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * g1[j][i]));
-        if (pre.scale) h[j][i] = round_to<T>(h[j][i] * sc);
-        if (blockIdx.x == 0) pre.h_out[at] = from_f32<T>(h[j][i]);
-      }
-      ss2 = fmaf(h[j][i], h[j][i], ss2);
+  HLWQ_NORM2_EACH({
+    if (blk < n_blocks) {
+      h[j][i] = round_to<T>(h[j][i] + round_to<T>(a[j][i] * r1 * g1[j][i]));
+      if (pre.scale) h[j][i] = round_to<T>(h[j][i] * sc);
+      if (blockIdx.x == 0) pre.h_out[at] = from_f32<T>(h[j][i]);
     }
-  }
+    ss2 = fmaf(h[j][i], h[j][i], ss2);
+  })
+#undef HLWQ_NORM2_EACH
   const float r2 = rsqrtf(cta_sum(ss2, red, warp, lane, warps) * inv_k + pre.eps);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
