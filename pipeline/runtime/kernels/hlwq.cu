@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
 // A tile the warp covers whole is written to y at once; a tile shared with neighbouring warps is parked in ws[w][0]
 // (the run's first tile) or ws[w][1] (its last), and its last contributor to arrive adds the parts in warp order:
 // the same sum whatever the arrival order, and the counter is left zero for the next launch.
-// 32-bit division where the products fit (every shape of the 31B model but its head): the 64-bit one is a ~100
+// 32-bit division where the products fit (every shape of the 31B model, its head too): the 64-bit one is a ~100
 // instruction call, and the flush that waits on these sits at the end of every run.
 __device__ __forceinline__ int stream_owner(int u, int U, int W) {
   const unsigned long long num = ((unsigned long long)u + 1) * (unsigned)W + (unsigned)(U - 1);
