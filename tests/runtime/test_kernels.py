@@ -147,7 +147,7 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
 
 def test_gemv_tc_stream_where_the_run_arithmetic_needs_64_bits() -> None:
     """The stream flush divides in 32 bits where units x (warps + 1) < 2^32 and in 64 bits past it: a weight of 2^20
-    units (random tiles with unit scales, 1.4 GB) on a full grid takes the 64-bit path, against the tile kernel."""
+    units (random tiles, scales 2^-4, 1.4 GB) on a full grid takes the 64-bit path, against the tile kernel."""
     from pipeline.runtime.kernels import layout, ops, stream_warps, tc_launch
 
     warps, tiles_n, blocks = 32, 16384, 64

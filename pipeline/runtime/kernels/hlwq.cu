@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
                                                       T* __restrict__ y, int n, int R,
                                                       int n_blocks, int n_tiles) {
   // The pair table (SPLIT: then the remainders' table), then one 16x8 partial-sum tile per warp.
-  extern __shared__ uint32_t tab[];
+  extern __shared__ __align__(16) uint32_t tab[];  // filled 16 bytes at a time
   constexpr int TABLES = SPLIT ? 2 : 1;
   float (*red)[16 * 8] = reinterpret_cast<float (*)[16 * 8]>(tab + TABLES * TC_TABLE_WORDS);
   fill_pair_table<BITS>(tab, codebook, SPLIT ? tab + TC_TABLE_WORDS : nullptr);
