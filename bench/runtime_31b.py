@@ -191,7 +191,10 @@ def run_variant(
 def versions() -> dict[str, Any]:
     import transformers
 
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    from pipeline.runtime.kernels import build
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+           "kernels": build.library_name()}  # fmt: skip
     try:
         import torchao
 

@@ -21,6 +21,7 @@ from pipeline.errors import RuntimeBackendError
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("hlwq.cu")
+
 # sm_90 machine code for Hopper plus PTX so newer GPUs JIT it; one library serves every device of one machine.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", "--use_fast_math",
          "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
@@ -38,6 +39,17 @@ _ARGTYPES = {
 }
 
 
+def source() -> Path:
+    """The kernel source to build: hlwq.cu, or HLWQ_KERNEL_SOURCE (another version of it with the same C ABI, for
+    an A/B of two kernel versions in one session; the library name follows the source's hash, so both stay cached)."""
+    alt = os.environ.get("HLWQ_KERNEL_SOURCE", "").strip()
+    if not alt:
+        return SOURCE
+    if not Path(alt).is_file():
+        raise RuntimeBackendError(f"HLWQ_KERNEL_SOURCE: no such file: {alt}")
+    return Path(alt)
+
+
 def cache_dir() -> Path:
     root = (
         os.environ.get("HLWQ_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hlwq"
@@ -46,7 +58,7 @@ def cache_dir() -> Path:
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source().read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     return f"hlwq_kernels_{digest}.so"
 
 
@@ -63,7 +75,7 @@ def build(out_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     log.info("building the HLWQ kernels with %s (once, ~30 s)", nvcc)
-    proc = subprocess.run([str(nvcc), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+    proc = subprocess.run([str(nvcc), *FLAGS, "-o", tmp, str(source())], capture_output=True, text=True)
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
