@@ -106,11 +106,6 @@ class StaticKV:
         return True
 
 
-def _no_pending(h: torch.Tensor, pending: Pending | None) -> torch.Tensor:
-    """A decoder without the fused step never leaves a join pending."""
-    return h
-
-
 @dataclass
 class DecodeResult:
     tokens: list[int]
@@ -249,14 +244,13 @@ class LeanDecoder:
             per_layer = text.project_per_layer_inputs(h, text.get_per_layer_inputs(ids, h))  # not with host_table
         shared: dict[str, Any] = {}
         plans = self.decode_layers.plans if decode and self.decode_layers is not None else {}
-        finish = self.decode_layers.finish if self.decode_layers is not None else _no_pending
         pending: Pending | None = None  # the last fused layer's final join, left for the next one's qkv matvec
         for i, layer in enumerate(text.layers[: self.cfg.num_hidden_layers]):
             lt = self.layer_types[i]
             if i in plans and self.cache.has(i):
                 h, pending = self._step(i, h, rope[lt], masks[lt], pending)
                 continue
-            h, pending = finish(h, pending), None
+            h, pending = self._finish(h, pending), None
             kwargs: dict[str, Any] = {"position_embeddings": rope[lt], "attention_mask": masks[lt],
                                       "position_ids": position_ids, "past_key_values": self.cache}  # fmt: skip
             if self.gemma4_layers:  # Gemma 4: per-layer inputs and shared K/V states
@@ -264,7 +258,7 @@ class LeanDecoder:
                 kwargs["per_layer_input"] = per_layer[:, :, i, :] if per_layer is not None else None
             out = self._layer_call(layer, h, kwargs) if decode else layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        h = finish(h, pending)
+        h = self._finish(h, pending)
         if not decode and self.window is not None:
             self.slot_pos.index_copy_(0, self.cache.ring_idx[-self.ring :], q_pos[-self.ring :])
         h = text.norm(h[:, -1:])
@@ -310,6 +304,13 @@ class LeanDecoder:
         if feats.shape[0] != int(mask.sum()):
             raise ValueError(f"the image gives {feats.shape[0]} soft tokens; the prompt has {int(mask.sum())} slots")
         return h.masked_scatter(mask.unsqueeze(-1), feats.to(h.dtype))
+
+    def _finish(self, h: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+        """The layer output a pending join stands for (only the fused step, hence decode_layers, leaves one)."""
+        if pending is None:
+            return h
+        assert self.decode_layers is not None
+        return self.decode_layers.finish(h, pending)  # type: ignore[no-any-return]
 
     def _step(self, i: int, h: torch.Tensor, rope: Any, mask: torch.Tensor,
               prev: Pending | None) -> tuple[torch.Tensor, Pending]:  # fmt: skip

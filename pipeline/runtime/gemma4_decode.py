@@ -105,10 +105,19 @@ def _split_grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return (num / den.unsqueeze(-1)).reshape(-1).to(values.dtype)
 
 
+def _unpack_hlwq(ts: Tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An HLWQ part's tensors as _hlwq_tensors packs them: tiles, codebook, signs[, 1/smooth] (FORMAT v2 column
+    smoothing: the codes hold W·diag(s)) -> (tiles, codebook, signs, 1/smooth or None)."""
+    return ts[0], ts[1], ts[2], ts[3] if len(ts) > 3 else None
+
+
+def _one_gpu_hlwq(parts: tuple[Part, ...], x: torch.Tensor) -> bool:
+    """Whether a projection is one HLWQ part on the GPU: the shape whose matvec can make its own input."""
+    return len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda
+
+
 def _hlwq_matvec(x: torch.Tensor, ts: Tensors, part: Part) -> torch.Tensor:
-    """ts: tiles, codebook, signs[, 1/smooth] (FORMAT v2 column smoothing: the codes hold W·diag(s))."""
-    tiles, codebook, signs = ts[:3]
-    inv_smooth = ts[3] if len(ts) > 3 else None
+    tiles, codebook, signs, inv_smooth = _unpack_hlwq(ts)
     if x.is_cuda:
         return kernels.tiled_linear(x, tiles, codebook, signs, part.bits, part.rows, inv_smooth)  # type: ignore[no-any-return]
     # CPU: the kernel's own arithmetic from the same tiled bytes (layout.tiled_matvec), so tests cover the fusion
@@ -131,9 +140,8 @@ def project(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torch.Tens
 def project_glu(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], gu: torch.Tensor) -> torch.Tensor:
     """project(parts, tensors, gelu(gate, tanh) · up) for gu [1, 2K] = [gate | up]: one HLWQ part on the GPU makes the
     product inside its matvec (kernels.tiled_glu_linear), no elementwise kernel between the two projections."""
-    if len(parts) == 1 and parts[0].kind == "hlwq" and gu.is_cuda:
-        tiles, codebook, signs = tensors[0][:3]
-        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+    if _one_gpu_hlwq(parts, gu):
+        tiles, codebook, signs, inv_smooth = _unpack_hlwq(tensors[0])
         return kernels.tiled_glu_linear(gu, tiles, codebook, signs, parts[0].bits, parts[0].rows, inv_smooth)  # type: ignore[no-any-return]
     gate, up = gu.split(gu.shape[-1] // 2, dim=-1)
     return project(parts, tensors, F.gelu(gate, approximate="tanh") * up)
@@ -148,10 +156,8 @@ def project_norm2(parts: tuple[Part, ...], tensors: tuple[Tensors, ...], x: torc
     pw = w if pw is None else pw
     g1, g2 = pw["f32"].get(w1), w["f32"].get(w2)
     s32 = pw["f32"].get("layer_scalar") if scaled else None
-    if len(parts) == 1 and parts[0].kind == "hlwq" and x.is_cuda and g1 is not None and g2 is not None \
-            and (s32 is not None or not scaled):  # fmt: skip
-        tiles, codebook, signs = tensors[0][:3]
-        inv_smooth = tensors[0][3] if len(tensors[0]) > 3 else None
+    if _one_gpu_hlwq(parts, x) and g1 is not None and g2 is not None and (s32 is not None or not scaled):
+        tiles, codebook, signs, inv_smooth = _unpack_hlwq(tensors[0])
         fused = kernels.tiled_norm2_linear(x, h, g1, g2, eps, tiles, codebook, signs, parts[0].bits, parts[0].rows,
                                            inv_smooth, s32)  # fmt: skip
         if fused is not None:

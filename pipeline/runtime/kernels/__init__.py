@@ -243,6 +243,12 @@ def _rotates(x2: torch.Tensor, bits: int, n_blocks: int) -> bool:
     )  # fmt: skip
 
 
+def _rotating_word(rows: int, n_blocks: int) -> int | None:
+    """The launch word of a one-token matvec that rotates its own input (gemv_tc_rot), None where tc_choose's rule
+    keeps this weight off stream mode; the caller has checked _rotates."""
+    return rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+
+
 def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
                      rows: int, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """tiled_linear of gelu(gate, tanh) · up for gu [..., 2K] = [gate | up] (a GLU MLP's down projection). Where the
@@ -254,7 +260,7 @@ def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tens
     gate, up = gu.split(gu.shape[-1] // 2, dim=-1)
     flat = gu.reshape(-1, gu.shape[-1])
     if TC_GLU == "1" and gu.shape[-1] == 2 * k and _rotates(flat, bits, n_blocks):
-        launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+        launch = _rotating_word(rows, n_blocks)
         if launch is not None:
             y = torch.ops.hlwq.gemv_tc_rot(flat, signs, inv_smooth, tiles, codebook, bits, rows, launch, True)
             return y.reshape(*gu.shape[:-1], rows)  # type: ignore[no-any-return]
@@ -279,7 +285,7 @@ def tiled_norm2_linear(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: t
         t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)
     ):  # fmt: skip
         return None
-    launch = rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+    launch = _rotating_word(rows, n_blocks)
     if launch is None or n_blocks > 2 * tc_fields(launch)[0]:
         return None
     y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, scale, signs, inv_smooth,
@@ -301,8 +307,9 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     # on the bench model): tile kernel or three GEMMs. bf16 and fp16 inputs hold no more than fp16's 11 bits.
     split = x2.dtype == torch.float32
     stream_ok = not split and stream_supported(x.device, bits)
-    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, _rotates(x2, bits, n_blocks))
-    rot = rotating_launch(launch) if _rotates(x2, bits, n_blocks) else None
+    rotates = _rotates(x2, bits, n_blocks)
+    launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, rotates)
+    rot = rotating_launch(launch) if rotates else None
     if rot is not None:
         y = torch.ops.hlwq.gemv_tc_rot(x2, signs, inv_smooth, tiles, codebook, bits, rows, rot)
     elif x2.shape[0] <= TC_CHUNKED_BATCH:
