@@ -1259,9 +1259,7 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   return (int)cudaGetLastError();
 }
 
-// `rot`: the kernel rotates x (one token) itself (tc_stream2_kernel's ROT) instead of reading rotate_pairs' xp/xs;
-// `trigger`: it then lets its dependents launch early.
-// PreArgs: PRE's tensors, type-erased for the C ABI (the kernel's Pre<T>).
+// PRE's tensors, type-erased for the C ABI (the kernel's Pre<T>).
 struct PreArgs {
   const void* h;
   const float* w1;
@@ -1271,6 +1269,8 @@ struct PreArgs {
   const float* scale;
 };
 
+// ROT: the kernel rotates x (one token) itself instead of reading rotate_pairs' xp/xs; `trigger`: it then lets its
+// dependents launch once it has read x.
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
