@@ -313,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "kernels": build.library_name()},
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "kernels": build.library_name(),
+            "switches": kernels.ab_switches(),
+        },
         "method": "CUDA-graph replay, median of 7 replays; weights cycled over copies totalling >= 4x L2",
     }
     checks = check(device)

@@ -191,10 +191,11 @@ def run_variant(
 def versions() -> dict[str, Any]:
     import transformers
 
+    from pipeline.runtime import kernels
     from pipeline.runtime.kernels import build
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-           "kernels": build.library_name()}  # fmt: skip
+           "kernels": build.library_name(), "switches": kernels.ab_switches()}  # fmt: skip
     try:
         import torchao
 

@@ -16,6 +16,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 
+def _scratch_empty(device: torch.device) -> bool:
+    """Stream mode's scratch ends every launch as it began it: all PART_EMPTY (the next launch's parts announce
+    themselves by overwriting it)."""
+    from pipeline.runtime.kernels import ops
+
+    return bool((ops.stream_scratch(device).view(torch.int32) == ops.PART_EMPTY).all())
+
+
 @pytest.mark.parametrize("bits", [4, 5, 6])
 @pytest.mark.parametrize(("rows", "cols"), [(384, 640), (1000, 576), (2048, 5376)])
 @pytest.mark.parametrize("n", [1, 3, 4, 9])
@@ -132,8 +140,8 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
     """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their last contributor)
     against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
-    warp may idle between a tile's owners); deterministic; counters zero again afterwards."""
-    from pipeline.runtime.kernels import ops, tc_launch
+    warp may idle between a tile's owners); deterministic; the scratch empty again afterwards."""
+    from pipeline.runtime.kernels import tc_launch
 
     xp, xs, tiles, codebook = _tc_inputs(bits, rows, cols, n, seed=bits * rows + n + warps)
     ref = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, torch.float32, tc_launch())
@@ -142,13 +150,13 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
     for _ in range(3):
         assert torch.equal(torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, torch.float32, launch), y)
     assert float((y - ref).norm() / ref.norm()) < 1e-5
-    assert not ops.tile_counters(xp.device, tiles.shape[0]).any()
+    assert _scratch_empty(xp.device)
 
 
 def test_gemv_tc_stream_where_the_run_arithmetic_needs_64_bits() -> None:
     """The stream flush divides in 32 bits where units x (warps + 1) < 2^32 and in 64 bits past it: a weight of 2^20
     units (random tiles, scales 2^-4, 1.4 GB) on a full grid takes the 64-bit path, against the tile kernel."""
-    from pipeline.runtime.kernels import layout, ops, stream_warps, tc_launch
+    from pipeline.runtime.kernels import layout, stream_warps, tc_launch
 
     warps, tiles_n, blocks = 32, 16384, 64
     units = tiles_n * blocks
@@ -167,7 +175,7 @@ def test_gemv_tc_stream_where_the_run_arithmetic_needs_64_bits() -> None:
     ref = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, rows, torch.float32, tc_launch())
     y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, 5, rows, torch.float32, tc_launch(warps, 6, stream=True))
     assert float((y - ref).norm() / ref.norm()) < 1e-5
-    assert not ops.tile_counters(xp.device, tiles_n).any()
+    assert _scratch_empty(xp.device)
 
 
 def _replays_are_eager(step: Callable[[], torch.Tensor], x: torch.Tensor, g: torch.Generator) -> None:
@@ -218,8 +226,8 @@ def test_gemv_tc_stream_in_cuda_graph(warps: int, prefetch: int, pdl: bool) -> N
 def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: int, dtype: torch.dtype, warps: int,
                                                   trigger: bool) -> None:  # fmt: skip
     """The stream matvec that rotates its own input gives rotate_pairs + gemv_tc's result bit for bit (same pairs,
-    same sums in the same order), with and without a smoothing vector, down to one unit; counters zero after."""
-    from pipeline.runtime.kernels import layout, ops, tc_launch
+    same sums in the same order), with and without a smoothing vector, down to one unit; the scratch empty after."""
+    from pipeline.runtime.kernels import layout, tc_launch
 
     g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + warps)
     params = QuantParams(bits=bits)
@@ -234,7 +242,7 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
         rot = tc_launch(warps, 6, stream=True, pdl=True, trigger=trigger)
         y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, rot)
         assert y.dtype == dtype and torch.equal(y, ref)
-    assert not ops.tile_counters(x.device, tiles.shape[0]).any()
+    assert _scratch_empty(x.device)
 
 
 def test_gemv_tc_rot_refuses_what_it_cannot_run() -> None:

@@ -106,6 +106,28 @@ def test_stream_runs_partition_the_units(units: int, warps: int) -> None:
             assert kernels.stream_owner(u, units, warps) == w
 
 
+@pytest.mark.parametrize(
+    ("n_tiles", "n_blocks", "warps"), [(336, 168, 4224), (1344, 42, 4224), (1024, 42, 3168), (336, 64, 3168),
+                                       (5, 10, 7), (3, 2, 5), (40, 3, 64), (9, 1, 4)]
+)  # fmt: skip
+def test_stream_finisher_ends_its_run_in_the_tile(n_tiles: int, n_blocks: int, warps: int) -> None:
+    """Every shared tile's finisher is one of its owners, and the tile is the last of the finisher's run: it waits for
+    the other parts only at the end of its run, and no run waits mid-way (hlwq.cu's FINAL flush)."""
+    units = n_tiles * n_blocks
+    warps = kernels.stream_warps(warps, units)
+    shared = 0
+    for t in range(n_tiles):
+        first = kernels.stream_owner(t * n_blocks, units, warps)
+        last = kernels.stream_owner((t + 1) * n_blocks - 1, units, warps)
+        if first == last:
+            continue
+        shared += 1
+        f = kernels.stream_finisher(t, n_blocks, units, warps)
+        assert first <= f <= last
+        assert t * n_blocks < kernels.stream_start(f + 1, units, warps) <= (t + 1) * n_blocks
+    assert shared > 0 or warps <= n_tiles
+
+
 def test_stream_tiles_summed_in_warp_order_match_whole() -> None:
     """The stream fix-up's arithmetic in torch: each warp's run cut at tile edges, the parts of a tile added in warp
     order, equals the whole product (float64, up to rounding)."""
@@ -130,3 +152,18 @@ def test_stream_tiles_summed_in_warp_order_match_whole() -> None:
                 :, t * 16 : (t + 1) * 16
             ]
     assert torch.allclose(out, full, rtol=1e-9, atol=1e-9)
+
+
+def test_warps_switch_forces_the_stream_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HLWQ_TC_WARPS (read at import) overrides the 24 / 32 warps rule for every stream launch, for A/B runs, and a
+    benchmark's JSON records it among the switches set (nothing else from the environment)."""
+    assert kernels.tc_fields(kernels.stream_default(5376 * 21504))[0] == 32
+    assert kernels.tc_fields(kernels.stream_default(16384 * 5376))[0] == 24
+    monkeypatch.setattr(kernels, "TC_WARPS", "24")
+    assert kernels.tc_fields(kernels.stream_default(5376 * 21504))[0] == 24
+    monkeypatch.setattr(kernels, "TC_WARPS", "32")
+    assert kernels.tc_fields(kernels.stream_default(16384 * 5376))[0] == 32
+    monkeypatch.setenv("HLWQ_TC_WARPS", "24")
+    monkeypatch.setenv("HLWQ_HUB_TOKEN_FILE", "/somewhere")
+    switches = kernels.ab_switches()
+    assert switches["HLWQ_TC_WARPS"] == "24" and "HLWQ_HUB_TOKEN_FILE" not in switches

@@ -37,6 +37,10 @@ LEAN_RINGS = (6, 7, 8)
 STREAM_MIN_WEIGHTS = 1 << 26  # smaller weights (o_proj 5376x8192: 44M) measured faster on the tile kernel
 STREAM_MIN_WEIGHTS_ROTATING = 1 << 25  # ... unless stream mode rotates the input itself (gemv_tc_rot)
 STREAM_FULL_WEIGHTS = 100_000_000  # from here stream mode runs 32 warps per SM, below 24
+# HLWQ_TC_WARPS: "auto" (that rule), or "24" / "32" warps per SM for every stream launch (A/B runs).
+TC_WARPS = os.environ.get("HLWQ_TC_WARPS", "auto").strip().lower()
+if TC_WARPS not in {"auto", "24", "32"}:
+    raise RuntimeBackendError(f"HLWQ_TC_WARPS must be auto, 24 or 32, not {TC_WARPS!r}")
 # HLWQ_TC_STREAM: "auto" (tc_choose's rule), "0" never stream mode, "1" always (A/B runs). HLWQ_TC_LEAN: "1" stream
 # mode runs the lean-issue kernel, programmatically launched (the default), "0" the first kernel (A/B runs). Read once
 # at import, so a compiled graph never sees the environment.
@@ -61,6 +65,13 @@ for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIG
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
+
+
+def ab_switches() -> dict[str, str]:
+    """The A/B switches set in this process's environment (HLWQ_TC_*, HLWQ_INDUCTOR_PDL, HLWQ_KERNEL_SOURCE), for a
+    benchmark's JSON to say which variant it measured."""
+    names = ("HLWQ_INDUCTOR_PDL", "HLWQ_KERNEL_SOURCE")
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("HLWQ_TC_") or k in names}
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
@@ -101,6 +112,13 @@ def stream_owner(unit: int, units: int, warps: int) -> int:
     return ((unit + 1) * warps + units - 1) // units - 1
 
 
+def stream_finisher(t: int, n_blocks: int, units: int, warps: int) -> int:
+    """The warp that adds the parts of shared tile t (hlwq.cu's stream_finisher): its last owner whose run ends inside
+    the tile, so that t is that run's last tile and the wait for the other parts sits at the end of the run."""
+    last = stream_owner((t + 1) * n_blocks - 1, units, warps)
+    return last if stream_start(last + 1, units, warps) <= (t + 1) * n_blocks else last - 1
+
+
 def stream_smem_bytes(bits: int, warps: int = 32, prefetch: int = 2, n_blocks: int = 0) -> int:
     """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
     STREAM_RINGS[prefetch] (slots x units) and one mbarrier per slot; with `n_blocks`, gemv_tc_rot's rotated input
@@ -117,7 +135,8 @@ def stream_default(weights: int = 1 << 30) -> int:
     HLWQ_TC_LEAN=0: the first kernel, 32 warps and 3 slots, as before."""
     if TC_LEAN == "0":
         return tc_launch(32, 2, stream=True)
-    return tc_launch(32 if weights >= STREAM_FULL_WEIGHTS else 24, 6, stream=True, pdl=True)
+    warps = int(TC_WARPS) if TC_WARPS != "auto" else 32 if weights >= STREAM_FULL_WEIGHTS else 24
+    return tc_launch(warps, 6, stream=True, pdl=True)
 
 
 def stream_fits(capability: tuple[int, int], smem_optin: int | None, bits: int, n_blocks: int = 0) -> bool:

@@ -33,8 +33,8 @@ _ARGTYPES = {
     "hlwq_dequant": [_C.c_void_p] * 4 + [_C.c_int] * 3 + [_C.c_void_p],
     "hlwq_gather_pinned": [_C.c_void_p] * 3 + [_C.c_int, _C.c_long, _C.c_void_p],
     "hlwq_rotate_pairs": [_C.c_void_p] * 5 + [_C.c_int] * 3 + [_C.c_void_p],
-    "hlwq_gemv_tc": [_C.c_void_p] * 7 + [_C.c_int] * 6 + [_C.c_void_p],
-    "hlwq_gemv_tc_rot": [_C.c_void_p] * 8 + [_C.c_int] * 6 + [_C.c_void_p] * 3 + [_C.c_float] + [_C.c_void_p] * 3,
+    "hlwq_gemv_tc": [_C.c_void_p] * 6 + [_C.c_int] * 6 + [_C.c_void_p],
+    "hlwq_gemv_tc_rot": [_C.c_void_p] * 7 + [_C.c_int] * 6 + [_C.c_void_p] * 3 + [_C.c_float] + [_C.c_void_p] * 3,
     "hlwq_dequant_tiles": [_C.c_void_p] * 3 + [_C.c_int] * 4 + [_C.c_void_p],
 }
 

@@ -440,8 +440,7 @@ __global__ void __launch_bounds__(512) tc_gemv_kernel(const uint8_t* __restrict_
 // contiguous bytes of units [w*U/W, (w+1)*U/W). Its prefetch pipeline runs straight across tile boundaries and no
 // CTA-wide barrier ever stops it: the tile kernel drains its pipeline once per tile and leaves a part-empty last wave.
 // A tile the warp covers whole is written to y at once; a tile shared with neighbouring warps is parked in ws[w][0]
-// (the run's first tile) or ws[w][1] (its last), and its last contributor to arrive adds the parts in warp order:
-// the same sum whatever the arrival order, and the counter is left zero for the next launch.
+// (the run's first tile) or ws[w][1] (its last), and one of its owners adds the parts in warp order (stream_flush).
 // 32-bit division where the products fit (every shape of the 31B model, its head too): the 64-bit one is a ~100
 // instruction call, and the flush that waits on these sits at the end of every run.
 __device__ __forceinline__ int stream_owner(int u, int U, int W) {
@@ -466,35 +465,74 @@ __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict_
   if (2 * q + 1 < n && r1 < R) y[(size_t)(2 * q + 1) * R + r1] = from_f32<T>(v[3]);
 }
 
-template <typename T>
+// A parked part carries its own arrival: the scratch holds PART_EMPTY wherever no part is parked (a signalling-NaN
+// pattern that no arithmetic produces, NaN results being canonical 0x7fffffff), so a part has arrived once none of its
+// words is PART_EMPTY, whatever order its stores land in: no fence and no counter. The last-arrival count it replaces
+// cost two fences and an atomic round trip at the end of every run (~3 µs a launch, bench/results/kernel_flush2_ab.json).
+#define PART_EMPTY 0x7fbadbadu
+#define PART_SPINS (1 << 22)  // ~seconds of polling: a part that never comes (a grid not all resident) traps, not hangs
+
+__device__ __forceinline__ float4 ld_part(const float* p) {  // from L2, again each time (a relaxed load)
+  float4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ bool part_here(const float4& p) {
+  return __float_as_uint(p.x) != PART_EMPTY && __float_as_uint(p.y) != PART_EMPTY &&
+         __float_as_uint(p.z) != PART_EMPTY && __float_as_uint(p.w) != PART_EMPTY;
+}
+
+// The owner that adds tile t's parts: the last one whose run ends inside t (`last` itself, unless its run goes on to
+// the next tile). Tile t is then its run's last, so it waits only while the other owners finish their runs too; an
+// owner whose run starts inside t parks that part first thing.
+__device__ __forceinline__ int stream_finisher(int t, int last, int U, int W, int n_blocks) {
+  return stream_start(last + 1, U, W) <= (t + 1) * n_blocks ? last : last - 1;
+}
+
+// Tile t's part of warp w's run: a tile the run covers whole goes to y at once; a shared one is parked in ws[w][0] (the
+// run's first tile) or ws[w][1] (its last), and its finisher adds the parts in warp order, its own from registers (the
+// same sum whatever the arrival order) and leaves each slot PART_EMPTY for the next launch. FINAL: t is the run's last
+// tile (only there can w be its finisher); BATCH parts are polled per L2 round trip.
+template <typename T, bool FINAL, int BATCH = 1>
 __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w, int W, int U, int n_blocks,
-                                          float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y,
-                                          int n, int R) {
+                                          float* __restrict__ ws, T* __restrict__ y, int n, int R) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int first = stream_owner(t * n_blocks, U, W), last = stream_owner((t + 1) * n_blocks - 1, U, W);
   if (first == last) {
     stream_store<T>(acc, y, t, g, q, n, R);
     return;
   }
-  const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
-  reinterpret_cast<float4*>(ws + ((size_t)w * 2 + slot) * 128)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-  __threadfence();  // the part is visible device-wide before its arrival is counted
-  __syncwarp();
-  int seen = 0;
-  if (lane == 0) seen = atomicAdd(counters + t, 1);
-  seen = __shfl_sync(0xffffffffu, seen, 0);
-  if (seen != last - first) return;
-  if (lane == 0) counters[t] = 0;  // every part has arrived: nothing else touches this counter in this launch
-  __threadfence();                 // the other parts are read only after their arrivals were seen
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (!FINAL || w != stream_finisher(t, last, U, W, n_blocks)) {
+    const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
+    reinterpret_cast<float4*>(ws + ((size_t)w * 2 + slot) * 128)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    return;
+  }
   // Every owner after the first starts its run inside tile t, so parked it in slot 0; the first did so only if its
   // run starts at the tile's first unit (otherwise t is its last tile: slot 1).
-  const float* part = ws + ((size_t)first * 2 + (stream_start(first, U, W) == t * n_blocks ? 0 : 1)) * 128;
-#pragma unroll 4
-  for (int o = first; o <= last; ++o, part = ws + (size_t)o * 2 * 128) {
-    // __ldcg: from L2, where the other warps' stores landed (never a stale L1 line).
-    const float4 p = __ldcg(reinterpret_cast<const float4*>(part) + lane);
-    v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
+  const int first_slot = stream_start(first, U, W) == t * n_blocks ? 0 : 1;
+  float* const base = ws + lane * 4;
+  const auto at = [&](int o) { return base + ((size_t)o * 2 + (o == first ? first_slot : 0)) * 128; };
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int o0 = first; o0 <= last; o0 += BATCH) {
+    float4 p[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j)
+      if (o0 + j <= last && o0 + j != w) p[j] = ld_part(at(o0 + j));
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int o = o0 + j;
+      if (o > last) break;
+      if (o == w) {
+        p[j] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      } else {
+        for (int spins = 0; !part_here(p[j]); p[j] = ld_part(at(o)))
+          if (++spins == PART_SPINS) __trap();
+        const float e = __uint_as_float(PART_EMPTY);
+        *reinterpret_cast<float4*>(at(o)) = make_float4(e, e, e, e);
+      }
+      v[0] += p[j].x; v[1] += p[j].y; v[2] += p[j].z; v[3] += p[j].w;
+    }
   }
   stream_store<T>(v, y, t, g, q, n, R);
 }
@@ -620,7 +658,7 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
                                                         const float* __restrict__ codebook,
                                                         const uint4* __restrict__ xp, const float* __restrict__ xs,
                                                         T* __restrict__ y, int n, int R, int n_blocks, int n_tiles,
-                                                        float* __restrict__ ws, int* __restrict__ counters) {
+                                                        float* __restrict__ ws) {
   // The pair table, then each warp's ring of STAGES slots of G units, then each warp's STAGES mbarriers.
   extern __shared__ __align__(16) uint32_t tab[];
   constexpr int UB = Unit<BITS>::BYTES;
@@ -669,7 +707,7 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
         xo += 16;
         so += 1;
         if (++b == n_blocks || u + 1 == hi) {
-          stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
+          stream_flush<T, true>(acc, t, w, W, U, n_blocks, ws, y, n, R);  // u + 1 == hi: the run's last
           acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
           xo -= b * 16;
           so -= b;
@@ -808,8 +846,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
                                                          const T* __restrict__ x, const float* __restrict__ signs,
                                                          const float* __restrict__ inv_smooth, bool trigger,
                                                          Pre<T> pre, T* __restrict__ y, int n, int R, int n_blocks,
-                                                         int n_tiles, float* __restrict__ ws,
-                                                         int* __restrict__ counters) {
+                                                         int n_tiles, float* __restrict__ ws) {
   extern __shared__ __align__(16) uint32_t tab[];
   constexpr int UB = Unit<BITS>::BYTES;
   using S = StreamSmem<BITS, STAGES, 1>;
@@ -883,9 +920,10 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   int slot = 0, refill = STAGES - 1;
   uint32_t phase = 0;
   int u = lo;
-  while (u < hi) {
+  float acc[4];
+  while (true) {
     const int seg = min(hi, (t + 1) * n_blocks), first = u;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     for (; u < seg; ++u) {
       mbar_wait(bars + slot * 8, phase);
       __syncwarp();  // every lane is done with the slot refilled next (the previous unit's)
@@ -906,13 +944,17 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
       xq += 16; ++xs0; ++xs1;
       unit_mma<BITS>(acc, p, tb, lane4, lane, x0, x1, x2, x3, x0s, x1s);
     }
-    stream_flush<T>(acc, t, w, W, U, n_blocks, ws, counters, y, n, R);
+    if (u == hi) break;
+    stream_flush<T, false>(acc, t, w, W, U, n_blocks, ws, y, n, R);
     // The next tile starts at block 0.
     const int done = b + (u - first);
     xq -= (size_t)done * 16; xs0 -= done; xs1 -= done;
     b = 0;
     ++t;
   }
+  // The run's last tile, outside the loop: every warp gets here at about the same time, so this flush is what the
+  // launch ends on, and with the loop's registers free it keeps eight parts in flight.
+  stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R);
 }
 
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
@@ -1185,7 +1227,7 @@ __global__ void dequant_tiles_kernel(const uint8_t* __restrict__ tiles, const fl
 // ---- C ABI of the tensor-core path -----------------------------------------------------------------------------------
 template <int BITS, int PF, bool SPLIT, typename T>
 static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n, int R,
-                     int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
+                     int n_blocks, int warps, float* ws, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const int threads = 32 * warps;
   const size_t smem = ((SPLIT ? 2 : 1) * TC_TABLE_WORDS + warps * 128) * sizeof(uint32_t);
@@ -1246,7 +1288,7 @@ static int stream_grid(Kernel kernel, size_t smem, int warps, long units, Stream
 
 template <int BITS, int STAGES, int G, typename T>
 static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                            int n, int R, int n_blocks, int warps, float* ws, int* counters, cudaStream_t stream) {
+                            int n, int R, int n_blocks, int warps, float* ws, cudaStream_t stream) {
   const int n_tiles = (R + 15) / 16;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
   static StreamLaunchCache cache;
@@ -1254,8 +1296,7 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, cache, grid);
   if (rc) return rc;
   tc_stream_kernel<BITS, STAGES, G, T><<<grid, 32 * warps, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs,
-                                                                           (T*)y, n, R, n_blocks, n_tiles, ws,
-                                                                           counters);
+                                                                           (T*)y, n, R, n_blocks, n_tiles, ws);
   return (int)cudaGetLastError();
 }
 
@@ -1274,7 +1315,7 @@ struct PreArgs {
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
-                          int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
+                          int n, int R, int n_blocks, int warps, float* ws, bool pdl,
                           cudaStream_t stream) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
@@ -1297,37 +1338,37 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
   return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
                                  (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
-                                 n_blocks, n_tiles, ws, counters);
+                                 n_blocks, n_tiles, ws);
 }
 
 template <int BITS, int STAGES, typename T>
 static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y,
-                             int n, int R, int n_blocks, int warps, float* ws, int* counters, bool pdl,
+                             int n, int R, int n_blocks, int warps, float* ws, bool pdl,
                              cudaStream_t stream) {
   return launch_stream2<BITS, STAGES, false, 0, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, PreArgs{},
-                                                   y, n, R, n_blocks, warps, ws, counters, pdl, stream);
+                                                   y, n, R, n_blocks, warps, ws, pdl, stream);
 }
 
 template <typename T>
 static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, int n,
                    int R, int n_blocks, int warps, int pf, bool streamed, bool pdl, bool split, float* ws,
-                   int* counters, cudaStream_t stream) {
+                   cudaStream_t stream) {
   // A split activation (hi and lo planes) runs on the tile kernel with a float32 output only.
   if (split && (streamed || !std::is_same<T, float>::value)) return (int)cudaErrorInvalidValue;
   if (streamed && pf >= 6) {  // the lean-issue kernel: 6 -> 2 slots, 7 -> 3, 8 -> 4 (one unit each)
     using Launch2 = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
-                            int*, bool, cudaStream_t);
+                            bool, cudaStream_t);
     Launch2 f = bits == 4 ? (pf == 6 ? launch_tc_stream2<4, 2, T> : pf == 7 ? launch_tc_stream2<4, 3, T>
                              : pf == 8 ? launch_tc_stream2<4, 4, T> : nullptr)
               : bits == 5 ? (pf == 6 ? launch_tc_stream2<5, 2, T> : pf == 7 ? launch_tc_stream2<5, 3, T>
                              : pf == 8 ? launch_tc_stream2<5, 4, T> : nullptr)
               : nullptr;
-    return f ? f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, counters, pdl, stream)
+    return f ? f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, pdl, stream)
              : (int)cudaErrorInvalidValue;
   }
   if (pdl) return (int)cudaErrorInvalidValue;  // only the lean-issue kernel waits for its input (griddepcontrol)
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, void*, int, int, int, int, float*,
-                         int*, cudaStream_t);
+                         cudaStream_t);
   Launch f = nullptr;
   // Stream mode's prefetch field: 2 -> 3 slots of 1 unit, 3 -> 4 x 1, 4 -> 3 slots of 2 units, 5 -> 6 x 1.
   if (streamed)
@@ -1344,7 +1385,7 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
     f = bits == 4 ? (pf == 1 ? launch_tc<4, 1, false, T> : pf == 2 ? launch_tc<4, 2, false, T> : nullptr)
       : bits == 5 ? (pf == 1 ? launch_tc<5, 1, false, T> : pf == 2 ? launch_tc<5, 2, false, T> : nullptr)
       : nullptr;
-  if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, counters, stream);
+  if (f) return f(tiles, codebook, xp, xs, y, n, R, n_blocks, warps, ws, stream);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -1366,24 +1407,24 @@ int hlwq_rotate_pairs(const void* x, const float* signs, const float* inv_smooth
 
 // y: [n, R] in `dtype`, n in 1..8; tiles: the layout of layout.py; xp: rotate_pairs of the input (with a split
 // activation, launch bit 19: each row's hi plane then its lo plane; the tile kernel, float32 y). Stream mode (sm_90+):
-// ws float32 [SMs x max resident warps per SM, 2, 128] (scratch) and counters int32 [ceil(R/16)], zero on entry and on
-// return; unused otherwise.
+// ws float32 [SMs x max resident warps per SM, 2, 128] (scratch), PART_EMPTY on entry and on return; unused
+// otherwise.
 int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, void* y, float* ws,
-                 int* counters, int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
+                 int n, int R, int K, int bits, int launch, int dtype, cudaStream_t stream) {
   // launch: warps per CTA (bits 0-7; stream mode up to 32), prefetch depth (bits 8-11), stream mode (bit 16),
   // programmatic launch (bit 17; the lean-issue stream kernel only), split activation (bit 19).
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, split = (launch >> 19) & 1;
   if (n < 1 || n > 8 || warps < 4 || warps > (streamed ? 32 : 16) || pf < 1 || pf > (streamed ? 8 : 2))
     return (int)cudaErrorInvalidValue;
-  if (streamed && (!ws || !counters)) return (int)cudaErrorInvalidValue;
+  if (streamed && !ws) return (int)cudaErrorInvalidValue;
   const int n_blocks = K / B;
   if (dtype == 0) return tc_bits<float>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl,
-                                        split, ws, counters, stream);
+                                        split, ws, stream);
   if (dtype == 1) return tc_bits<__nv_bfloat16>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed,
-                                                pdl, split, ws, counters, stream);
+                                                pdl, split, ws, stream);
   return tc_bits<__half>(bits, tiles, codebook, xp, xs, y, n, R, n_blocks, warps, pf, streamed, pdl, split, ws,
-                         counters, stream);
+                         stream);
 }
 
 // One token, rotation inside the matvec: y [1, R] in `dtype` from x [1, K] in `dtype` as it is (signs, inv_smooth: as
@@ -1391,20 +1432,20 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 // 2, the input is rms_norm(h2)·w2 with h2 = (h + rms_norm(x)·w1)·scale (h [1, K] in `dtype`, w1/w2 float32 [K],
 // scale float32 [1] or null), and h_out [1, K] gets h2 (at most 2 blocks per warp). launch: a stream-mode word of
 // the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
-// lets the kernel's dependents launch once it has read its inputs. ws and counters as hlwq_gemv_tc's stream mode.
+// lets the kernel's dependents launch once it has read its inputs. ws as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
-                     const float* inv_smooth, void* y, float* ws, int* counters, int R, int K, int bits, int launch,
+                     const float* inv_smooth, void* y, float* ws, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
                      const float* scale, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
   const int n_blocks = K / B;
-  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || !counters || (bits != 4 && bits != 5) || dtype == 0)
+  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || (bits != 4 && bits != 5) || dtype == 0)
     return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
   if (pre < 0 || pre > 2 || (pre == 2 && (!h || !w1 || !w2 || !h_out || n_blocks > 2 * warps)))
     return (int)cudaErrorInvalidValue;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, int*, bool,
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool,
                          cudaStream_t);
   static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
       {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
@@ -1415,7 +1456,7 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
        {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
   const PreArgs pa = {h, w1, w2, eps, h_out, scale};
   return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
-                                                           trigger, pa, y, 1, R, n_blocks, warps, ws, counters, pdl,
+                                                           trigger, pa, y, 1, R, n_blocks, warps, ws, pdl,
                                                            stream);
 }
 

@@ -134,26 +134,6 @@ def _(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None) -> 
             torch.empty(n, k // BLOCK, dtype=torch.float32, device=x.device)]  # fmt: skip
 
 
-# gemv_tc's stream-mode arrival counters (int32, one per 16-row tile), per device: zeroed once here, and every launch
-# leaves them zero again (a tile's last contributor re-zeroes its counter), so a call costs no memset launch - a
-# per-call torch.zeros would add a memset node per linear to every captured decode step. Two launches that may run at
-# the same time on different streams must not share them (the runtime issues gemv_tc on one stream at a time). Buffers
-# are never freed, only outgrown: a captured CUDA graph keeps the pointer it was captured with.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for at least `n_tiles` tiles on `device` (see _COUNTERS)."""
-    held = _COUNTERS.setdefault(device, [])
-    if held and held[-1].numel() >= n_tiles:
-        return held[-1]
-    if torch.cuda.is_current_stream_capturing():
-        # A buffer made now would only be zeroed when the graph replays; this call gets its own (a memset node).
-        return torch.zeros(n_tiles, dtype=torch.int32, device=device)
-    held.append(torch.zeros(max(n_tiles, 2 * held[-1].numel() if held else 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def launch_streamed(launch: int) -> bool:
     """Whether a tc_launch word asks for stream mode (bit 16)."""
     return kernels.tc_fields(launch)[2]
@@ -170,56 +150,61 @@ def resident_warps(device: torch.device) -> int:
     return _WARPS[device]
 
 
-# Stream mode's scratch (two fp32 partial tiles per resident warp), one per device, kept like the counters: a stream
-# kernel touches it only after griddepcontrol.wait, so launches on one stream take turns; a per-call buffer would go
-# back to the allocator while a kernel that lets its dependents start early (gemv_tc_rot) still sums in it.
+# Stream mode's scratch (two fp32 partial tiles per resident warp), one per device: a stream kernel touches it only
+# after griddepcontrol.wait, so launches on one stream take turns (two launches that may run at the same time on
+# different streams must not share it; the runtime issues gemv_tc on one stream at a time); a per-call buffer would go
+# back to the allocator while a kernel that lets its dependents start early (gemv_tc_rot) still sums in it. Every word
+# starts and ends each launch PART_EMPTY (hlwq.cu: a parked part is there once none of its words is), so a call
+# costs no memset launch. Never freed: a captured CUDA graph keeps the pointer it was captured with.
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
+PART_EMPTY = 0x7FBADBAD
 
 
 def stream_scratch(device: torch.device) -> torch.Tensor:
-    """fp32 [resident warps, 2, 128] on `device` (see _SCRATCH); inside a graph capture without one yet, its own."""
+    """fp32 [resident warps, 2, 128] of PART_EMPTY on `device` (see _SCRATCH); inside a graph capture without one
+    yet, its own."""
     if device not in _SCRATCH:
         ws = torch.empty(resident_warps(device), 2, 128, dtype=torch.float32, device=device)
+        ws.view(torch.int32).fill_(PART_EMPTY)
         if torch.cuda.is_current_stream_capturing():
             return ws  # from the graph's pool: not kept past this capture
         _SCRATCH[device] = ws
     return _SCRATCH[device]
 
 
-def _stream_buffers(device: torch.device, bits: int, launch: int, n_tiles: int,
-                    n_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Stream mode's scratch and the shared counters, after checking that the launch can run here (cached per
-    device: no query per call); `n_blocks`: the input a rotating launch holds."""
+def _stream_scratch_for(device: torch.device, bits: int, launch: int, n_blocks: int = 0) -> torch.Tensor:
+    """Stream mode's scratch, after checking that the launch can run here (cached per device: no query per call);
+    `n_blocks`: the input a rotating launch holds."""
     warps, prefetch, _, _ = kernels.tc_fields(launch)
     if prefetch not in kernels.STREAM_RINGS:
         raise RuntimeBackendError(f"gemv_tc's launch word {launch:#x} has no stream ring for prefetch {prefetch}")
     if not kernels.stream_supported(device, bits, n_blocks):
         need = kernels.stream_smem_bytes(bits, warps, prefetch, n_blocks) / 1024
         raise RuntimeBackendError(f"gemv_tc's stream mode needs sm_90+ (TMA) and {need:.0f} KB of shared memory")
-    return stream_scratch(device), tile_counters(device, n_tiles)
+    return stream_scratch(device)
 
 
 @custom_op("hlwq::gemv_tc", mutates_args=())
 def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
-    kernels.tc_launch's word. Stream mode uses the device's scratch and the shared counters (they end the call zero,
-    as they began it: no argument is mutated). A split xp ([n, 2K], a float32 input's) runs on the tile kernel with
+    kernels.tc_launch's word. Stream mode uses the device's scratch (it ends the call as it began it: no argument is
+    mutated). A split xp ([n, 2K], a float32 input's) runs on the tile kernel with
     three products per step, into a float32 y."""
     n = xp.shape[0]
     k = tiles.shape[1] * BLOCK
     if xp.shape[1] not in (k, 2 * k) or tuple(xs.shape) != (n, k // BLOCK):
         raise RuntimeBackendError(f"gemv_tc: rotate_pairs output {tuple(xp.shape)} does not fit {k} weight columns")
     y = torch.empty(n, rows, dtype=out_dtype, device=xp.device)
-    ws = counters = None
+    ws = None
     split = xp.shape[1] == 2 * k
     if split and (launch_streamed(launch) or out_dtype != torch.float32):
         raise RuntimeBackendError("gemv_tc takes a split (float32) activation on the tile kernel into float32")
     launch = launch & ~(1 << 19) | int(split) << 19  # bit 19: the kernel reads a lo plane after each row's hi one
     if launch_streamed(launch):
-        ws, counters = _stream_buffers(xp.device, bits, launch, tiles.shape[0])
+        ws = _stream_scratch_for(xp.device, bits, launch)
     rc = library().hlwq_gemv_tc(tiles.data_ptr(), codebook.data_ptr(), xp.data_ptr(), xs.data_ptr(), y.data_ptr(),
-                                _ptr(ws), _ptr(counters), n, rows, k, bits, launch, _DTYPE_CODES[out_dtype],
+                                _ptr(ws), n, rows, k, bits, launch, _DTYPE_CODES[out_dtype],
                                 _stream())  # fmt: skip
     _check(rc, "gemv_tc")
     return y
@@ -228,7 +213,7 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
 @gemv_tc.register_fake
 def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, bits: int, rows: int,
       out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
-    # Only y is visible: stream mode's scratch and counters live inside the real kernel call.
+    # Only y is visible: stream mode's scratch lives inside the real kernel call.
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
 
 
@@ -257,9 +242,9 @@ def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor |
             raise RuntimeBackendError(f"gemv_tc_rot_norm2 takes at most {2 * warps} blocks, not {k // BLOCK}")
     x2 = x.contiguous()
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
-    ws, counters = _stream_buffers(x.device, bits, launch, tiles.shape[0], k // BLOCK)
+    ws = _stream_scratch_for(x.device, bits, launch, k // BLOCK)
     rc = library().hlwq_gemv_tc_rot(tiles.data_ptr(), codebook.data_ptr(), x2.data_ptr(), signs.data_ptr(),
-                                    _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), counters.data_ptr(), rows, k, bits,
+                                    _ptr(inv_smooth), y.data_ptr(), ws.data_ptr(), rows, k, bits,
                                     launch, _DTYPE_CODES[x.dtype], pre, _ptr(h), _ptr(w1), _ptr(w2), eps, _ptr(h_out),
                                     _ptr(scale), _stream())  # fmt: skip
     _check(rc, "gemv_tc_rot")
