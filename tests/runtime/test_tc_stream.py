@@ -167,3 +167,11 @@ def test_warps_switch_forces_the_stream_launch(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HLWQ_HUB_TOKEN_FILE", "/somewhere")
     switches = kernels.ab_switches()
     assert switches["HLWQ_TC_WARPS"] == "24" and "HLWQ_HUB_TOKEN_FILE" not in switches
+
+
+def test_scratch_marker_matches_the_kernel_source() -> None:
+    """ops fills the stream scratch with the marker hlwq.cu polls for (a mismatch would read garbage as arrived
+    parts)."""
+    from pipeline.runtime.kernels import build
+
+    assert f"#define PART_EMPTY {ops.PART_EMPTY:#x}u" in build.SOURCE.read_text()
