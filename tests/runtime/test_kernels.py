@@ -21,6 +21,7 @@ def _scratch_empty(device: torch.device) -> bool:
     themselves by overwriting it)."""
     from pipeline.runtime.kernels import ops
 
+    assert device in ops._SCRATCH  # the launch used the kept scratch (a fresh one would be empty whatever it did)
     return bool((ops.stream_scratch(device).view(torch.int32) == ops.PART_EMPTY).all())
 
 
@@ -138,7 +139,7 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2), (32, 6), (24, 7), (28, 8)])
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
-    """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their last contributor)
+    """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their finisher)
     against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
     warp may idle between a tile's owners); deterministic; the scratch empty again afterwards."""
     from pipeline.runtime.kernels import tc_launch
@@ -148,6 +149,8 @@ def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int,
     launch = tc_launch(warps, prefetch, stream=True)
     y = torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, torch.float32, launch)
     for _ in range(3):
+        # Another input in between: a part left behind by one launch would be read as arrived by the next.
+        torch.ops.hlwq.gemv_tc(xp.neg(), xs, tiles, codebook, bits, rows, torch.float32, launch)
         assert torch.equal(torch.ops.hlwq.gemv_tc(xp, xs, tiles, codebook, bits, rows, torch.float32, launch), y)
     assert float((y - ref).norm() / ref.norm()) < 1e-5
     assert _scratch_empty(xp.device)

@@ -93,8 +93,8 @@ def test_stream_fits_only_where_its_shared_memory_does() -> None:
 )
 def test_stream_runs_partition_the_units(units: int, warps: int) -> None:
     """Stream mode's runs cover every unit once, differ by at most one unit, none is empty (an empty run between a
-    tile's owners would be counted and never arrive), and stream_owner inverts them (the kernel's fix-up counts a
-    tile's contributors as owner(last unit) - owner(first unit) + 1)."""
+    tile's owners would never park its part), and stream_owner inverts them (a tile's finisher reads the parts of
+    owners owner(first unit) .. owner(last unit))."""
     warps = kernels.stream_warps(warps, units)  # the kernel gives runs to at most one warp per unit
     runs = [(kernels.stream_start(w, units, warps), kernels.stream_start(w + 1, units, warps)) for w in range(warps)]
     assert runs[0][0] == 0 and runs[-1][1] == units
@@ -169,9 +169,11 @@ def test_warps_switch_forces_the_stream_launch(monkeypatch: pytest.MonkeyPatch) 
     assert switches["HLWQ_TC_WARPS"] == "24" and "HLWQ_HUB_TOKEN_FILE" not in switches
 
 
-def test_scratch_marker_matches_the_kernel_source() -> None:
+def test_scratch_marker_and_finisher_match_the_kernel_source() -> None:
     """ops fills the stream scratch with the marker hlwq.cu polls for (a mismatch would read garbage as arrived
-    parts)."""
+    parts), and kernels.stream_finisher, which the tests above check, is the kernel's rule."""
     from pipeline.runtime.kernels import build
 
-    assert f"#define PART_EMPTY {ops.PART_EMPTY:#x}u" in build.SOURCE.read_text()
+    src = build.SOURCE.read_text()
+    assert f"#define PART_EMPTY {ops.PART_EMPTY:#x}u" in src
+    assert "return stream_start(last + 1, U, W) <= (t + 1) * n_blocks ? last : last - 1;" in src

@@ -470,7 +470,10 @@ __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict_
 // words is PART_EMPTY, whatever order its stores land in: no fence and no counter. The last-arrival count it replaces
 // cost two fences and an atomic round trip at the end of every run (~3 µs a launch, bench/results/kernel_flush2_ab.json).
 #define PART_EMPTY 0x7fbadbadu
-#define PART_SPINS (1 << 22)  // ~seconds of polling: a part that never comes (a grid not all resident) traps, not hangs
+// A finisher waits for owners in later CTAs, so the grid must be resident all at once (stream_grid sizes it by
+// occupancy; an MPS limit or a persistent kernel on another stream could break that): ~seconds of polling for a part
+// that never comes trap, rather than hang.
+#define PART_SPINS (1 << 22)
 
 __device__ __forceinline__ float4 ld_part(const float* p) {  // from L2, again each time (a relaxed load)
   float4 v;
@@ -665,7 +668,7 @@ __global__ void __launch_bounds__(1024) tc_stream_kernel(const uint8_t* __restri
   using S = StreamSmem<BITS, STAGES, G>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KS = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  // At most one warp per unit: a warp with an empty run inside a tile's owners would be counted and never arrive.
+  // At most one warp per unit: a warp with an empty run inside a tile's owners would never park its part.
   const int U = n_tiles * n_blocks, W = min((int)gridDim.x * KS, U), w = blockIdx.x * KS + warp;
   const int lo = w < W ? stream_start(w, U, W) : 0, hi = w < W ? stream_start(w + 1, U, W) : 0;
   const int n_stages = (hi - lo + G - 1) / G;
@@ -953,7 +956,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     ++t;
   }
   // The run's last tile, outside the loop: every warp gets here at about the same time, so this flush is what the
-  // launch ends on, and with the loop's registers free it keeps eight parts in flight.
+  // launch ends on, and with the loop's registers free it polls four parts per round trip.
   stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R);
 }
 
