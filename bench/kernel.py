@@ -26,7 +26,7 @@ import torch
 from pipeline.quant import hadamard
 from pipeline.quant.codec import QuantParams, dequantize, quantize
 from pipeline.runtime import kernels
-from pipeline.runtime.kernels import build, layout
+from pipeline.runtime.kernels import layout
 from pipeline.shards import atomic_write_json
 
 SHAPES = {
@@ -313,12 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "kernels": build.library_name(),
-            "switches": kernels.ab_switches(),
-        },
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, **kernels.measured_variant()},
         "method": "CUDA-graph replay, median of 7 replays; weights cycled over copies totalling >= 4x L2",
     }
     checks = check(device)

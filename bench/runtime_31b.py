@@ -192,10 +192,9 @@ def versions() -> dict[str, Any]:
     import transformers
 
     from pipeline.runtime import kernels
-    from pipeline.runtime.kernels import build
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-           "kernels": build.library_name(), "switches": kernels.ab_switches()}  # fmt: skip
+           **kernels.measured_variant()}  # fmt: skip
     try:
         import torchao
 

@@ -165,7 +165,7 @@ def test_warps_switch_forces_the_stream_launch(monkeypatch: pytest.MonkeyPatch) 
     assert kernels.tc_fields(kernels.stream_default(16384 * 5376))[0] == 32
     monkeypatch.setenv("HLWQ_TC_WARPS", "24")
     monkeypatch.setenv("HLWQ_HUB_TOKEN_FILE", "/somewhere")
-    switches = kernels.ab_switches()
+    switches = kernels.measured_variant()["switches"]
     assert switches["HLWQ_TC_WARPS"] == "24" and "HLWQ_HUB_TOKEN_FILE" not in switches
 
 

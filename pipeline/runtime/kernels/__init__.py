@@ -74,6 +74,14 @@ def ab_switches() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("HLWQ_TC_") or k in names}
 
 
+def measured_variant() -> dict[str, Any]:
+    """What a benchmark's JSON records of the kernels it measured: the library's name (it follows the source) and the
+    A/B switches set."""
+    from pipeline.runtime.kernels import build
+
+    return {"kernels": build.library_name(), "switches": ab_switches()}
+
+
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
               trigger: bool = False) -> int:  # fmt: skip
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile

@@ -468,7 +468,8 @@ __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict_
 // A parked part carries its own arrival: the scratch holds PART_EMPTY wherever no part is parked (a signalling-NaN
 // pattern that no arithmetic produces, NaN results being canonical 0x7fffffff), so a part has arrived once none of its
 // words is PART_EMPTY, whatever order its stores land in: no fence and no counter. The last-arrival count it replaces
-// cost two fences and an atomic round trip at the end of every run (~3 µs a launch, bench/results/kernel_flush2_ab.json).
+// cost two fences and an atomic round trip at the end of every run (the end-of-run flush was ~2.9 µs of down_proj's
+// 29.3: bench/results/raw/ablations_session10; the A/B: kernel_flush2_ab.json).
 #define PART_EMPTY 0x7fbadbadu
 // A finisher waits for owners in later CTAs, so the grid must be resident all at once (stream_grid sizes it by
 // occupancy; an MPS limit or a persistent kernel on another stream could break that): ~seconds of polling for a part

@@ -189,8 +189,8 @@ def gemv_tc(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: t
             out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     """rotate_pairs output (xp [n <= 8, K], xs) x tiled codes (layout.py) -> [n, rows] on tensor cores; `launch` is
     kernels.tc_launch's word. Stream mode uses the device's scratch (it ends the call as it began it: no argument is
-    mutated). A split xp ([n, 2K], a float32 input's) runs on the tile kernel with
-    three products per step, into a float32 y."""
+    mutated). A split xp ([n, 2K], a float32 input's) runs on the tile kernel with three products per step, into a
+    float32 y."""
     n = xp.shape[0]
     k = tiles.shape[1] * BLOCK
     if xp.shape[1] not in (k, 2 * k) or tuple(xs.shape) != (n, k // BLOCK):
