@@ -248,6 +248,54 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
     assert _scratch_empty(x.device)
 
 
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(5376, 21504), (21504, 5376), (300, 640), (16, 128), (48, 1280)])
+@pytest.mark.parametrize("cluster", [2, 4, 8])
+def test_gemv_tc_rot_in_clusters_is_bit_equal(bits: int, rows: int, cols: int, cluster: int) -> None:
+    """CTAs in clusters, each rotating 1/cluster of the input blocks and copying the rest from the others' shared
+    memory, give the unclustered launch's result bit for bit (the same pairs and sums): plain input with a smoothing
+    vector and a GLU input, down to an input of one block (fewer blocks than CTAs in the cluster)."""
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + cluster)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    alone = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    clustered = tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=cluster)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    for glu in (False, True):
+        x = (torch.randn(1, cols * (2 if glu else 1), generator=g, device="cuda") * 3).to(torch.bfloat16)
+        ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, alone, glu)
+        y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, clustered, glu)
+        assert torch.equal(y, ref), glu
+    assert _scratch_empty(x.device)
+
+
+def test_clustered_rotating_matvecs_replay_as_eager() -> None:
+    """Two clustered rotating matvecs in a row, each the other's dependent: graph replays equal eager runs."""
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(23)
+    params = QuantParams(bits=5)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    weights = []
+    for rows, cols in [(21504, 5376), (5376, 21504)]:
+        q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+        weights.append((layout.to_tiles(q.codes, q.scales, 5), q.codebook, rows))
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=2)
+    x = torch.randn(1, 5376, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        h = x
+        for tiles, codebook, rows in weights:
+            h = torch.ops.hlwq.gemv_tc_rot(h, signs, None, tiles, codebook, 5, rows, launch)
+        return h
+
+    _replays_are_eager(step, x, g)
+
+
 def test_gemv_tc_rot_refuses_what_it_cannot_run() -> None:
     """A float32 input is split into two fp16 planes (rotate_pairs + the tile kernel); the rotating kernel keeps one,
     so it refuses float32 in one line rather than drop half its bits; so too more than one token, an input that is

@@ -31,17 +31,27 @@ def test_launch_word() -> None:
     for pf, pdl in [(7, True), (6, False)]:  # only gemv_tc_rot's 2-slot programmatic launch triggers its dependents
         with pytest.raises(ValueError, match="trigger"):
             kernels.tc_launch(32, pf, stream=True, pdl=pdl, trigger=True)
+    rot = kernels.tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    assert kernels.tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=1) == rot
+    for cluster in (2, 4, 8):  # bits 20-23, which hlwq_gemv_tc_rot reads
+        assert kernels.tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=cluster) == rot | cluster << 20
+    for cluster, pf, pdl in [(3, 6, True), (16, 6, True), (2, 7, True), (2, 6, False)]:
+        with pytest.raises(ValueError, match="cluster"):
+            kernels.tc_launch(32, pf, stream=True, pdl=pdl, cluster=cluster)
 
 
-def test_rotating_launch() -> None:
-    """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER); the
-    tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing themselves."""
+@pytest.mark.parametrize("cluster", ["1", "2", "4"])
+def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str) -> None:
+    """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER, the
+    cluster per HLWQ_TC_CLUSTER); the tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing
+    themselves."""
+    monkeypatch.setattr(kernels, "TC_CLUSTER", cluster)
     word = kernels.tc_launch(32, 6, stream=True, pdl=True)
     rot = kernels.rotating_launch(word)
     if kernels.TC_ROTATE == "0":
         assert rot is None
     else:
-        assert rot == word | int(kernels.TC_TRIGGER == "1") << 18
+        assert rot == word | int(kernels.TC_TRIGGER == "1") << 18 | (int(cluster) if cluster != "1" else 0) << 20
     for other in (kernels.tc_launch(), kernels.tc_launch(32, 2, stream=True), kernels.tc_launch(32, 7, True, True)):
         assert kernels.rotating_launch(other) is None
 

@@ -65,6 +65,12 @@ for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIG
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
+# HLWQ_TC_CLUSTER: the CTAs of a rotating matvec (not a norm-making one) share its rotation in thread-block clusters of
+# this many, each rotating 1/N of the input blocks and copying the rest from the others' shared memory; "1" none.
+CLUSTER_SIZES = (1, 2, 4, 8)
+TC_CLUSTER = os.environ.get("HLWQ_TC_CLUSTER", "1").strip()
+if TC_CLUSTER not in {str(c) for c in CLUSTER_SIZES}:
+    raise RuntimeBackendError(f"HLWQ_TC_CLUSTER must be one of {CLUSTER_SIZES}, not {TC_CLUSTER!r}")
 
 
 def ab_switches() -> dict[str, str]:
@@ -83,21 +89,26 @@ def measured_variant() -> dict[str, Any]:
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
-              trigger: bool = False) -> int:  # fmt: skip
+              trigger: bool = False, cluster: int = 1) -> int:  # fmt: skip
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
     at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
     sweep on the H200 for 8 of the 10 31B shapes x bits (bench/results/kernel_bf16_operands.json). `pdl`: a
     programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
     kernel before it (rotate_pairs lets it start once it has read its input). `trigger` (gemv_tc_rot only): the
-    matvec lets its own dependents launch once it has read its input."""
+    matvec lets its own dependents launch once it has read its input. `cluster` (gemv_tc_rot only): CTAs per
+    thread-block cluster sharing the rotation (HLWQ_TC_CLUSTER)."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
     if pdl and not (stream and prefetch in LEAN_RINGS):
         raise ValueError(f"a programmatic launch (pdl) needs stream mode with prefetch in {LEAN_RINGS}")
     if trigger and not (pdl and prefetch == ROTATING_PREFETCH):
         raise ValueError(f"trigger is gemv_tc_rot's: a programmatic stream launch with prefetch {ROTATING_PREFETCH}")
-    return warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18
+    if cluster not in CLUSTER_SIZES or (cluster > 1 and not (pdl and prefetch == ROTATING_PREFETCH)):
+        raise ValueError(f"cluster (one of {CLUSTER_SIZES}) is gemv_tc_rot's: a programmatic stream launch with "
+                         f"prefetch {ROTATING_PREFETCH}")  # fmt: skip
+    word = warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18
+    return word | (cluster if cluster > 1 else 0) << 20
 
 
 def tc_fields(launch: int) -> tuple[int, int, bool, bool]:
@@ -174,11 +185,12 @@ def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool, rotating: 
 
 def rotating_launch(launch: int) -> int | None:
     """gemv_tc_rot's word for a one-token tc_choose word: the same stream launch, its dependents triggered early
-    (HLWQ_TC_TRIGGER); None where it rotates no input itself (not the 2-slot lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
+    (HLWQ_TC_TRIGGER), in clusters of HLWQ_TC_CLUSTER; None where it rotates no input itself (not the 2-slot
+    lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
     warps, prefetch, stream, pdl = tc_fields(launch)
     if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
         return None
-    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1")
+    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", cluster=int(TC_CLUSTER))
 
 
 _STREAM_OK: dict[tuple[int, int, int], bool] = {}

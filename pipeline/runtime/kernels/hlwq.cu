@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #define B 128
@@ -835,6 +836,55 @@ __device__ __forceinline__ void norm2_input(const T* __restrict__ x, const Pre<T
   }
 }
 
+// Thread-block clusters (sm_90+): the CTAs of a cluster run at once on one GPC and read each other's shared memory.
+// Outside a cluster launch a CTA is a cluster of one (rank 0 of 1), and these are never reached on sm_80.
+__device__ __forceinline__ int cluster_rank() {
+  unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return (int)r;
+}
+__device__ __forceinline__ int cluster_size() {
+  unsigned n = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+#endif
+  return (int)n;
+}
+__device__ __forceinline__ void cluster_arrive() {  // every thread of the cluster, warp-converged (.aligned)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// 16 bytes at the same shared-memory offset in the cluster's CTA `rank`.
+__device__ __forceinline__ uint4 ld_cluster(const void* local, int rank) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(local);
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(r) : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ float ld_cluster(const float* local, int rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(local);
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(r) : "memory");
+#endif
+  return v;
+}
+
 // ROT (one token): the kernel rotates its own input. After the weight fetches are under way and the table is built,
 // each warp turns blocks of x into the pair layout in shared memory (pair_block, as rotate_pairs), and the units read
 // the activation from there: no rotation launch, and no wait for its output to reach memory. `trigger` then lets the
@@ -872,6 +922,8 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   // ROT: the rotated input after the mbarriers, [n_blocks][16] uint4 of pairs, then [n_blocks] block scales.
   uint4* xsm = reinterpret_cast<uint4*>(reinterpret_cast<uint8_t*>(tab) + S::x_offset(KS));
   float* xss = reinterpret_cast<float*>(xsm + (size_t)n_blocks * 16);
+  // A cluster shares the rotation (not PRE_NORM2, whose norm needs all of x in every CTA anyway).
+  const int CN = ROT && PRE != PRE_NORM2 ? cluster_size() : 1, CR = CN > 1 ? cluster_rank() : 0;
   if (ROT) {
     pdl_wait();  // x is the previous kernel's output
     float sg[4];
@@ -881,13 +933,14 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
       norm2_input<T>(x, pre, sg, inv_smooth, n_blocks, warp, lane, KS, xsm, xss);
     } else {
       // A warp's blocks in groups of RG: the group's loads are all in flight at once (one L2 round trip per group,
-      // where one block at a time cost one per block: 6 for 21504 columns).
+      // where one block at a time cost one per block: 6 for 21504 columns). In a cluster of CN CTAs, this CTA
+      // rotates the blocks blk % CN == CR only, and copies the others from the other CTAs' shared memory below.
       constexpr int RG = 4;
-      for (int first = warp; first < n_blocks; first += RG * KS) {
+      for (int first = warp * CN + CR; first < n_blocks; first += RG * KS * CN) {
         float v[RG][4];
 #pragma unroll
         for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS;
+          const int blk = first + j * KS * CN;
           if (blk < n_blocks) {
             const T* xb = x + (size_t)blk * B + lane * 4;
 #pragma unroll
@@ -899,15 +952,31 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
         }
 #pragma unroll
         for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS;
+          const int blk = first + j * KS * CN;
           if (blk < n_blocks) rotate_store(v[j], sg, inv_smooth, blk, lane, xsm, xss);
         }
+      }
+      if (CN > 1) {
+        cluster_arrive();  // the cluster's blocks are all rotated, each in its CTA's shared memory
+        cluster_wait();
+        for (int i = threadIdx.x; i < n_blocks * 17; i += blockDim.x) {
+          const int blk = i < n_blocks * 16 ? i >> 4 : i - n_blocks * 16, from = blk % CN;
+          if (from == CR) continue;
+          if (i < n_blocks * 16) xsm[i] = ld_cluster(xsm + i, from);
+          else xss[blk] = ld_cluster(xss + blk, from);
+        }
+        // Done reading the others' shared memory; every CTA waits on this phase before it exits, so none leaves
+        // while another still copies from it.
+        cluster_arrive();
       }
     }
   }
   __syncthreads();
   if (ROT && trigger) pdl_trigger();
-  if (count <= 0) return;
+  if (count <= 0) {
+    if (CN > 1) cluster_wait();
+    return;
+  }
   src = tiles + (size_t)(lo + STAGES - 1) * UB;
   const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab), lane4 = lane * 4;
   const uint8_t* ring = reinterpret_cast<const uint8_t*>(tab + TC_WIDE_TABLE_WORDS) + (size_t)warp * S::RING;
@@ -959,6 +1028,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   // The run's last tile, outside the loop: every warp gets here at about the same time, so this flush is what the
   // launch ends on, and with the loop's registers free it polls four parts per round trip.
   stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R);
+  if (CN > 1) cluster_wait();  // no CTA of the cluster still copies from this one's shared memory
 }
 
 // ---- rotation into the pair layout: xp[n, b, j] = fp16x2(z[b*128+j], z[b*128+j+64]) / xs[n, b], j < 64 -------------
@@ -1264,29 +1334,63 @@ struct StreamLaunchCache {
   int n = 0;
   int warps[SLOTS] = {0};
   size_t smem[SLOTS] = {0};
+  int cluster[SLOTS] = {0};
   int ctas[SLOTS] = {0};
 };
 
+// CTAs of `kernel` resident at once when launched in clusters of `cluster` (whole clusters only: a GPC whose free SMs
+// are fewer than a cluster leaves them idle); 0 when not even one cluster fits.
 template <typename Kernel>
-static int stream_grid(Kernel kernel, size_t smem, int warps, long units, StreamLaunchCache& c, unsigned& grid) {
+static int resident_cluster_ctas(Kernel kernel, int threads, size_t smem, int cluster) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(cluster);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();  // a device without clusters: not an error for the caller, who falls back to none
+    return 0;
+  }
+  return clusters * cluster;
+}
+
+// The grid of a stream launch: every CTA resident at once (the finisher waits on later CTAs), at most ~2 units per
+// warp's run; in clusters of `cluster` (1: none), a whole number of them, or `cluster` set to 1 where none fits.
+template <typename Kernel>
+static int stream_grid(Kernel kernel, size_t smem, int warps, long units, StreamLaunchCache& c, unsigned& grid,
+                       int& cluster) {
   if (smem > c.opted) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return (int)e;
     c.opted = smem;
   }
-  int resident = 0;
-  for (int i = 0; i < c.n && !resident; ++i)
-    if (c.warps[i] == warps && c.smem[i] == smem) resident = c.ctas[i];
-  if (!resident) {
-    resident = resident_ctas(kernel, 32 * warps, smem);
+  int resident = -1;
+  for (int i = 0; i < c.n && resident < 0; ++i)
+    if (c.warps[i] == warps && c.smem[i] == smem && c.cluster[i] == cluster) resident = c.ctas[i];
+  if (resident < 0) {
+    resident = cluster > 1 ? resident_cluster_ctas(kernel, 32 * warps, smem, cluster)
+                           : resident_ctas(kernel, 32 * warps, smem);
     if (c.n < StreamLaunchCache::SLOTS) {  // past that many shapes: asked per call
       c.warps[c.n] = warps;
       c.smem[c.n] = smem;
+      c.cluster[c.n] = cluster;
       c.ctas[c.n++] = resident;
     }
   }
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
+  if (cluster > 1 && (resident < cluster || wanted < cluster)) {
+    cluster = 1;
+    return stream_grid(kernel, smem, warps, units, c, grid, cluster);
+  }
   grid = (unsigned)(wanted < resident ? wanted : resident);
+  grid -= grid % (unsigned)cluster;
   return 0;
 }
 
@@ -1297,7 +1401,9 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
   static StreamLaunchCache cache;
   unsigned grid = 0;
-  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, cache, grid);
+  int cluster = 1;
+  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, cache, grid,
+                             cluster);
   if (rc) return rc;
   tc_stream_kernel<BITS, STAGES, G, T><<<grid, 32 * warps, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs,
                                                                            (T*)y, n, R, n_blocks, n_tiles, ws);
@@ -1319,7 +1425,7 @@ struct PreArgs {
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
-                          int n, int R, int n_blocks, int warps, float* ws, bool pdl,
+                          int n, int R, int n_blocks, int warps, float* ws, bool pdl, int cluster,
                           cudaStream_t stream) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
@@ -1327,18 +1433,27 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   static StreamLaunchCache cache;
   unsigned grid = 0;
   const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, (long)n_tiles * n_blocks,
-                             cache, grid);
+                             cache, grid, cluster);
   if (rc) return rc;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(32 * warps);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchAttribute attrs[2];
+  int n_attrs = 0;
+  if (pdl) {
+    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[n_attrs].val.clusterDim.x = cluster;
+    attrs[n_attrs].val.clusterDim.y = 1;
+    attrs[n_attrs++].val.clusterDim.z = 1;
+  }
+  cfg.attrs = attrs;
+  cfg.numAttrs = n_attrs;
   const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
   return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
                                  (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
@@ -1350,7 +1465,7 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
                              int n, int R, int n_blocks, int warps, float* ws, bool pdl,
                              cudaStream_t stream) {
   return launch_stream2<BITS, STAGES, false, 0, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, PreArgs{},
-                                                   y, n, R, n_blocks, warps, ws, pdl, stream);
+                                                   y, n, R, n_blocks, warps, ws, pdl, 1, stream);
 }
 
 template <typename T>
@@ -1436,20 +1551,23 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 // 2, the input is rms_norm(h2)·w2 with h2 = (h + rms_norm(x)·w1)·scale (h [1, K] in `dtype`, w1/w2 float32 [K],
 // scale float32 [1] or null), and h_out [1, K] gets h2 (at most 2 blocks per warp). launch: a stream-mode word of
 // the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
-// lets the kernel's dependents launch once it has read its inputs. ws as hlwq_gemv_tc's stream mode.
+// lets the kernel's dependents launch once it has read its inputs; bits 20-23, a cluster size (0 or 1: none; 2, 4, 8:
+// the CTAs of a cluster share the rotation, each rotating 1/cluster of the blocks; not with pre 2, and none where a
+// cluster does not fit). ws as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
                      const float* scale, cudaStream_t stream) {
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
-  const int n_blocks = K / B;
+  const int n_blocks = K / B, cluster = (launch >> 20) & 15;
+  if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return (int)cudaErrorInvalidValue;
   if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || (bits != 4 && bits != 5) || dtype == 0)
     return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
   if (pre < 0 || pre > 2 || (pre == 2 && (!h || !w1 || !w2 || !h_out || n_blocks > 2 * warps)))
     return (int)cudaErrorInvalidValue;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool,
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool, int,
                          cudaStream_t);
   static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
       {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
@@ -1461,7 +1579,7 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
   const PreArgs pa = {h, w1, w2, eps, h_out, scale};
   return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
                                                            trigger, pa, y, 1, R, n_blocks, warps, ws, pdl,
-                                                           stream);
+                                                           pre == PRE_NORM2 ? 1 : std::max(cluster, 1), stream);
 }
 
 // w: [R, K] in the rotated basis, from the tiled layout: float16 (dtype 2) or float32 (dtype 0).
