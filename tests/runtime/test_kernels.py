@@ -249,12 +249,24 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize(("rows", "cols"), [(5376, 21504), (21504, 5376), (300, 640), (16, 128), (48, 1280)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "same_grid"),
+    [
+        (48, 21504, True),  # 8 CTAs wanted, clustered or not: the same runs, so the same sums
+        (144, 21504, True),  # 24
+        (192, 5376, True),  # 8, 42 blocks
+        (1600, 640, True),  # 8, 5 blocks
+        (8192, 128, True),  # 8, one block: fewer than the cluster's CTAs
+        (5376, 21504, False),  # the whole GPU: clusters may leave SMs idle, and fewer warps split the sums otherwise
+        (21504, 5376, False),
+    ],
+)
 @pytest.mark.parametrize("cluster", [2, 4, 8])
-def test_gemv_tc_rot_in_clusters_is_bit_equal(bits: int, rows: int, cols: int, cluster: int) -> None:
+def test_gemv_tc_rot_in_clusters(bits: int, rows: int, cols: int, same_grid: bool, cluster: int) -> None:
     """CTAs in clusters, each rotating 1/cluster of the input blocks and copying the rest from the others' shared
-    memory, give the unclustered launch's result bit for bit (the same pairs and sums): plain input with a smoothing
-    vector and a GLU input, down to an input of one block (fewer blocks than CTAs in the cluster)."""
+    memory: where the grid is the unclustered launch's (a multiple of 8 CTAs, fewer than the GPU holds), its result
+    bit for bit (the same pairs, the same sums); on the whole GPU within float32 summation order. A plain input with
+    a smoothing vector and a GLU input."""
     from pipeline.runtime.kernels import layout, tc_launch
 
     g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + cluster)
@@ -269,7 +281,10 @@ def test_gemv_tc_rot_in_clusters_is_bit_equal(bits: int, rows: int, cols: int, c
         x = (torch.randn(1, cols * (2 if glu else 1), generator=g, device="cuda") * 3).to(torch.bfloat16)
         ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, alone, glu)
         y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, clustered, glu)
-        assert torch.equal(y, ref), glu
+        if same_grid:
+            assert torch.equal(y, ref), glu
+        else:
+            assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-3, glu
     assert _scratch_empty(x.device)
 
 

@@ -40,18 +40,29 @@ def test_launch_word() -> None:
             kernels.tc_launch(32, pf, stream=True, pdl=pdl, cluster=cluster)
 
 
-@pytest.mark.parametrize("cluster", ["1", "2", "4"])
+def test_cluster_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: pairs from CLUSTER_MIN_BLOCKS input blocks (down_proj's 168, a full-attention o_proj's 128), none below
+    (gate/up's 42) nor for a launch that shares no rotation (0); a set size applies to every sharing launch."""
+    monkeypatch.setattr(kernels, "TC_CLUSTER", "auto")
+    assert [kernels.cluster_for(n) for n in (0, 42, 64, 127, 128, 168)] == [1, 1, 1, 1, 2, 2]
+    monkeypatch.setattr(kernels, "TC_CLUSTER", "4")
+    assert [kernels.cluster_for(n) for n in (0, 1, 42, 168)] == [1, 4, 4, 4]
+
+
+@pytest.mark.parametrize("cluster", ["auto", "1", "2", "4"])
 def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str) -> None:
-    """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER, the
-    cluster per HLWQ_TC_CLUSTER); the tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing
+    """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER, its
+    CTAs in clusters per cluster_for); the tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing
     themselves."""
     monkeypatch.setattr(kernels, "TC_CLUSTER", cluster)
     word = kernels.tc_launch(32, 6, stream=True, pdl=True)
-    rot = kernels.rotating_launch(word)
-    if kernels.TC_ROTATE == "0":
-        assert rot is None
-    else:
-        assert rot == word | int(kernels.TC_TRIGGER == "1") << 18 | (int(cluster) if cluster != "1" else 0) << 20
+    for n_blocks in (0, 42, 168):
+        rot = kernels.rotating_launch(word, n_blocks)
+        if kernels.TC_ROTATE == "0":
+            assert rot is None
+        else:
+            size = kernels.cluster_for(n_blocks)
+            assert rot == word | int(kernels.TC_TRIGGER == "1") << 18 | (size if size > 1 else 0) << 20
     for other in (kernels.tc_launch(), kernels.tc_launch(32, 2, stream=True), kernels.tc_launch(32, 7, True, True)):
         assert kernels.rotating_launch(other) is None
 

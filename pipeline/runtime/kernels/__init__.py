@@ -65,12 +65,16 @@ for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIG
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
-# HLWQ_TC_CLUSTER: the CTAs of a rotating matvec (not a norm-making one) share its rotation in thread-block clusters of
-# this many, each rotating 1/N of the input blocks and copying the rest from the others' shared memory; "1" none.
+# HLWQ_TC_CLUSTER: the CTAs of a rotating matvec (not a norm-making one) can share its rotation in thread-block
+# clusters, each rotating 1/N of the input blocks and copying the rest from the others' shared memory. "auto": pairs
+# for inputs of CLUSTER_MIN_BLOCKS blocks and more (bench/results/kernel_cluster_ab.json, batch 1: 5376x21504, 168
+# blocks, 29.63 -> 28.67 us in pairs; 21504x5376, 42 blocks, 24.68 -> 25.14, the barriers costing more than the
+# shared work saves), none below; "1" none, "2" / "4" / "8" every such launch (A/B runs).
 CLUSTER_SIZES = (1, 2, 4, 8)
-TC_CLUSTER = os.environ.get("HLWQ_TC_CLUSTER", "1").strip()
-if TC_CLUSTER not in {str(c) for c in CLUSTER_SIZES}:
-    raise RuntimeBackendError(f"HLWQ_TC_CLUSTER must be one of {CLUSTER_SIZES}, not {TC_CLUSTER!r}")
+CLUSTER_MIN_BLOCKS = 128
+TC_CLUSTER = os.environ.get("HLWQ_TC_CLUSTER", "auto").strip().lower()
+if TC_CLUSTER not in {"auto", *(str(c) for c in CLUSTER_SIZES)}:
+    raise RuntimeBackendError(f"HLWQ_TC_CLUSTER must be auto or one of {CLUSTER_SIZES}, not {TC_CLUSTER!r}")
 
 
 def ab_switches() -> dict[str, str]:
@@ -183,14 +187,25 @@ def tc_choose(tokens: int, rows: int, n_blocks: int, stream_ok: bool, rotating: 
     return stream_default(weights) if stream and stream_ok else tc_launch()
 
 
-def rotating_launch(launch: int) -> int | None:
+def cluster_for(n_blocks: int) -> int:
+    """CTAs per cluster of a rotating matvec whose input has `n_blocks` blocks (HLWQ_TC_CLUSTER); 0 blocks: a launch
+    that shares no rotation (the norm-making prologue)."""
+    if n_blocks <= 0:
+        return 1
+    if TC_CLUSTER != "auto":
+        return int(TC_CLUSTER)
+    return 2 if n_blocks >= CLUSTER_MIN_BLOCKS else 1
+
+
+def rotating_launch(launch: int, n_blocks: int = 0) -> int | None:
     """gemv_tc_rot's word for a one-token tc_choose word: the same stream launch, its dependents triggered early
-    (HLWQ_TC_TRIGGER), in clusters of HLWQ_TC_CLUSTER; None where it rotates no input itself (not the 2-slot
-    lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
+    (HLWQ_TC_TRIGGER), its CTAs in clusters by cluster_for(n_blocks); None where it rotates no input itself (not the
+    2-slot lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
     warps, prefetch, stream, pdl = tc_fields(launch)
     if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
         return None
-    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", cluster=int(TC_CLUSTER))
+    cluster = cluster_for(n_blocks)
+    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", cluster=cluster)
 
 
 _STREAM_OK: dict[tuple[int, int, int], bool] = {}
@@ -282,10 +297,11 @@ def _rotates(x2: torch.Tensor, bits: int, n_blocks: int) -> bool:
     )  # fmt: skip
 
 
-def _rotating_word(rows: int, n_blocks: int) -> int | None:
+def _rotating_word(rows: int, n_blocks: int, shared: bool = True) -> int | None:
     """The launch word of a one-token matvec that rotates its own input (gemv_tc_rot), None where tc_choose's rule
-    keeps this weight off stream mode; the caller has checked _rotates."""
-    return rotating_launch(tc_choose(1, rows, n_blocks, True, True))
+    keeps this weight off stream mode; the caller has checked _rotates. `shared`: the rotation can be shared in
+    clusters (not the norm-making prologue's)."""
+    return rotating_launch(tc_choose(1, rows, n_blocks, True, True), n_blocks if shared else 0)
 
 
 def tiled_glu_linear(gu: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, signs: torch.Tensor, bits: int,
@@ -324,7 +340,7 @@ def tiled_norm2_linear(x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: t
         t is not None and t.dtype != torch.float32 for t in (w1, w2, scale)
     ):  # fmt: skip
         return None
-    launch = _rotating_word(rows, n_blocks)
+    launch = _rotating_word(rows, n_blocks, shared=False)
     if launch is None or n_blocks > 2 * tc_fields(launch)[0]:
         return None
     y, h2 = torch.ops.hlwq.gemv_tc_rot_norm2(flat, h.reshape(flat.shape), w1, w2, eps, scale, signs, inv_smooth,
@@ -348,7 +364,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, codebook: torch.Tensor, s
     stream_ok = not split and stream_supported(x.device, bits)
     rotates = _rotates(x2, bits, n_blocks)
     launch = tc_choose(min(x2.shape[0], TC_MAX_BATCH), rows, n_blocks, stream_ok, rotates)
-    rot = rotating_launch(launch) if rotates else None
+    rot = rotating_launch(launch, n_blocks) if rotates else None
     if rot is not None:
         y = torch.ops.hlwq.gemv_tc_rot(x2, signs, inv_smooth, tiles, codebook, bits, rows, rot)
     elif x2.shape[0] <= TC_CHUNKED_BATCH:
