@@ -248,6 +248,29 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
     assert _scratch_empty(x.device)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_gemv_tc_rot_reads_an_unaligned_input(glu: bool) -> None:
+    """An input that starts 2 bytes past a 16-byte boundary (a view one element into its buffer) takes the prologue's
+    element-wise loads: the same result, bit for bit, as the aligned copy's 16-byte loads."""
+    from pipeline.runtime.kernels import layout, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(31)
+    params = QuantParams(bits=5)
+    rows, cols = 512, 5376
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    width = cols * (2 if glu else 1)
+    buf = (torch.randn(1, width + 1, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    x = buf[:, 1:]
+    assert x.is_contiguous() and x.data_ptr() % 16 == 2
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, 5, rows, launch, glu)
+    ref = torch.ops.hlwq.gemv_tc_rot(x.clone(), signs, inv, tiles, q.codebook, 5, rows, launch, glu)
+    assert torch.equal(y, ref)
+
+
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize(
     ("rows", "cols", "same_grid"),

@@ -783,6 +783,75 @@ __device__ __forceinline__ void rotate_store(float (&v)[4], const float (&sg)[4]
   if (lane == 0) xss[blk] = scale;
 }
 
+// The prologue's rotation, four blocks per warp at a time: lane l takes block l >> 3 of the warp's four and holds 16
+// of its elements, j < 16 at index quad_index(j, l & 7), so that the transform's strides 1, 2, 4 and 64 are in
+// registers and 8, 16, 32 are shuffles among 8 lanes: 12 shuffles per block where warp_fwht_regs takes 20, each
+// added with one fma by +-1, and pair_block's (z[i], z[i + 64]) in one lane. The stages run in warp_fwht_regs's order
+// (stride 1 first, 64 last), each sum rounded as there: the same bits as rotate_store.
+__device__ __forceinline__ int quad_index(int j, int sub) { return (j & 7) | sub << 3 | (j >> 3) << 6; }
+
+__device__ __forceinline__ void quad_fwht(float (&v)[16], int sub) {
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1)
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if (!(j & m)) {
+        const float a = v[j], b = v[j | m];
+        v[j] = a + b;
+        v[j | m] = a - b;
+      }
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1) {
+    const float sign = (sub & m) ? -1.f : 1.f;  // bit set: partner - own; clear: own + partner
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = fmaf(sign, v[j], __shfl_xor_sync(0xffffffffu, v[j], m));
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float a = v[j], b = v[j + 8];
+    v[j] = a + b;
+    v[j + 8] = a - b;
+  }
+}
+
+// quad_fwht's block in the pair layout in shared memory, as pair_block + rotate_store write it: lane sub's pairs
+// 8·sub .. 8·sub + 7 (two uint4) and, from sub 0, the block's scale.
+__device__ __forceinline__ void quad_store(const float (&v)[16], int sub, int blk, uint4* xsm, float* xss) {
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
+#pragma unroll
+  for (int m = 4; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  amax *= 0.08838834764831845f;
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e
+  const float scale = amax > 0.f ? ldexpf(1.f, e - 14) : 1.f;
+  const float f = 0.08838834764831845f / scale;
+  uint32_t ph[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const __half2 p = __floats2half2_rn(v[k] * f, v[k + 8] * f);
+    ph[k] = *reinterpret_cast<const uint32_t*>(&p);
+  }
+  xsm[blk * 16 + sub * 2] = make_uint4(ph[0], ph[1], ph[2], ph[3]);
+  xsm[blk * 16 + sub * 2 + 1] = make_uint4(ph[4], ph[5], ph[6], ph[7]);
+  if (sub == 0) xss[blk] = scale;
+}
+
+// Eight consecutive elements of x from p (16-byte aligned when `vec`), as float.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, bool vec, float* out) {
+  if (vec) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = to_f32<T>(e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = to_f32<T>(p[k]);
+  }
+}
+
 // NORM2's input, one token of width K = n_blocks·128 (at most 2 blocks per warp): t = rms_norm(x)·w1, h2 = (h + t)
 // [·scale], input = rms_norm(h2)·w2, each rounded to T as the step's eager ops round them (Gemma-4's attention output joining
 // the residual, then the MLP's pre-norm). Every CTA computes all of it; CTA 0 writes h2.
@@ -932,29 +1001,41 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     if (PRE == PRE_NORM2) {
       norm2_input<T>(x, pre, sg, inv_smooth, n_blocks, warp, lane, KS, xsm, xss);
     } else {
-      // A warp's blocks in groups of RG: the group's loads are all in flight at once (one L2 round trip per group,
-      // where one block at a time cost one per block: 6 for 21504 columns). In a cluster of CN CTAs, this CTA
-      // rotates the blocks blk % CN == CR only, and copies the others from the other CTAs' shared memory below.
-      constexpr int RG = 4;
-      for (int first = warp * CN + CR; first < n_blocks; first += RG * KS * CN) {
-        float v[RG][4];
+      // Four blocks per warp at a time (quad_fwht); in a cluster of CN CTAs this CTA rotates the blocks
+      // blk % CN == CR only (its m-th: blk = m·CN + CR), and copies the others from the other CTAs below.
+      const int sub = lane & 7, quad = lane >> 3, mine = (n_blocks - CR + CN - 1) / CN;
+      const bool vec = sizeof(T) == 2 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+      float sq[16];
 #pragma unroll
-        for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS * CN;
-          if (blk < n_blocks) {
-            const T* xb = x + (size_t)blk * B + lane * 4;
+      for (int j = 0; j < 16; ++j) sq[j] = signs[quad_index(j, sub)];
+      for (int m0 = warp * 4; m0 < mine; m0 += KS * 4) {
+        const int m = m0 + quad, blk = m * CN + CR;
+        float v[16];  // absent blocks (m >= mine) take part in the shuffles with zeros and store nothing
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              v[j][i] = to_f32<T>(xb[i]);
-              if (PRE == PRE_GLU) v[j][i] = round_to<T>(gelu_tanh(v[j][i]) * to_f32<T>(xb[(size_t)n_blocks * B + i]));
-            }
+        for (int j = 0; j < 16; ++j) v[j] = 0.f;
+        if (m < mine) {
+          const T* xb = x + (size_t)blk * B + sub * 8;
+          load8<T>(xb, vec, v);
+          load8<T>(xb + 64, vec, v + 8);
+          if (PRE == PRE_GLU) {
+            float up[16];
+            load8<T>(xb + (size_t)n_blocks * B, vec, up);
+            load8<T>(xb + (size_t)n_blocks * B + 64, vec, up + 8);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) v[j] = round_to<T>(gelu_tanh(v[j]) * up[j]);
+          }
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] *= sq[j];
+          if (inv_smooth) {
+            const float4* is = reinterpret_cast<const float4*>(inv_smooth + (size_t)blk * B + sub * 8);
+            const float4 a = is[0], b = is[1], c = is[16], d = is[17];  // +64 elements: 16 float4 on
+            const float w[16] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+            for (int j = 0; j < 16; ++j) v[j] *= w[j];
           }
         }
-#pragma unroll
-        for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS * CN;
-          if (blk < n_blocks) rotate_store(v[j], sg, inv_smooth, blk, lane, xsm, xss);
-        }
+        quad_fwht(v, sub);
+        if (m < mine) quad_store(v, sub, blk, xsm, xss);
       }
       if (CN > 1) {
         cluster_arrive();  // the cluster's blocks are all rotated, each in its CTA's shared memory
