@@ -815,8 +815,10 @@ __device__ __forceinline__ void quad_fwht(float (&v)[16], int sub) {
 }
 
 // quad_fwht's block in the pair layout in shared memory, as pair_block + rotate_store write it: lane sub's pairs
-// 8·sub .. 8·sub + 7 (two uint4) and, from sub 0, the block's scale.
-__device__ __forceinline__ void quad_store(const float (&v)[16], int sub, int blk, uint4* xsm, float* xss) {
+// 8·sub .. 8·sub + 7 (two uint4) and, from sub 0, the block's scale. Every lane of the warp calls it (its shuffles
+// name them all: a lane left out would hang the others); only `live` ones store.
+__device__ __forceinline__ void quad_store(const float (&v)[16], int sub, int blk, bool live, uint4* xsm,
+                                           float* xss) {
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
@@ -833,6 +835,7 @@ __device__ __forceinline__ void quad_store(const float (&v)[16], int sub, int bl
     const __half2 p = __floats2half2_rn(v[k] * f, v[k + 8] * f);
     ph[k] = *reinterpret_cast<const uint32_t*>(&p);
   }
+  if (!live) return;
   xsm[blk * 16 + sub * 2] = make_uint4(ph[0], ph[1], ph[2], ph[3]);
   xsm[blk * 16 + sub * 2 + 1] = make_uint4(ph[4], ph[5], ph[6], ph[7]);
   if (sub == 0) xss[blk] = scale;
@@ -1035,7 +1038,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
           }
         }
         quad_fwht(v, sub);
-        if (m < mine) quad_store(v, sub, blk, xsm, xss);
+        quad_store(v, sub, blk, m < mine, xsm, xss);
       }
       if (CN > 1) {
         cluster_arrive();  // the cluster's blocks are all rotated, each in its CTA's shared memory
