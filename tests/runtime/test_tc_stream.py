@@ -56,12 +56,13 @@ def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str) -> None:
     themselves."""
     monkeypatch.setattr(kernels, "TC_CLUSTER", cluster)
     word = kernels.tc_launch(32, 6, stream=True, pdl=True)
-    for n_blocks in (0, 42, 168):
+    forced = int(cluster) if cluster != "auto" else None
+    for n_blocks, auto in ((0, 1), (42, 1), (168, 2)):
         rot = kernels.rotating_launch(word, n_blocks)
         if kernels.TC_ROTATE == "0":
             assert rot is None
         else:
-            size = kernels.cluster_for(n_blocks)
+            size = 1 if n_blocks == 0 else forced or auto  # 0 blocks: a launch that shares no rotation
             assert rot == word | int(kernels.TC_TRIGGER == "1") << 18 | (size if size > 1 else 0) << 20
     for other in (kernels.tc_launch(), kernels.tc_launch(32, 2, stream=True), kernels.tc_launch(32, 7, True, True)):
         assert kernels.rotating_launch(other) is None

@@ -65,11 +65,9 @@ for _name, _value in (("HLWQ_TC_ROTATE", TC_ROTATE), ("HLWQ_TC_TRIGGER", TC_TRIG
     if _value not in {"0", "1"}:
         raise RuntimeBackendError(f"{_name} must be 0 or 1, not {_value!r}")
 ROTATING_PREFETCH = 6  # the one ring that leaves shared memory for the rotated input (hlwq_gemv_tc_rot)
-# HLWQ_TC_CLUSTER: the CTAs of a rotating matvec (not a norm-making one) can share its rotation in thread-block
-# clusters, each rotating 1/N of the input blocks and copying the rest from the others' shared memory. "auto": pairs
-# for inputs of CLUSTER_MIN_BLOCKS blocks and more (bench/results/kernel_cluster_ab.json, batch 1: 5376x21504, 168
-# blocks, 29.63 -> 28.67 us in pairs; 21504x5376, 42 blocks, 24.68 -> 25.14, the barriers costing more than the
-# shared work saves), none below; "1" none, "2" / "4" / "8" every such launch (A/B runs).
+# HLWQ_TC_CLUSTER: CTAs of a rotating matvec (not a norm-making one) share its rotation in clusters of N. "auto":
+# pairs from CLUSTER_MIN_BLOCKS input blocks, where they measured faster (kernel_cluster_ab.json); "1" none, "2" / "4"
+# / "8" every such launch (A/B runs).
 CLUSTER_SIZES = (1, 2, 4, 8)
 CLUSTER_MIN_BLOCKS = 128
 TC_CLUSTER = os.environ.get("HLWQ_TC_CLUSTER", "auto").strip().lower()
