@@ -1454,6 +1454,7 @@ static cudaError_t resident_cluster_ctas(Kernel kernel, int threads, size_t smem
   int clusters = 0;
   e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
   ctas = clusters * cluster;
+  if (e != cudaSuccess) cudaGetLastError();  // returned to the caller; left set, a later launch's check would see it
   return e;
 }
 
