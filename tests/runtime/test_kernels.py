@@ -248,44 +248,95 @@ def test_gemv_tc_rot_is_rotate_pairs_then_gemv_tc(bits: int, rows: int, cols: in
     assert _scratch_empty(x.device)
 
 
-@pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize(
-    ("rows", "cols", "same_grid"),
-    [
-        (48, 21504, True),  # 8 CTAs wanted, clustered or not: the same runs, so the same sums
-        (144, 21504, True),  # 24
-        (192, 5376, True),  # 8, 42 blocks
-        (1600, 640, True),  # 8, 5 blocks
-        (8192, 128, True),  # 8, one block: fewer than the cluster's CTAs
-        (5376, 21504, False),  # the whole GPU: clusters may leave SMs idle, and fewer warps split the sums otherwise
-        (21504, 5376, False),
-    ],
-)
-@pytest.mark.parametrize("cluster", [2, 4, 8])
-def test_gemv_tc_rot_in_clusters(bits: int, rows: int, cols: int, same_grid: bool, cluster: int) -> None:
-    """CTAs in clusters, each rotating 1/cluster of the input blocks and copying the rest from the others' shared
-    memory: where the grid is the unclustered launch's (a multiple of 8 CTAs, fewer than the GPU holds), its result
-    bit for bit (the same pairs, the same sums); on the whole GPU within float32 summation order. A plain input with
-    a smoothing vector and a GLU input."""
+@pytest.mark.parametrize("glu", [False, True])
+def test_gemv_tc_rot_reads_an_unaligned_input(glu: bool) -> None:
+    """An input that starts 2 bytes past a 16-byte boundary (a view one element into its buffer) takes the prologue's
+    element-wise loads: the same result, bit for bit, as the aligned copy's 16-byte loads."""
     from pipeline.runtime.kernels import layout, tc_launch
 
-    g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + cluster)
+    g = torch.Generator(device="cuda").manual_seed(31)
+    params = QuantParams(bits=5)
+    rows, cols = 512, 5376
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    width = cols * (2 if glu else 1)
+    buf = (torch.randn(1, width + 1, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    x = buf[:, 1:]
+    assert x.is_contiguous() and x.data_ptr() % 16 == 2
+    launch = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, 5, rows, launch, glu)
+    ref = torch.ops.hlwq.gemv_tc_rot(x.clone(), signs, inv, tiles, q.codebook, 5, rows, launch, glu)
+    assert torch.equal(y, ref)
+
+
+# (warps, rows, cols, same grid): True where the launch wants a multiple of 8 CTAs, fewer than the GPU holds, so that
+# every cluster size gets the unclustered launch's grid (the same runs, so the same sums); False: the whole GPU,
+# where clusters may leave SMs idle and fewer warps then split the sums otherwise.
+CLUSTER_CASES = [
+    (32, 48, 21504, True),  # 8 CTAs
+    (32, 144, 21504, True),  # 24
+    (32, 192, 5376, True),  # 8, 42 blocks
+    (32, 1600, 640, True),  # 8, 5 blocks
+    (32, 8192, 128, True),  # 8, one block: fewer than the cluster's CTAs
+    (24, 144, 21504, True),  # 32, at the 24 warps of weights under 1e8 (a full-attention o_proj's launch)
+    (24, 144, 5376, True),  # 8
+    (24, 6144, 128, True),  # 8, one block
+    (32, 5376, 21504, False),
+    (32, 21504, 5376, False),
+    (24, 5376, 16384, False),
+]
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("warps", "rows", "cols", "same_grid"), CLUSTER_CASES)
+@pytest.mark.parametrize("cluster", [2, 4, 8])
+def test_gemv_tc_rot_in_clusters(bits: int, warps: int, rows: int, cols: int, same_grid: bool, cluster: int) -> None:
+    """CTAs in clusters, each rotating 1/cluster of the input blocks and copying the rest from the others' shared
+    memory, run as clusters (the launch's plan says so: no silent fallback) and give the unclustered launch's result:
+    bit for bit on the same grid, within float32 summation order otherwise. A plain input with a smoothing vector and
+    a GLU input."""
+    from pipeline.runtime.kernels import layout, ops, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + cluster + warps)
     params = QuantParams(bits=bits)
     q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
     signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
     tiles = layout.to_tiles(q.codes, q.scales, bits)
-    alone = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
-    clustered = tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=cluster)
+    alone = tc_launch(warps, 6, stream=True, pdl=True, trigger=True)
+    clustered = tc_launch(warps, 6, stream=True, pdl=True, trigger=True, cluster=cluster)
+    grid_alone, _ = ops.gemv_tc_rot_plan(rows, cols, bits, alone, torch.bfloat16)
+    grid, used = ops.gemv_tc_rot_plan(rows, cols, bits, clustered, torch.bfloat16)
+    assert used == cluster and grid % cluster == 0
+    assert grid == grid_alone or not same_grid
     inv = torch.rand(cols, generator=g, device="cuda") + 0.5
     for glu in (False, True):
         x = (torch.randn(1, cols * (2 if glu else 1), generator=g, device="cuda") * 3).to(torch.bfloat16)
         ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, alone, glu)
         y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, clustered, glu)
-        if same_grid:
+        if grid == grid_alone:
             assert torch.equal(y, ref), glu
         else:
             assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-3, glu
     assert _scratch_empty(x.device)
+
+
+def test_gemv_tc_rot_runs_without_clusters_below_one_cluster() -> None:
+    """A launch that wants fewer CTAs than a cluster holds (16 x 1280: one) runs unclustered, with the same result."""
+    from pipeline.runtime.kernels import layout, ops, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(41)
+    params = QuantParams(bits=5)
+    q = quantize(torch.randn(16, 1280, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, 5)
+    clustered = tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=2)
+    assert ops.gemv_tc_rot_plan(16, 1280, 5, clustered, torch.bfloat16) == (1, 1)
+    x = torch.randn(1, 1280, generator=g, device="cuda").to(torch.bfloat16)
+    alone = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
+    want = torch.ops.hlwq.gemv_tc_rot(x, signs, None, tiles, q.codebook, 5, 16, alone)
+    assert torch.equal(torch.ops.hlwq.gemv_tc_rot(x, signs, None, tiles, q.codebook, 5, 16, clustered), want)
 
 
 def test_gemv_tc_rot_refuses_what_it_cannot_run() -> None:

@@ -473,8 +473,8 @@ __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict_
 // 29.3: bench/results/raw/ablations_session10; the A/B: kernel_flush2_ab.json).
 #define PART_EMPTY 0x7fbadbadu
 // A finisher waits for owners in later CTAs, so the grid must be resident all at once (stream_grid sizes it by
-// occupancy; an MPS limit or a persistent kernel on another stream could break that): ~seconds of polling for a part
-// that never comes trap, rather than hang.
+// occupancy on an idle GPU; an MPS limit, a persistent kernel on another stream, or, with clusters, a GPC short of
+// free SMs could break that): ~seconds of polling for a part that never comes trap, rather than hang.
 #define PART_SPINS (1 << 22)
 
 __device__ __forceinline__ float4 ld_part(const float* p) {  // from L2, again each time (a relaxed load)
@@ -783,6 +783,78 @@ __device__ __forceinline__ void rotate_store(float (&v)[4], const float (&sg)[4]
   if (lane == 0) xss[blk] = scale;
 }
 
+// The prologue's rotation, four blocks per warp at a time: lane l takes block l >> 3 of the warp's four and holds 16
+// of its elements, j < 16 at index quad_index(j, l & 7), so that the transform's strides 1, 2, 4 and 64 are in
+// registers and 8, 16, 32 are shuffles among 8 lanes: 12 shuffles per block where warp_fwht_regs takes 20, each
+// added with one fma by +-1, and pair_block's (z[i], z[i + 64]) in one lane. The stages run in warp_fwht_regs's order
+// (stride 1 first, 64 last), each sum rounded as there: the same bits as rotate_store.
+__device__ __forceinline__ int quad_index(int j, int sub) { return (j & 7) | sub << 3 | (j >> 3) << 6; }
+
+__device__ __forceinline__ void quad_fwht(float (&v)[16], int sub) {
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1)
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if (!(j & m)) {
+        const float a = v[j], b = v[j | m];
+        v[j] = a + b;
+        v[j | m] = a - b;
+      }
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1) {
+    const float sign = (sub & m) ? -1.f : 1.f;  // bit set: partner - own; clear: own + partner
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = fmaf(sign, v[j], __shfl_xor_sync(0xffffffffu, v[j], m));
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float a = v[j], b = v[j + 8];
+    v[j] = a + b;
+    v[j + 8] = a - b;
+  }
+}
+
+// quad_fwht's block in the pair layout in shared memory, as pair_block + rotate_store write it: lane sub's pairs
+// 8·sub .. 8·sub + 7 (two uint4) and, from sub 0, the block's scale. Every lane of the warp calls it (its shuffles
+// name them all: a lane left out would hang the others); only `live` ones store.
+__device__ __forceinline__ void quad_store(const float (&v)[16], int sub, int blk, bool live, uint4* xsm,
+                                           float* xss) {
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
+#pragma unroll
+  for (int m = 4; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  amax *= 0.08838834764831845f;
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e
+  const float scale = amax > 0.f ? ldexpf(1.f, e - 14) : 1.f;
+  const float f = 0.08838834764831845f / scale;
+  uint32_t ph[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const __half2 p = __floats2half2_rn(v[k] * f, v[k + 8] * f);
+    ph[k] = *reinterpret_cast<const uint32_t*>(&p);
+  }
+  if (!live) return;
+  xsm[blk * 16 + sub * 2] = make_uint4(ph[0], ph[1], ph[2], ph[3]);
+  xsm[blk * 16 + sub * 2 + 1] = make_uint4(ph[4], ph[5], ph[6], ph[7]);
+  if (sub == 0) xss[blk] = scale;
+}
+
+// Eight consecutive elements of x from p (16-byte aligned when `vec`), as float.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, bool vec, float* out) {
+  if (vec) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = to_f32<T>(e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = to_f32<T>(p[k]);
+  }
+}
+
 // NORM2's input, one token of width K = n_blocks·128 (at most 2 blocks per warp): t = rms_norm(x)·w1, h2 = (h + t)
 // [·scale], input = rms_norm(h2)·w2, each rounded to T as the step's eager ops round them (Gemma-4's attention output joining
 // the residual, then the MLP's pre-norm). Every CTA computes all of it; CTA 0 writes h2.
@@ -852,37 +924,46 @@ __device__ __forceinline__ int cluster_size() {
 #endif
   return (int)n;
 }
-__device__ __forceinline__ void cluster_arrive() {  // every thread of the cluster, warp-converged (.aligned)
+// The barrier's .aligned form needs the whole warp converged; __syncwarp makes sure after divergent code (the copy's
+// ragged tail, the flush's per-lane polls). Once per launch: no cost worth a second form.
+__device__ __forceinline__ void cluster_arrive() {
+  __syncwarp();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void cluster_wait() {
+  __syncwarp();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
-// 16 bytes at the same shared-memory offset in the cluster's CTA `rank`.
-__device__ __forceinline__ uint4 ld_cluster(const void* local, int rank) {
-  uint4 v = make_uint4(0, 0, 0, 0);
+
+// The rotated input's blocks that other CTAs of the cluster made (blk % n != rank), copied from the same offsets of
+// their shared memory: [n_blocks][16] uint4 of pairs at xsm, then the n_blocks scales (xss), one 16- or 4-byte word
+// per thread and step. n is a power of two.
+__device__ __forceinline__ void copy_cluster_blocks(uint4* xsm, float* xss, int n_blocks, int n, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(local);
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(r) : "memory");
+  for (int i = threadIdx.x; i < n_blocks * 17; i += blockDim.x) {
+    const bool pairs = i < n_blocks * 16;
+    const int blk = pairs ? i >> 4 : i - n_blocks * 16, from = blk & (n - 1);
+    if (from == rank) continue;
+    void* const local = pairs ? static_cast<void*>(xsm + i) : static_cast<void*>(xss + blk);
+    uint32_t addr;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(addr) : "r"((uint32_t)__cvta_generic_to_shared(local)), "r"(from));
+    if (pairs) {
+      uint4 v;
+      asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+      xsm[i] = v;
+    } else {
+      float v;
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+      xss[blk] = v;
+    }
+  }
 #endif
-  return v;
-}
-__device__ __forceinline__ float ld_cluster(const float* local, int rank) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(local);
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(r) : "memory");
-#endif
-  return v;
 }
 
 // ROT (one token): the kernel rotates its own input. After the weight fetches are under way and the table is built,
@@ -932,39 +1013,46 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     if (PRE == PRE_NORM2) {
       norm2_input<T>(x, pre, sg, inv_smooth, n_blocks, warp, lane, KS, xsm, xss);
     } else {
-      // A warp's blocks in groups of RG: the group's loads are all in flight at once (one L2 round trip per group,
-      // where one block at a time cost one per block: 6 for 21504 columns). In a cluster of CN CTAs, this CTA
-      // rotates the blocks blk % CN == CR only, and copies the others from the other CTAs' shared memory below.
-      constexpr int RG = 4;
-      for (int first = warp * CN + CR; first < n_blocks; first += RG * KS * CN) {
-        float v[RG][4];
+      // Four blocks per warp at a time (quad_fwht); in a cluster of CN CTAs this CTA rotates the blocks
+      // blk % CN == CR only (its m-th: blk = m·CN + CR), and copies the others from the other CTAs below.
+      const int sub = lane & 7, quad = lane >> 3, mine = (n_blocks - CR + CN - 1) / CN;
+      const bool vec = sizeof(T) == 2 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+      float sq[16];
 #pragma unroll
-        for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS * CN;
-          if (blk < n_blocks) {
-            const T* xb = x + (size_t)blk * B + lane * 4;
+      for (int j = 0; j < 16; ++j) sq[j] = signs[quad_index(j, sub)];
+      for (int m0 = warp * 4; m0 < mine; m0 += KS * 4) {
+        const int m = m0 + quad, blk = m * CN + CR;
+        float v[16];  // absent blocks (m >= mine) take part in the shuffles with zeros and store nothing
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              v[j][i] = to_f32<T>(xb[i]);
-              if (PRE == PRE_GLU) v[j][i] = round_to<T>(gelu_tanh(v[j][i]) * to_f32<T>(xb[(size_t)n_blocks * B + i]));
-            }
+        for (int j = 0; j < 16; ++j) v[j] = 0.f;
+        if (m < mine) {
+          const T* xb = x + (size_t)blk * B + sub * 8;
+          load8<T>(xb, vec, v);
+          load8<T>(xb + 64, vec, v + 8);
+          if (PRE == PRE_GLU) {
+            float up[16];
+            load8<T>(xb + (size_t)n_blocks * B, vec, up);
+            load8<T>(xb + (size_t)n_blocks * B + 64, vec, up + 8);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) v[j] = round_to<T>(gelu_tanh(v[j]) * up[j]);
+          }
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] *= sq[j];
+          if (inv_smooth) {
+            const float4* is = reinterpret_cast<const float4*>(inv_smooth + (size_t)blk * B + sub * 8);
+            const float4 a = is[0], b = is[1], c = is[16], d = is[17];  // +64 elements: 16 float4 on
+            const float w[16] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+            for (int j = 0; j < 16; ++j) v[j] *= w[j];
           }
         }
-#pragma unroll
-        for (int j = 0; j < RG; ++j) {
-          const int blk = first + j * KS * CN;
-          if (blk < n_blocks) rotate_store(v[j], sg, inv_smooth, blk, lane, xsm, xss);
-        }
+        quad_fwht(v, sub);
+        quad_store(v, sub, blk, m < mine, xsm, xss);
       }
       if (CN > 1) {
         cluster_arrive();  // the cluster's blocks are all rotated, each in its CTA's shared memory
         cluster_wait();
-        for (int i = threadIdx.x; i < n_blocks * 17; i += blockDim.x) {
-          const int blk = i < n_blocks * 16 ? i >> 4 : i - n_blocks * 16, from = blk % CN;
-          if (from == CR) continue;
-          if (i < n_blocks * 16) xsm[i] = ld_cluster(xsm + i, from);
-          else xss[blk] = ld_cluster(xss + blk, from);
-        }
+        copy_cluster_blocks(xsm, xss, n_blocks, CN, CR);
         // Done reading the others' shared memory; every CTA waits on this phase before it exits, so none leaves
         // while another still copies from it.
         cluster_arrive();
@@ -1328,20 +1416,30 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
 // per process; the eager warm-up launches every shape first); and its grid, the CTAs that fit at once for this warps
 // count and shared memory (cached per pair, so a launch's grid, and with it the order of its fix-up sums, never
 // depends on the calls before it), fewer when that would leave a warp under two units.
-struct StreamLaunchCache {
-  static constexpr int SLOTS = 32;
-  size_t opted = 0;
-  int n = 0;
-  int warps[SLOTS] = {0};
-  size_t smem[SLOTS] = {0};
-  int cluster[SLOTS] = {0};
-  int ctas[SLOTS] = {0};
+// A stream launch's grid and cluster size (1: none).
+struct StreamPlan {
+  unsigned grid = 0;
+  int cluster = 1;
 };
 
-// CTAs of `kernel` resident at once when launched in clusters of `cluster` (whole clusters only: a GPC whose free SMs
-// are fewer than a cluster leaves them idle); 0 when not even one cluster fits.
+// Per launch function: the shared memory opted into per device, and the resident CTAs per (device, warps, shared
+// memory, cluster), asked once (an occupancy query per call would cost more than some launches).
+struct StreamLaunchCache {
+  static constexpr int SLOTS = 32, DEVICES = 16;
+  size_t opted[DEVICES] = {0};
+  int n = 0;
+  int dev[SLOTS] = {0}, warps[SLOTS] = {0}, cluster[SLOTS] = {0}, ctas[SLOTS] = {0};
+  size_t smem[SLOTS] = {0};
+};
+
+// CTAs of `kernel` resident at once in clusters of `cluster` (whole clusters only: a GPC whose free SMs are fewer
+// than a cluster leaves them idle); 0 on a device without cluster launches, or where not even one fits.
 template <typename Kernel>
-static int resident_cluster_ctas(Kernel kernel, int threads, size_t smem, int cluster) {
+static cudaError_t resident_cluster_ctas(Kernel kernel, int threads, size_t smem, int cluster, int dev, int& ctas) {
+  ctas = 0;
+  int can = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&can, cudaDevAttrClusterLaunch, dev);
+  if (e != cudaSuccess || !can) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(cluster);
   cfg.blockDim = dim3(threads);
@@ -1354,44 +1452,54 @@ static int resident_cluster_ctas(Kernel kernel, int threads, size_t smem, int cl
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
-    cudaGetLastError();  // a device without clusters: not an error for the caller, who falls back to none
-    return 0;
-  }
-  return clusters * cluster;
+  e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  ctas = clusters * cluster;
+  if (e != cudaSuccess) cudaGetLastError();  // returned to the caller; left set, a later launch's check would see it
+  return e;
 }
 
 // The grid of a stream launch: every CTA resident at once (the finisher waits on later CTAs), at most ~2 units per
-// warp's run; in clusters of `cluster` (1: none), a whole number of them, or `cluster` set to 1 where none fits.
+// warp's run; in clusters of `cluster`, a whole number of them, or none where no cluster fits or the launch wants
+// fewer CTAs than a cluster holds.
 template <typename Kernel>
-static int stream_grid(Kernel kernel, size_t smem, int warps, long units, StreamLaunchCache& c, unsigned& grid,
-                       int& cluster) {
-  if (smem > c.opted) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+static int stream_plan(Kernel kernel, size_t smem, int warps, long units, int cluster, StreamLaunchCache& c,
+                       StreamPlan& plan) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return (int)e;
+  if (dev >= StreamLaunchCache::DEVICES || smem > c.opted[dev]) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return (int)e;
-    c.opted = smem;
-  }
-  int resident = -1;
-  for (int i = 0; i < c.n && resident < 0; ++i)
-    if (c.warps[i] == warps && c.smem[i] == smem && c.cluster[i] == cluster) resident = c.ctas[i];
-  if (resident < 0) {
-    resident = cluster > 1 ? resident_cluster_ctas(kernel, 32 * warps, smem, cluster)
-                           : resident_ctas(kernel, 32 * warps, smem);
-    if (c.n < StreamLaunchCache::SLOTS) {  // past that many shapes: asked per call
-      c.warps[c.n] = warps;
-      c.smem[c.n] = smem;
-      c.cluster[c.n] = cluster;
-      c.ctas[c.n++] = resident;
-    }
+    if (dev < StreamLaunchCache::DEVICES) c.opted[dev] = smem;
   }
   const long wanted = (units + 2L * warps - 1) / (2L * warps);
-  if (cluster > 1 && (resident < cluster || wanted < cluster)) {
-    cluster = 1;
-    return stream_grid(kernel, smem, warps, units, c, grid, cluster);
+  for (;; cluster = 1) {  // at most twice: in clusters, then without
+    int resident = -1;
+    for (int i = 0; i < c.n && resident < 0; ++i)
+      if (c.dev[i] == dev && c.warps[i] == warps && c.smem[i] == smem && c.cluster[i] == cluster)
+        resident = c.ctas[i];
+    if (resident < 0) {
+      if (cluster > 1) {
+        e = resident_cluster_ctas(kernel, 32 * warps, smem, cluster, dev, resident);
+        if (e != cudaSuccess) return (int)e;
+      } else {
+        resident = resident_ctas(kernel, 32 * warps, smem);
+      }
+      if (c.n < StreamLaunchCache::SLOTS) {  // past that many shapes: asked per call
+        c.dev[c.n] = dev;
+        c.warps[c.n] = warps;
+        c.smem[c.n] = smem;
+        c.cluster[c.n] = cluster;
+        c.ctas[c.n++] = resident;
+      }
+    }
+    if (cluster == 1 || (resident >= cluster && wanted >= cluster)) {
+      plan.grid = (unsigned)(wanted < resident ? wanted : resident);
+      plan.grid -= plan.grid % (unsigned)cluster;
+      plan.cluster = cluster;
+      return 0;
+    }
   }
-  grid = (unsigned)(wanted < resident ? wanted : resident);
-  grid -= grid % (unsigned)cluster;
-  return 0;
 }
 
 template <int BITS, int STAGES, int G, typename T>
@@ -1400,11 +1508,11 @@ static int launch_tc_stream(const uint8_t* tiles, const float* codebook, const v
   const int n_tiles = (R + 15) / 16;
   const size_t smem = StreamSmem<BITS, STAGES, G>::bytes(warps);
   static StreamLaunchCache cache;
-  unsigned grid = 0;
-  int cluster = 1;
-  const int rc = stream_grid(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, cache, grid,
-                             cluster);
+  StreamPlan plan;
+  const int rc = stream_plan(tc_stream_kernel<BITS, STAGES, G, T>, smem, warps, (long)n_tiles * n_blocks, 1, cache,
+                             plan);
   if (rc) return rc;
+  const unsigned grid = plan.grid;
   tc_stream_kernel<BITS, STAGES, G, T><<<grid, 32 * warps, smem, stream>>>(tiles, codebook, (const uint4*)xp, xs,
                                                                            (T*)y, n, R, n_blocks, n_tiles, ws);
   return (int)cudaGetLastError();
@@ -1426,17 +1534,21 @@ template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
                           int n, int R, int n_blocks, int warps, float* ws, bool pdl, int cluster,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, StreamPlan* plan_only = nullptr) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
   const size_t smem = ROT ? S::rot_bytes(warps, n_blocks) : S::bytes(warps);
   static StreamLaunchCache cache;
-  unsigned grid = 0;
-  const int rc = stream_grid(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, (long)n_tiles * n_blocks,
-                             cache, grid, cluster);
-  if (rc) return rc;
+  StreamPlan plan;
+  const int rc = stream_plan(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, (long)n_tiles * n_blocks,
+                             cluster, cache, plan);
+  if (rc || plan_only) {
+    if (plan_only) *plan_only = plan;
+    return rc;
+  }
+  cluster = plan.cluster;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
+  cfg.gridDim = dim3(plan.grid);
   cfg.blockDim = dim3(32 * warps);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -1508,6 +1620,34 @@ static int tc_bits(int bits, const uint8_t* tiles, const float* codebook, const 
   return (int)cudaErrorInvalidValue;
 }
 
+// hlwq_gemv_tc_rot and its plan (below), the arguments checked once.
+static int gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
+                       const float* inv_smooth, void* y, float* ws, int R, int K, int bits, int launch, int dtype,
+                       int pre, const PreArgs& pa, cudaStream_t stream, StreamPlan* plan_only) {
+  const int warps = launch & 255, pf = (launch >> 8) & 15;
+  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
+  const int n_blocks = K / B, cluster = (launch >> 20) & 15;
+  if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return (int)cudaErrorInvalidValue;
+  if (!streamed || pf != 6 || warps < 4 || warps > 32 || (bits != 4 && bits != 5) || dtype == 0)
+    return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
+  if (pre < 0 || pre > 2 || (pre == 2 && n_blocks > 2 * warps)) return (int)cudaErrorInvalidValue;
+  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool, int,
+                         cudaStream_t, StreamPlan*);
+  static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
+      {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, 0, __half>, launch_stream2<5, 2, true, 0, __half>}},
+      {{launch_stream2<4, 2, true, PRE_GLU, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_GLU, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, PRE_GLU, __half>, launch_stream2<5, 2, true, PRE_GLU, __half>}},
+      {{launch_stream2<4, 2, true, PRE_NORM2, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_NORM2, __nv_bfloat16>},
+       {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
+  return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
+                                                           trigger, pa, y, 1, R, n_blocks, warps, ws, pdl,
+                                                           pre == PRE_NORM2 ? 1 : std::max(cluster, 1), stream,
+                                                           plan_only);
+}
+
+
 extern "C" {
 
 // out: fp16 pairs [rows, K/128, 64, 2] (a float32 x: [rows, 2, K/128, 64, 2], hi and lo planes) and xs: float32
@@ -1558,28 +1698,21 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
                      const float* inv_smooth, void* y, float* ws, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
                      const float* scale, cudaStream_t stream) {
-  const int warps = launch & 255, pf = (launch >> 8) & 15;
-  const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
-  const int n_blocks = K / B, cluster = (launch >> 20) & 15;
-  if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return (int)cudaErrorInvalidValue;
-  if (!streamed || pf != 6 || warps < 4 || warps > 32 || !ws || (bits != 4 && bits != 5) || dtype == 0)
-    return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
-  if (pre < 0 || pre > 2 || (pre == 2 && (!h || !w1 || !w2 || !h_out || n_blocks > 2 * warps)))
-    return (int)cudaErrorInvalidValue;
-  using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool, int,
-                         cudaStream_t);
-  static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
-      {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
-       {launch_stream2<4, 2, true, 0, __half>, launch_stream2<5, 2, true, 0, __half>}},
-      {{launch_stream2<4, 2, true, PRE_GLU, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_GLU, __nv_bfloat16>},
-       {launch_stream2<4, 2, true, PRE_GLU, __half>, launch_stream2<5, 2, true, PRE_GLU, __half>}},
-      {{launch_stream2<4, 2, true, PRE_NORM2, __nv_bfloat16>, launch_stream2<5, 2, true, PRE_NORM2, __nv_bfloat16>},
-       {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
   const PreArgs pa = {h, w1, w2, eps, h_out, scale};
-  return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
-                                                           trigger, pa, y, 1, R, n_blocks, warps, ws, pdl,
-                                                           pre == PRE_NORM2 ? 1 : std::max(cluster, 1), stream);
+  if (!ws || (pre == 2 && (!h || !w1 || !w2 || !h_out))) return (int)cudaErrorInvalidValue;
+  return gemv_tc_rot(tiles, codebook, x, signs, inv_smooth, y, ws, R, K, bits, launch, dtype, pre, pa, stream,
+                     nullptr);
+}
+
+// What hlwq_gemv_tc_rot would launch for these arguments, without launching: *grid CTAs in clusters of *cluster (1:
+// none). For tests and benchmarks, which can then tell a clustered launch from its fallback.
+int hlwq_gemv_tc_rot_plan(int R, int K, int bits, int launch, int dtype, int pre, int* grid, int* cluster) {
+  StreamPlan plan;
+  const int rc = gemv_tc_rot(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, R, K, bits, launch, dtype,
+                             pre, PreArgs{}, nullptr, &plan);
+  *grid = (int)plan.grid;
+  *cluster = plan.cluster;
+  return rc;
 }
 
 // w: [R, K] in the rotated basis, from the tiled layout: float16 (dtype 2) or float32 (dtype 0).

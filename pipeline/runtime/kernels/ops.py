@@ -17,6 +17,8 @@ captures: each op launches on the current stream through the ctypes library and 
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch.library import custom_op
 
@@ -215,6 +217,19 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
       out_dtype: torch.dtype, launch: int) -> torch.Tensor:  # fmt: skip
     # Only y is visible: stream mode's scratch lives inside the real kernel call.
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
+
+
+def gemv_tc_rot_plan(rows: int, k: int, bits: int, launch: int, dtype: torch.dtype, pre: int = 0) -> tuple[int, int]:
+    """What gemv_tc_rot would launch on the current device for these arguments, without launching: (CTAs, cluster
+    size, 1 for none), so that a test or benchmark can tell a clustered launch from its fallback."""
+    grid, cluster = ctypes.c_int(0), ctypes.c_int(0)
+    lib = library()
+    if not hasattr(lib, "hlwq_gemv_tc_rot_plan"):
+        raise RuntimeBackendError("this kernel library has no hlwq_gemv_tc_rot_plan (an older HLWQ_KERNEL_SOURCE)")
+    rc = lib.hlwq_gemv_tc_rot_plan(rows, k, bits, launch, _DTYPE_CODES[dtype], pre, ctypes.byref(grid),
+                                   ctypes.byref(cluster))  # fmt: skip
+    _check(rc, "gemv_tc_rot_plan")
+    return grid.value, cluster.value
 
 
 def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
