@@ -306,8 +306,9 @@ def test_gemv_tc_rot_in_clusters(bits: int, warps: int, rows: int, cols: int, sa
     tiles = layout.to_tiles(q.codes, q.scales, bits)
     alone = tc_launch(warps, 6, stream=True, pdl=True, trigger=True)
     clustered = tc_launch(warps, 6, stream=True, pdl=True, trigger=True, cluster=cluster)
-    grid_alone, _ = ops.gemv_tc_rot_plan(rows, cols, bits, alone, torch.bfloat16)
-    grid, used = ops.gemv_tc_rot_plan(rows, cols, bits, clustered, torch.bfloat16)
+    grid_alone, _, _ = ops.gemv_tc_rot_plan(rows, cols, bits, alone, torch.bfloat16)
+    grid, used, parts = ops.gemv_tc_rot_plan(rows, cols, bits, clustered, torch.bfloat16)
+    assert parts == 0
     assert used == cluster and grid % cluster == 0
     assert grid == grid_alone or not same_grid
     inv = torch.rand(cols, generator=g, device="cuda") + 0.5
@@ -332,11 +333,56 @@ def test_gemv_tc_rot_runs_without_clusters_below_one_cluster() -> None:
     signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
     tiles = layout.to_tiles(q.codes, q.scales, 5)
     clustered = tc_launch(32, 6, stream=True, pdl=True, trigger=True, cluster=2)
-    assert ops.gemv_tc_rot_plan(16, 1280, 5, clustered, torch.bfloat16) == (1, 1)
+    assert ops.gemv_tc_rot_plan(16, 1280, 5, clustered, torch.bfloat16) == (1, 1, 0)
     x = torch.randn(1, 1280, generator=g, device="cuda").to(torch.bfloat16)
     alone = tc_launch(32, 6, stream=True, pdl=True, trigger=True)
     want = torch.ops.hlwq.gemv_tc_rot(x, signs, None, tiles, q.codebook, 5, 16, alone)
     assert torch.equal(torch.ops.hlwq.gemv_tc_rot(x, signs, None, tiles, q.codebook, 5, 16, clustered), want)
+
+
+# (warps, rows, cols): down_proj's launch, a full-attention o_proj at 32 and at its rule's 24 warps (there the parts
+# would outrun the contiguous runs: no part-major layout, the cluster then), gate/up's 42 blocks, small and ragged.
+PART_CASES = [(32, 5376, 21504), (32, 5376, 16384), (24, 5376, 16384), (32, 21504, 5376), (32, 300, 640),
+              (24, 1000, 1152), (32, 16, 128)]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize(("warps", "rows", "cols"), PART_CASES)
+def test_gemv_tc_rot_in_parts(bits: int, warps: int, rows: int, cols: int) -> None:
+    """The part-major layout runs where kernels.stream_parts says it applies (the plan says so, with the grid its
+    runs need, and no cluster beside it even when one is asked for), and gives the contiguous launch's result within
+    float32 summation order (its runs cut the tiles elsewhere); where it does not apply, the contiguous launch, bit
+    for bit. A plain input with a smoothing vector and a GLU input."""
+    from pipeline.runtime import kernels
+    from pipeline.runtime.kernels import layout, ops, tc_launch
+
+    g = torch.Generator(device="cuda").manual_seed(bits * rows + cols + warps)
+    params = QuantParams(bits=bits)
+    q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
+    signs = sign_vector(params.sign_bits(), params.block_size, "cuda")
+    tiles = layout.to_tiles(q.codes, q.scales, bits)
+    alone = tc_launch(warps, 6, stream=True, pdl=True, trigger=True)
+    word = tc_launch(warps, 6, stream=True, pdl=True, trigger=True, cluster=2, parts=True)
+    grid_alone, _, none = ops.gemv_tc_rot_plan(rows, cols, bits, alone, torch.bfloat16)
+    grid, cluster, parts = ops.gemv_tc_rot_plan(rows, cols, bits, word, torch.bfloat16)
+    n_tiles, n_blocks = -(-rows // 16), cols // 128
+    assert none == 0 and parts == kernels.stream_parts(n_tiles, n_blocks, grid_alone * warps)
+    if parts:
+        assert cluster == 1 and grid == -(-n_tiles * parts // warps)
+        word = tc_launch(warps, 6, stream=True, pdl=True, trigger=True, parts=True)
+    if (warps, rows, cols) == (32, 5376, 21504) and grid_alone == 132:  # an H200: 12 parts of 14 blocks, 126 CTAs
+        assert (parts, grid) == (12, 126)
+    inv = torch.rand(cols, generator=g, device="cuda") + 0.5
+    for glu in (False, True):
+        x = (torch.randn(1, cols * (2 if glu else 1), generator=g, device="cuda") * 3).to(torch.bfloat16)
+        ref = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, alone, glu)
+        y = torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, word, glu)
+        if parts:
+            assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-3, glu
+            assert torch.equal(y, torch.ops.hlwq.gemv_tc_rot(x, signs, inv, tiles, q.codebook, bits, rows, word, glu))
+        elif cluster == 1:
+            assert torch.equal(y, ref), glu
+    assert _scratch_empty(x.device)
 
 
 def test_gemv_tc_rot_refuses_what_it_cannot_run() -> None:
@@ -382,11 +428,12 @@ def test_tiled_linear_one_token_rotates_in_the_matvec() -> None:
     assert ("rotate_pairs" in names) == ("0" in (kernels.TC_ROTATE, kernels.TC_STREAM, kernels.TC_LEAN))
 
 
-@pytest.mark.parametrize(("trigger", "cluster"), [(True, 1), (False, 1), (True, 2)])
-def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool, cluster: int) -> None:
+@pytest.mark.parametrize(("trigger", "cluster", "parts"), [(True, 1, False), (False, 1, False), (True, 2, False),
+                                                           (True, 1, True)])  # fmt: skip
+def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool, cluster: int, parts: bool) -> None:
     """Two rotating matvecs in a row, the second reading the first's output, replayed from a CUDA graph: each replay
     gives the eager result for its own input (a dependent launched early still waits for the output it reads), in
-    clusters that share the rotation too."""
+    clusters that share the rotation and in the part-major layout too."""
     from pipeline.runtime.kernels import layout, tc_launch
 
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -396,7 +443,7 @@ def test_gemv_tc_rot_chain_in_cuda_graph(trigger: bool, cluster: int) -> None:
     for rows, cols in [(8192, 5376), (5376, 8192)]:
         q = quantize(torch.randn(rows, cols, generator=g, device="cuda").to(torch.bfloat16), params)
         weights.append((layout.to_tiles(q.codes, q.scales, 5), q.codebook, rows))
-    launch = tc_launch(24, 6, stream=True, pdl=True, trigger=trigger, cluster=cluster)
+    launch = tc_launch(24 if not parts else 32, 6, stream=True, pdl=True, trigger=trigger, cluster=cluster, parts=parts)
     x = torch.randn(1, 5376, generator=g, device="cuda", dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:

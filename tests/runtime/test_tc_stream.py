@@ -38,6 +38,10 @@ def test_launch_word() -> None:
     for cluster, pf, pdl in [(3, 6, True), (16, 6, True), (2, 7, True), (2, 6, False)]:
         with pytest.raises(ValueError, match="cluster"):
             kernels.tc_launch(32, pf, stream=True, pdl=pdl, cluster=cluster)
+    assert kernels.tc_launch(32, 6, stream=True, pdl=True, trigger=True, parts=True) == rot | 1 << 24  # bit 24
+    for pf, pdl in [(7, True), (6, False)]:
+        with pytest.raises(ValueError, match="parts"):
+            kernels.tc_launch(32, pf, stream=True, pdl=pdl, parts=True)
 
 
 def test_cluster_rule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,12 +53,24 @@ def test_cluster_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [kernels.cluster_for(n) for n in (0, 1, 42, 168)] == [1, 4, 4, 4]
 
 
-@pytest.mark.parametrize("cluster", ["auto", "1", "2", "4"])
-def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str) -> None:
+def test_parts_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: the part-major layout from PARTS_MIN_BLOCKS input blocks, not for a launch that rotates all its input
+    anyway (0 blocks: the norm-making prologue); 1 / 0 every sharing launch / none."""
+    monkeypatch.setattr(kernels, "TC_PARTS", "auto")
+    assert [kernels.parts_for(n) for n in (0, 42, 64, 127, 128, 168)] == [False] * 4 + [True] * 2
+    monkeypatch.setattr(kernels, "TC_PARTS", "1")
+    assert [kernels.parts_for(n) for n in (0, 1, 42, 168)] == [False, True, True, True]
+    monkeypatch.setattr(kernels, "TC_PARTS", "0")
+    assert not any(kernels.parts_for(n) for n in (0, 1, 42, 168))
+
+
+@pytest.mark.parametrize(("cluster", "parts"), [("auto", "auto"), ("1", "auto"), ("2", "0"), ("4", "1")])
+def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str, parts: str) -> None:
     """The one-token stream word becomes gemv_tc_rot's (same warps and ring, the trigger per HLWQ_TC_TRIGGER, its
-    CTAs in clusters per cluster_for); the tile kernel's, the first stream kernel's and a 3-slot ring rotate nothing
-    themselves."""
+    CTAs in clusters per cluster_for and the part-major layout per parts_for); the tile kernel's, the first stream
+    kernel's and a 3-slot ring rotate nothing themselves."""
     monkeypatch.setattr(kernels, "TC_CLUSTER", cluster)
+    monkeypatch.setattr(kernels, "TC_PARTS", parts)
     word = kernels.tc_launch(32, 6, stream=True, pdl=True)
     forced = int(cluster) if cluster != "auto" else None
     for n_blocks, auto in ((0, 1), (42, 1), (168, 2)):
@@ -63,7 +79,9 @@ def test_rotating_launch(monkeypatch: pytest.MonkeyPatch, cluster: str) -> None:
             assert rot is None
         else:
             size = 1 if n_blocks == 0 else forced or auto  # 0 blocks: a launch that shares no rotation
-            assert rot == word | int(kernels.TC_TRIGGER == "1") << 18 | (size if size > 1 else 0) << 20
+            part = n_blocks > 0 and (parts == "1" or (parts == "auto" and n_blocks >= 128))
+            assert rot == (word | int(kernels.TC_TRIGGER == "1") << 18 | (size if size > 1 else 0) << 20
+                           | int(part) << 24)  # fmt: skip
     for other in (kernels.tc_launch(), kernels.tc_launch(32, 2, stream=True), kernels.tc_launch(32, 7, True, True)):
         assert kernels.rotating_launch(other) is None
 
@@ -148,6 +166,55 @@ def test_stream_finisher_ends_its_run_in_the_tile(n_tiles: int, n_blocks: int, w
         assert first <= f <= last
         assert t * n_blocks < kernels.stream_start(f + 1, units, warps) <= (t + 1) * n_blocks
     assert shared > 0 or warps <= n_tiles
+
+
+# (n_tiles, n_blocks, CTAs, warps per CTA, parts expected): 31B's down_proj (5376 x 21504) and a full-attention
+# o_proj (5376 x 16384, at 32 and at its rule's 24 warps) on an H200's 132 SMs, gate/up's 42 blocks, small and ragged
+# shapes, and grids too small for it.
+PART_CASES = [
+    (336, 168, 132, 32, 12),
+    (336, 128, 132, 32, 12),
+    (336, 128, 132, 24, 0),  # 9 parts of 15 blocks would outrun the contiguous runs' 14
+    (1344, 42, 132, 32, 3),
+    (19, 5, 8, 32, 5),
+    (40, 7, 5, 32, 4),
+    (40, 7, 3, 32, 0),
+    (10, 3, 1, 4, 0),  # 4 warps for 10 tiles: not even one run per tile
+    (336, 168, 1, 32, 0),  # one CTA: the contiguous runs are shorter
+]
+
+
+@pytest.mark.parametrize(("n_tiles", "n_blocks", "ctas", "kw", "want"), PART_CASES)
+def test_part_major_layout(n_tiles: int, n_blocks: int, ctas: int, kw: int, want: int) -> None:
+    """The part-major layout (hlwq.cu's stream_part_warp): its runs are stream_start's for W = n_tiles·parts, each
+    inside one tile and no longer than the contiguous layout's longest; the grid's warps take each run once; and a
+    CTA's warps read only the blocks stream_part_blocks names, which it rotates (for down_proj 14 or 28 of 168)."""
+    units, grid_warps = n_tiles * n_blocks, ctas * kw
+    parts = kernels.stream_parts(n_tiles, n_blocks, grid_warps)
+    assert parts == want
+    if not parts:
+        return
+    runs = n_tiles * parts
+    longest = max(kernels.stream_start(w + 1, units, runs) - kernels.stream_start(w, units, runs) for w in range(runs))
+    contiguous = kernels.stream_warps(grid_warps, units)
+    assert longest <= -(-units // contiguous)
+    taken = [kernels.stream_part_warp(j, n_tiles, parts) for j in range(-(-runs // kw) * kw)]
+    assert sorted(w for w in taken if w < runs) == list(range(runs)) and all(w == runs for w in taken[runs:])
+    widest = 0
+    for c in range(-(-runs // kw)):
+        j0, j1 = c * kw, min((c + 1) * kw, runs)
+        b0, b1 = kernels.stream_part_blocks(j0, j1, n_tiles, n_blocks, parts)
+        widest = max(widest, b1 - b0)
+        for w in taken[j0:j1]:
+            lo, hi = kernels.stream_start(w, units, runs), kernels.stream_start(w + 1, units, runs)
+            assert lo // n_blocks == (hi - 1) // n_blocks  # one tile
+            assert b0 <= lo % n_blocks and (hi - 1) % n_blocks < b1
+    if (n_tiles, n_blocks, ctas) == (336, 168, 132):
+        assert widest == 28 and -(-runs // kw) == 126
+    # The flush's rule holds for these runs too: each shared tile's finisher ends its run inside it.
+    for t in range(n_tiles):
+        f = kernels.stream_finisher(t, n_blocks, units, runs)
+        assert kernels.stream_start(f + 1, units, runs) == (t + 1) * n_blocks
 
 
 def test_stream_tiles_summed_in_warp_order_match_whole() -> None:

@@ -73,6 +73,13 @@ CLUSTER_MIN_BLOCKS = 128
 TC_CLUSTER = os.environ.get("HLWQ_TC_CLUSTER", "auto").strip().lower()
 if TC_CLUSTER not in {"auto", *(str(c) for c in CLUSTER_SIZES)}:
     raise RuntimeBackendError(f"HLWQ_TC_CLUSTER must be auto or one of {CLUSTER_SIZES}, not {TC_CLUSTER!r}")
+# HLWQ_TC_PARTS: a rotating matvec (not a norm-making one) runs the part-major layout (stream_part_warp), where each
+# CTA rotates only the blocks its warps read; it takes precedence over a cluster where it applies. "auto": from
+# PARTS_MIN_BLOCKS input blocks; "1" every such launch, "0" none (A/B runs).
+PARTS_MIN_BLOCKS = 128
+TC_PARTS = os.environ.get("HLWQ_TC_PARTS", "auto").strip().lower()
+if TC_PARTS not in {"auto", "0", "1"}:
+    raise RuntimeBackendError(f"HLWQ_TC_PARTS must be auto, 0 or 1, not {TC_PARTS!r}")
 
 
 def ab_switches() -> dict[str, str]:
@@ -91,7 +98,7 @@ def measured_variant() -> dict[str, Any]:
 
 
 def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: bool = False,
-              trigger: bool = False, cluster: int = 1) -> int:  # fmt: skip
+              trigger: bool = False, cluster: int = 1, parts: bool = False) -> int:  # fmt: skip
     """gemv_tc's launch word: warps per CTA and blocks prefetched per warp of the tile kernel (one CTA per 16-row tile
     at a time), or stream mode (every warp of the grid takes an equal contiguous run of (tile, block) units, fetched
     by TMA into a shared-memory ring of shape `prefetch`). The tile defaults were the fastest of bench/kernel.py's
@@ -99,7 +106,8 @@ def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: boo
     programmatic launch (the lean-issue stream kernel only), whose prologue and first weight fetches overlap the
     kernel before it (rotate_pairs lets it start once it has read its input). `trigger` (gemv_tc_rot only): the
     matvec lets its own dependents launch once it has read its input. `cluster` (gemv_tc_rot only): CTAs per
-    thread-block cluster sharing the rotation (HLWQ_TC_CLUSTER)."""
+    thread-block cluster sharing the rotation (HLWQ_TC_CLUSTER); `parts` (gemv_tc_rot only): the part-major layout
+    where it applies (HLWQ_TC_PARTS)."""
     if stream and prefetch not in STREAM_PREFETCH:
         raise ValueError(f"gemv_tc's stream mode takes prefetch in {STREAM_PREFETCH}, not {prefetch}")
     if pdl and not (stream and prefetch in LEAN_RINGS):
@@ -109,8 +117,10 @@ def tc_launch(warps: int = 12, prefetch: int = 1, stream: bool = False, pdl: boo
     if cluster not in CLUSTER_SIZES or (cluster > 1 and not (pdl and prefetch == ROTATING_PREFETCH)):
         raise ValueError(f"cluster (one of {CLUSTER_SIZES}) is gemv_tc_rot's: a programmatic stream launch with "
                          f"prefetch {ROTATING_PREFETCH}")  # fmt: skip
+    if parts and not (pdl and prefetch == ROTATING_PREFETCH):
+        raise ValueError(f"parts is gemv_tc_rot's: a programmatic stream launch with prefetch {ROTATING_PREFETCH}")
     word = warps | prefetch << 8 | int(stream) << 16 | int(pdl) << 17 | int(trigger) << 18
-    return word | (cluster if cluster > 1 else 0) << 20
+    return word | (cluster if cluster > 1 else 0) << 20 | int(parts) << 24
 
 
 def tc_fields(launch: int) -> tuple[int, int, bool, bool]:
@@ -131,6 +141,26 @@ def stream_warps(grid_warps: int, units: int) -> int:
 def stream_owner(unit: int, units: int, warps: int) -> int:
     """The warp whose run holds `unit` (the kernel finds a tile's contributors from its first and last unit)."""
     return ((unit + 1) * warps + units - 1) // units - 1
+
+
+def stream_parts(n_tiles: int, n_blocks: int, grid_warps: int) -> int:
+    """The part-major layout's runs per tile for a grid of `grid_warps` warps (hlwq.cu's stream_parts): as many as
+    the grid has warps for, 0 where its longest run would be longer than the contiguous layout's."""
+    units = n_tiles * n_blocks
+    runs, parts = min(grid_warps, units), min(grid_warps // n_tiles, n_blocks)
+    return parts if parts >= 1 and -(-n_blocks // parts) <= -(-units // runs) else 0
+
+
+def stream_part_warp(j: int, n_tiles: int, parts: int) -> int:
+    """The run (stream_start's warp index, of W = n_tiles·parts) that the grid's j-th warp takes in the part-major
+    layout: tile j mod n_tiles, part j div n_tiles, so a CTA's warps share one or two parts; W: none."""
+    return (j % n_tiles) * parts + j // n_tiles if j < n_tiles * parts else n_tiles * parts
+
+
+def stream_part_blocks(j0: int, j1: int, n_tiles: int, n_blocks: int, parts: int) -> tuple[int, int]:
+    """The input blocks [b0, b1) that the grid's warps [j0, j1) read in the part-major layout (what their CTA
+    rotates)."""
+    return stream_start(j0 // n_tiles, n_blocks, parts), stream_start((j1 - 1) // n_tiles + 1, n_blocks, parts)
 
 
 def stream_finisher(t: int, n_blocks: int, units: int, warps: int) -> int:
@@ -195,15 +225,25 @@ def cluster_for(n_blocks: int) -> int:
     return 2 if n_blocks >= CLUSTER_MIN_BLOCKS else 1
 
 
+def parts_for(n_blocks: int) -> bool:
+    """Whether a rotating matvec whose input has `n_blocks` blocks asks for the part-major layout (HLWQ_TC_PARTS);
+    0 blocks: a launch that rotates all of its input anyway (the norm-making prologue)."""
+    if n_blocks <= 0 or TC_PARTS == "0":
+        return False
+    return TC_PARTS == "1" or n_blocks >= PARTS_MIN_BLOCKS
+
+
 def rotating_launch(launch: int, n_blocks: int = 0) -> int | None:
     """gemv_tc_rot's word for a one-token tc_choose word: the same stream launch, its dependents triggered early
-    (HLWQ_TC_TRIGGER), its CTAs in clusters by cluster_for(n_blocks); None where it rotates no input itself (not the
+    (HLWQ_TC_TRIGGER), its CTAs in clusters by cluster_for(n_blocks) or in the part-major layout by
+    parts_for(n_blocks); None where it rotates no input itself (not the
     2-slot lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
     warps, prefetch, stream, pdl = tc_fields(launch)
     if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
         return None
     cluster = cluster_for(n_blocks)
-    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", cluster=cluster)
+    return tc_launch(warps, prefetch, stream=True, pdl=True, trigger=TC_TRIGGER == "1", cluster=cluster,
+                     parts=parts_for(n_blocks))  # fmt: skip
 
 
 _STREAM_OK: dict[tuple[int, int, int], bool] = {}

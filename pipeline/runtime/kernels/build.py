@@ -36,7 +36,7 @@ _ARGTYPES = {
     "hlwq_gemv_tc": [_C.c_void_p] * 6 + [_C.c_int] * 6 + [_C.c_void_p],
     "hlwq_gemv_tc_rot": [_C.c_void_p] * 7 + [_C.c_int] * 6 + [_C.c_void_p] * 3 + [_C.c_float] + [_C.c_void_p] * 3,
     "hlwq_dequant_tiles": [_C.c_void_p] * 3 + [_C.c_int] * 4 + [_C.c_void_p],
-    "hlwq_gemv_tc_rot_plan": [_C.c_int] * 6 + [_C.c_void_p] * 2,
+    "hlwq_gemv_tc_rot_plan": [_C.c_int] * 6 + [_C.c_void_p] * 3,
 }
 # Entries an older source (HLWQ_KERNEL_SOURCE, an A/B against it) may lack: left unset there.
 _OPTIONAL = {"hlwq_gemv_tc_rot_plan"}

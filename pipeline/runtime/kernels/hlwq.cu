@@ -455,6 +455,21 @@ __device__ __forceinline__ int stream_start(int w, int U, int W) {
   return (int)(num / (unsigned)W);
 }
 
+// The part-major layout (a rotating launch's `parts` > 0): every tile is cut into `parts` runs, W = n_tiles·parts, so
+// that warp w = t·parts + p runs tile t's blocks [p·n_blocks/parts, (p+1)·n_blocks/parts) (stream_start with U/W =
+// n_blocks/parts), and the grid's j-th warp takes w by part first: the warps of a CTA then share one or two parts, and
+// the CTA rotates only their blocks (stream_part_blocks) instead of the whole input. The runs, their owners and
+// finishers are stream_start's for that W: the flush is unchanged. j >= W: no run (W).
+__device__ __forceinline__ int stream_part_warp(int j, int n_tiles, int parts) {
+  return j < n_tiles * parts ? (j % n_tiles) * parts + j / n_tiles : n_tiles * parts;
+}
+// The input blocks [*b0, *b1) that grid warps [j0, j1) read in the part-major layout (j0 < j1 <= W).
+__device__ __forceinline__ void stream_part_blocks(int j0, int j1, int n_tiles, int n_blocks, int parts, int& b0,
+                                                   int& b1) {
+  b0 = stream_start(j0 / n_tiles, n_blocks, parts);
+  b1 = stream_start((j1 - 1) / n_tiles + 1, n_blocks, parts);
+}
+
 template <typename T>
 __device__ __forceinline__ void stream_store(const float (&v)[4], T* __restrict__ y, int t, int g, int q, int n,
                                              int R) {
@@ -981,14 +996,18 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
                                                          const T* __restrict__ x, const float* __restrict__ signs,
                                                          const float* __restrict__ inv_smooth, bool trigger,
                                                          Pre<T> pre, T* __restrict__ y, int n, int R, int n_blocks,
-                                                         int n_tiles, float* __restrict__ ws) {
+                                                         int n_tiles, int parts_arg, float* __restrict__ ws) {
   extern __shared__ __align__(16) uint32_t tab[];
   constexpr int UB = Unit<BITS>::BYTES;
   using S = StreamSmem<BITS, STAGES, 1>;
   const int lane = threadIdx.x & 31, KS = blockDim.x >> 5;
   const int warp = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 5, 0);  // provably warp-uniform
   const int g = lane >> 2, q = lane & 3;
-  const int U = n_tiles * n_blocks, W = min((int)gridDim.x * KS, U), w = blockIdx.x * KS + warp;
+  // parts > 0 (ROT, not PRE_NORM2): the part-major layout (stream_part_warp); else the grid's warps in order. A
+  // constant 0 elsewhere, so that those kernels compile as before.
+  const int parts = ROT && PRE != PRE_NORM2 ? parts_arg : 0;
+  const int U = n_tiles * n_blocks, W = parts ? n_tiles * parts : min((int)gridDim.x * KS, U);
+  const int w = parts ? stream_part_warp(blockIdx.x * KS + warp, n_tiles, parts) : blockIdx.x * KS + warp;
   const int lo = w < W ? stream_start(w, U, W) : 0, hi = w < W ? stream_start(w + 1, U, W) : 0;
   const int count = hi - lo;
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(tab + TC_WIDE_TABLE_WORDS) + warp * (uint32_t)S::RING;
@@ -1013,15 +1032,19 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     if (PRE == PRE_NORM2) {
       norm2_input<T>(x, pre, sg, inv_smooth, n_blocks, warp, lane, KS, xsm, xss);
     } else {
-      // Four blocks per warp at a time (quad_fwht); in a cluster of CN CTAs this CTA rotates the blocks
-      // blk % CN == CR only (its m-th: blk = m·CN + CR), and copies the others from the other CTAs below.
-      const int sub = lane & 7, quad = lane >> 3, mine = (n_blocks - CR + CN - 1) / CN;
+      // Four blocks per warp at a time (quad_fwht), of the blocks [b0, b1) this CTA's warps read: all of them, or in
+      // the part-major layout their parts' only. In a cluster of CN CTAs (never with parts) this CTA rotates the
+      // blocks blk % CN == CR only (its m-th: blk = m·CN + CR), and copies the others from the other CTAs below.
+      int b0 = 0, b1 = n_blocks;
+      if (parts)
+        stream_part_blocks(blockIdx.x * KS, min((int)(blockIdx.x + 1) * KS, W), n_tiles, n_blocks, parts, b0, b1);
+      const int sub = lane & 7, quad = lane >> 3, mine = (b1 - b0 - CR + CN - 1) / CN;
       const bool vec = sizeof(T) == 2 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
       float sq[16];
 #pragma unroll
       for (int j = 0; j < 16; ++j) sq[j] = signs[quad_index(j, sub)];
       for (int m0 = warp * 4; m0 < mine; m0 += KS * 4) {
-        const int m = m0 + quad, blk = m * CN + CR;
+        const int m = m0 + quad, blk = b0 + m * CN + CR;
         float v[16];  // absent blocks (m >= mine) take part in the shuffles with zeros and store nothing
 #pragma unroll
         for (int j = 0; j < 16; ++j) v[j] = 0.f;
@@ -1416,11 +1439,21 @@ static int launch_tc(const uint8_t* tiles, const float* codebook, const void* xp
 // per process; the eager warm-up launches every shape first); and its grid, the CTAs that fit at once for this warps
 // count and shared memory (cached per pair, so a launch's grid, and with it the order of its fix-up sums, never
 // depends on the calls before it), fewer when that would leave a warp under two units.
-// A stream launch's grid and cluster size (1: none).
+// A stream launch's grid, cluster size (1: none) and parts per tile (0: the contiguous layout).
 struct StreamPlan {
   unsigned grid = 0;
   int cluster = 1;
+  int parts = 0;
 };
+
+// The part-major layout's parts per tile for a launch whose grid holds grid_warps warps: as many as the grid has
+// warps for, and 0 where its longest run would be longer than the contiguous layout's (then it is not used).
+static int stream_parts(int n_tiles, int n_blocks, long grid_warps) {
+  const long units = (long)n_tiles * n_blocks, runs = std::min(grid_warps, units);
+  const int parts = (int)std::min(grid_warps / n_tiles, (long)n_blocks);
+  if (parts < 1) return 0;
+  return (n_blocks + parts - 1) / parts <= (units + runs - 1) / runs ? parts : 0;
+}
 
 // Per launch function: the shared memory opted into per device, and the resident CTAs per (device, warps, shared
 // memory, cluster), asked once (an occupancy query per call would cost more than some launches).
@@ -1533,15 +1566,26 @@ struct PreArgs {
 template <int BITS, int STAGES, bool ROT, int PRE, typename T>
 static int launch_stream2(const uint8_t* tiles, const float* codebook, const void* xp, const float* xs, const void* x,
                           const float* signs, const float* inv_smooth, bool trigger, const PreArgs& pa, void* y,
-                          int n, int R, int n_blocks, int warps, float* ws, bool pdl, int cluster,
+                          int n, int R, int n_blocks, int warps, float* ws, bool pdl, int cluster, bool parts,
                           cudaStream_t stream, StreamPlan* plan_only = nullptr) {
   using S = StreamSmem<BITS, STAGES, 1>;
   const int n_tiles = (R + 15) / 16;
   const size_t smem = ROT ? S::rot_bytes(warps, n_blocks) : S::bytes(warps);
+  const long units = (long)n_tiles * n_blocks;
   static StreamLaunchCache cache;
   StreamPlan plan;
-  const int rc = stream_plan(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, (long)n_tiles * n_blocks,
-                             cluster, cache, plan);
+  // The part-major layout where it applies (a rotating launch, not PRE_NORM2, which rotates all of x for its norm),
+  // else clusters where asked for: the two are the two ways to rotate less than the whole input per CTA.
+  parts = parts && ROT && PRE != PRE_NORM2;
+  int rc = stream_plan(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, units, parts ? 1 : cluster, cache,
+                       plan);
+  if (!rc && parts) {
+    plan.parts = stream_parts(n_tiles, n_blocks, (long)plan.grid * warps);
+    if (plan.parts)
+      plan.grid = (unsigned)((n_tiles * plan.parts + warps - 1) / warps);
+    else if (cluster > 1)
+      rc = stream_plan(tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, smem, warps, units, cluster, cache, plan);
+  }
   if (rc || plan_only) {
     if (plan_only) *plan_only = plan;
     return rc;
@@ -1569,7 +1613,7 @@ static int launch_stream2(const uint8_t* tiles, const float* codebook, const voi
   const Pre<T> pre = {(const T*)pa.h, pa.w1, pa.w2, pa.eps, (T*)pa.h_out, pa.scale};
   return (int)cudaLaunchKernelEx(&cfg, tc_stream2_kernel<BITS, STAGES, ROT, PRE, T>, tiles, codebook,
                                  (const uint4*)xp, xs, (const T*)x, signs, inv_smooth, trigger, pre, (T*)y, n, R,
-                                 n_blocks, n_tiles, ws);
+                                 n_blocks, n_tiles, plan.parts, ws);
 }
 
 template <int BITS, int STAGES, typename T>
@@ -1577,7 +1621,7 @@ static int launch_tc_stream2(const uint8_t* tiles, const float* codebook, const 
                              int n, int R, int n_blocks, int warps, float* ws, bool pdl,
                              cudaStream_t stream) {
   return launch_stream2<BITS, STAGES, false, 0, T>(tiles, codebook, xp, xs, nullptr, nullptr, nullptr, false, PreArgs{},
-                                                   y, n, R, n_blocks, warps, ws, pdl, 1, stream);
+                                                   y, n, R, n_blocks, warps, ws, pdl, 1, false, stream);
 }
 
 template <typename T>
@@ -1627,12 +1671,13 @@ static int gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* 
   const int warps = launch & 255, pf = (launch >> 8) & 15;
   const bool streamed = (launch >> 16) & 1, pdl = (launch >> 17) & 1, trigger = (launch >> 18) & 1;
   const int n_blocks = K / B, cluster = (launch >> 20) & 15;
+  const bool parts = (launch >> 24) & 1;
   if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return (int)cudaErrorInvalidValue;
   if (!streamed || pf != 6 || warps < 4 || warps > 32 || (bits != 4 && bits != 5) || dtype == 0)
     return (int)cudaErrorInvalidValue;  // a float32 input is split in two planes: rotate_pairs + the tile kernel
   if (pre < 0 || pre > 2 || (pre == 2 && n_blocks > 2 * warps)) return (int)cudaErrorInvalidValue;
   using Launch = int (*)(const uint8_t*, const float*, const void*, const float*, const void*, const float*,
-                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool, int,
+                         const float*, bool, const PreArgs&, void*, int, int, int, int, float*, bool, int, bool,
                          cudaStream_t, StreamPlan*);
   static const Launch table[3][2][2] = {  // [pre][dtype bf16, fp16][bits 4, 5]
       {{launch_stream2<4, 2, true, 0, __nv_bfloat16>, launch_stream2<5, 2, true, 0, __nv_bfloat16>},
@@ -1643,8 +1688,8 @@ static int gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* 
        {launch_stream2<4, 2, true, PRE_NORM2, __half>, launch_stream2<5, 2, true, PRE_NORM2, __half>}}};
   return table[pre][dtype == 1 ? 0 : 1][bits == 4 ? 0 : 1](tiles, codebook, nullptr, nullptr, x, signs, inv_smooth,
                                                            trigger, pa, y, 1, R, n_blocks, warps, ws, pdl,
-                                                           pre == PRE_NORM2 ? 1 : std::max(cluster, 1), stream,
-                                                           plan_only);
+                                                           pre == PRE_NORM2 ? 1 : std::max(cluster, 1), parts,
+                                                           stream, plan_only);
 }
 
 
@@ -1693,7 +1738,8 @@ int hlwq_gemv_tc(const uint8_t* tiles, const float* codebook, const void* xp, co
 // the lean-issue kernel with 2 slots (prefetch 6: the largest ring that leaves room for the rotated input); bit 18
 // lets the kernel's dependents launch once it has read its inputs; bits 20-23, a cluster size (0 or 1: none; 2, 4, 8:
 // the CTAs of a cluster share the rotation, each rotating 1/cluster of the blocks; not with pre 2, and none where a
-// cluster does not fit). ws as hlwq_gemv_tc's stream mode.
+// cluster does not fit); bit 24, the part-major layout where it applies (stream_part_warp; not with pre 2; it takes
+// precedence over a cluster size). ws as hlwq_gemv_tc's stream mode.
 int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x, const float* signs,
                      const float* inv_smooth, void* y, float* ws, int R, int K, int bits, int launch,
                      int dtype, int pre, const void* h, const float* w1, const float* w2, float eps, void* h_out,
@@ -1705,13 +1751,16 @@ int hlwq_gemv_tc_rot(const uint8_t* tiles, const float* codebook, const void* x,
 }
 
 // What hlwq_gemv_tc_rot would launch for these arguments, without launching: *grid CTAs in clusters of *cluster (1:
-// none). For tests and benchmarks, which can then tell a clustered launch from its fallback.
-int hlwq_gemv_tc_rot_plan(int R, int K, int bits, int launch, int dtype, int pre, int* grid, int* cluster) {
+// none), *parts per tile (0: the contiguous layout). For tests and benchmarks, which can then tell a clustered or
+// part-major launch from its fallback.
+int hlwq_gemv_tc_rot_plan(int R, int K, int bits, int launch, int dtype, int pre, int* grid, int* cluster,
+                          int* parts) {
   StreamPlan plan;
   const int rc = gemv_tc_rot(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, R, K, bits, launch, dtype,
                              pre, PreArgs{}, nullptr, &plan);
   *grid = (int)plan.grid;
   *cluster = plan.cluster;
+  *parts = plan.parts;
   return rc;
 }
 

@@ -219,17 +219,19 @@ def _(xp: torch.Tensor, xs: torch.Tensor, tiles: torch.Tensor, codebook: torch.T
     return torch.empty(xp.shape[0], rows, dtype=out_dtype, device=xp.device)
 
 
-def gemv_tc_rot_plan(rows: int, k: int, bits: int, launch: int, dtype: torch.dtype, pre: int = 0) -> tuple[int, int]:
+def gemv_tc_rot_plan(rows: int, k: int, bits: int, launch: int, dtype: torch.dtype,
+                     pre: int = 0) -> tuple[int, int, int]:  # fmt: skip
     """What gemv_tc_rot would launch on the current device for these arguments, without launching: (CTAs, cluster
-    size, 1 for none), so that a test or benchmark can tell a clustered launch from its fallback."""
-    grid, cluster = ctypes.c_int(0), ctypes.c_int(0)
+    size, 1 for none, parts per tile, 0 for the contiguous layout), so that a test or benchmark can tell a clustered or
+    part-major launch from its fallback."""
+    grid, cluster, parts = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
     lib = library()
     if not hasattr(lib, "hlwq_gemv_tc_rot_plan"):
         raise RuntimeBackendError("this kernel library has no hlwq_gemv_tc_rot_plan (an older HLWQ_KERNEL_SOURCE)")
     rc = lib.hlwq_gemv_tc_rot_plan(rows, k, bits, launch, _DTYPE_CODES[dtype], pre, ctypes.byref(grid),
-                                   ctypes.byref(cluster))  # fmt: skip
+                                   ctypes.byref(cluster), ctypes.byref(parts))  # fmt: skip
     _check(rc, "gemv_tc_rot_plan")
-    return grid.value, cluster.value
+    return grid.value, cluster.value, parts.value
 
 
 def _rot_launch(x: torch.Tensor, signs: torch.Tensor, inv_smooth: torch.Tensor | None, tiles: torch.Tensor,
