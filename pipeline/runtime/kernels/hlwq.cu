@@ -532,13 +532,29 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   // run starts at the tile's first unit (otherwise t is its last tile: slot 1).
   const int first_slot = stream_start(first, U, W) == t * n_blocks ? 0 : 1;
   float* const base = ws + lane * 4;
-  const auto at = [&](int o) { return base + ((size_t)o * 2 + (o == first ? first_slot : 0)) * 128; };
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   for (int o0 = first; o0 <= last; o0 += BATCH) {
+    // Owner o0 + j's part: one pointer and a constant offset per j (only o0 == first moves to slot 1), so that a
+    // batch's addresses hold no registers of their own.
+    float* const b = base + (size_t)o0 * 256 + (o0 == first ? first_slot * 128 : 0);
+    const auto at = [&](int j) { return j == 0 ? b : base + (size_t)o0 * 256 + j * 256; };
     float4 p[BATCH];
 #pragma unroll
     for (int j = 0; j < BATCH; ++j)
-      if (o0 + j <= last && o0 + j != w) p[j] = ld_part(at(o0 + j));
+      if (o0 + j <= last && o0 + j != w) p[j] = ld_part(at(j));
+    // Until the whole batch is here, every part still missing is asked for again at once: one L2 round trip per
+    // round, not one per late part.
+    for (int spins = 0;; ++spins) {
+      bool missing = false;
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j)
+        if (o0 + j <= last && o0 + j != w && !part_here(p[j])) {
+          p[j] = ld_part(at(j));
+          missing = true;
+        }
+      if (!missing) break;
+      if (spins == PART_SPINS) __trap();
+    }
 #pragma unroll
     for (int j = 0; j < BATCH; ++j) {
       const int o = o0 + j;
@@ -546,10 +562,8 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
       if (o == w) {
         p[j] = make_float4(acc[0], acc[1], acc[2], acc[3]);
       } else {
-        for (int spins = 0; !part_here(p[j]); p[j] = ld_part(at(o)))
-          if (++spins == PART_SPINS) __trap();
         const float e = __uint_as_float(PART_EMPTY);
-        *reinterpret_cast<float4*>(at(o)) = make_float4(e, e, e, e);
+        *reinterpret_cast<float4*>(at(j)) = make_float4(e, e, e, e);
       }
       v[0] += p[j].x; v[1] += p[j].y; v[2] += p[j].z; v[3] += p[j].w;
     }
