@@ -37,9 +37,11 @@ _ARGTYPES = {
     "hlwq_gemv_tc_rot": [_C.c_void_p] * 7 + [_C.c_int] * 6 + [_C.c_void_p] * 3 + [_C.c_float] + [_C.c_void_p] * 3,
     "hlwq_dequant_tiles": [_C.c_void_p] * 3 + [_C.c_int] * 4 + [_C.c_void_p],
     "hlwq_gemv_tc_rot_plan": [_C.c_int] * 6 + [_C.c_void_p] * 3,
+    "hlwq_trace_buffer": [_C.c_void_p],
 }
-# Entries an older source (HLWQ_KERNEL_SOURCE, an A/B against it) may lack: left unset there.
-_OPTIONAL = {"hlwq_gemv_tc_rot_plan"}
+# Entries an older source (HLWQ_KERNEL_SOURCE, an A/B against it) may lack: left unset there; hlwq_trace_buffer is
+# only in bench/trace_stream.py's traced build.
+_OPTIONAL = {"hlwq_gemv_tc_rot_plan", "hlwq_trace_buffer"}
 
 
 def source() -> Path:
