@@ -24,7 +24,8 @@ SLOTS = 8  # per warp: start ns, start clock, prologue, loop, end clock, end ns,
 def warp_roles(runs_of: np.ndarray, hi: np.ndarray, n_blocks: int, units: int, runs: int,
                parts: int = 0) -> np.ndarray:  # fmt: skip
     """For each traced warp (its run, the end hi of its units): 0 its last tile is its own, 1 it parks a part there,
-    2 it is that tile's finisher (stream_flush's roles, by kernels.stream_finisher's rule)."""
+    2 it is that tile's finisher (stream_flush's roles, by kernels.stream_finisher's rule; `parts`: the part-major
+    layout's own finishers, 0 for the last-owner rule)."""
     from pipeline.runtime import kernels
 
     roles = np.zeros(len(runs_of), dtype=np.int64)
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.trace_stream: needs a CUDA GPU")
     from pipeline.runtime.kernels import build
 
+    traced = build.source()
     os.environ["HLWQ_KERNEL_SOURCE"] = str(traced_source(build.cache_dir()))
     from bench.kernel import SHAPES, quantized
     from pipeline.runtime import kernels
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     if launch is None:
         raise SystemExit("bench.trace_stream: this shape does not run the rotating stream matvec at one token")
     grid, cluster, parts = ops.gemv_tc_rot_plan(rows, cols, args.bits, launch, torch.bfloat16)
+    # Which finisher rule the traced source has (an A/B may trace an older one): the part-major layout's own, or the
+    # last owner's everywhere.
+    spread = "if (parts) return t * parts + t % parts;" in traced.read_text()
     warps = launch & 255
     units = n_tiles * n_blocks
     runs = n_tiles * parts if parts else min(grid * warps, units)
@@ -194,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         kernels.tiled_linear(x, tiles[(i + 1) % 4], codebook, d["signs"], args.bits, rows)
         torch.cuda.synchronize()
         raw = buf.view(grid * warps, SLOTS).cpu().numpy().view(np.uint64)
-        results.append(timeline(raw, int(n_blocks), int(units), int(runs), parts))
+        results.append(timeline(raw, int(n_blocks), int(units), int(runs), parts if spread else 0))
     ops._check(lib.hlwq_trace_buffer(None), "hlwq_trace_buffer")
     fig = {"shape": [rows, cols], "bits": args.bits, "grid": grid, "warps": warps, "cluster": cluster,
-           "parts": parts, "kernels": build.library_name(), "launches": results}  # fmt: skip
+           "parts": parts, "finishers": "t mod parts" if spread and parts else "last owner", "source": str(traced),
+           "kernels": build.library_name(), "launches": results}  # fmt: skip
     for r in results:
         print(
             f"{args.shape} q{args.bits}: span {r['span_us']} us, start skew {r['start_skew_us']} us, "
