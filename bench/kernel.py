@@ -82,6 +82,18 @@ def quantized(rows: int, cols: int, bits: int, device: torch.device, seed: int) 
     return {"w": w, "q": q, "signs": signs, "sign_bits": params.sign_bits()}
 
 
+def probe_weights(rows: int, cols: int, bits: int, device: torch.device,
+                  copies: int = 4) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """For a one-token probe of a shape (bench.ncu_probe, bench.trace_stream): one random weight quantized once and
+    tiled `copies` times (calls cycle over them, so that L2 cannot serve the weight), its codebook and signs, and a
+    bf16 input."""
+    d = quantized(rows, cols, bits, device, seed=1)
+    q = d["q"]
+    tiles = [layout.to_tiles(q.codes.clone(), q.scales.clone(), bits) for _ in range(copies)]
+    x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+    return tiles, q.codebook.to(device), d["signs"], x
+
+
 def _split4(xr: torch.Tensor, c: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, bits: int, rpw: int,
             wpc: int) -> None:  # fmt: skip
     for i in range(0, xr.shape[0], 4):

@@ -12,9 +12,8 @@ import sys
 
 import torch
 
-from bench.kernel import SHAPES, quantized
+from bench.kernel import SHAPES, probe_weights
 from pipeline.runtime import kernels
-from pipeline.runtime.kernels import layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.ncu_probe: needs a CUDA GPU")
     rows, cols = SHAPES[args.shape]
     dev = torch.device("cuda")
-    d = quantized(rows, cols, args.bits, dev, seed=1)
-    q = d["q"]
-    tiles = [layout.to_tiles(q.codes.clone(), q.scales.clone(), args.bits) for _ in range(4)]
-    codebook = q.codebook.to(dev)
-    x = torch.randn(1, cols, device=dev, dtype=torch.bfloat16)
+    tiles, codebook, signs, x = probe_weights(rows, cols, args.bits, dev)
     for i in range(args.calls):
-        y = kernels.tiled_linear(x, tiles[i % 4], codebook, d["signs"], args.bits, rows)
+        y = kernels.tiled_linear(x, tiles[i % 4], codebook, signs, args.bits, rows)
     torch.cuda.synchronize()
     print(f"{args.shape} {rows}x{cols} {args.bits}-bit: {args.calls} calls, output {tuple(y.shape)}")
     return 0

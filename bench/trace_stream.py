@@ -162,20 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 
     traced = build.source()
     os.environ["HLWQ_KERNEL_SOURCE"] = str(traced_source(build.cache_dir()))
-    from bench.kernel import SHAPES, quantized
+    from bench.kernel import SHAPES, probe_weights
     from pipeline.runtime import kernels
-    from pipeline.runtime.kernels import layout, ops
+    from pipeline.runtime.kernels import ops
     from pipeline.shards import atomic_write_json
 
     if args.shape not in SHAPES:
         raise SystemExit(f"bench.trace_stream: unknown shape {args.shape!r} (one of {', '.join(sorted(SHAPES))})")
     rows, cols = SHAPES[args.shape]
     dev = torch.device("cuda")
-    d = quantized(rows, cols, args.bits, dev, seed=1)
-    q = d["q"]
-    tiles = [layout.to_tiles(q.codes.clone(), q.scales.clone(), args.bits) for _ in range(4)]
-    codebook = q.codebook.to(dev)
-    x = torch.randn(1, cols, device=dev, dtype=torch.bfloat16)
+    tiles, codebook, signs, x = probe_weights(rows, cols, args.bits, dev)
     n_tiles, n_blocks = tiles[0].shape[:2]
     launch = kernels.rotating_launch(kernels.tc_choose(1, rows, n_blocks, True, True), n_blocks)
     if launch is None:
@@ -191,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     buf = torch.zeros(grid * warps * SLOTS, dtype=torch.int64, device=dev)
     ops._check(lib.hlwq_trace_buffer(buf.data_ptr()), "hlwq_trace_buffer")
     for i in range(8):  # warm-up, traced too (and overwritten)
-        kernels.tiled_linear(x, tiles[i % 4], codebook, d["signs"], args.bits, rows)
+        kernels.tiled_linear(x, tiles[i % 4], codebook, signs, args.bits, rows)
     results = []
     for i in range(args.launches):
         buf.zero_()
         torch.cuda.synchronize()
-        kernels.tiled_linear(x, tiles[(i + 1) % 4], codebook, d["signs"], args.bits, rows)
+        kernels.tiled_linear(x, tiles[(i + 1) % 4], codebook, signs, args.bits, rows)
         torch.cuda.synchronize()
         raw = buf.view(grid * warps, SLOTS).cpu().numpy().view(np.uint64)
         results.append(timeline(raw, int(n_blocks), int(units), int(runs), parts if spread else 0))
