@@ -19,25 +19,17 @@ import numpy as np
 SLOTS = 8  # per warp: start ns, start clock, prologue, loop, end clock, end ns, run, lo | hi << 32
 
 
-def _owner(unit: int, units: int, runs: int) -> int:
-    return ((unit + 1) * runs + units - 1) // units - 1
-
-
-def _start(run: int, units: int, runs: int) -> int:
-    return run * units // runs
-
-
 def warp_roles(runs_of: np.ndarray, hi: np.ndarray, n_blocks: int, units: int, runs: int) -> np.ndarray:
     """For each traced warp (its run, the end hi of its units): 0 its last tile is its own, 1 it parks a part there,
-    2 it is that tile's finisher (stream_flush's roles, kernels.stream_finisher's rule)."""
+    2 it is that tile's finisher (stream_flush's roles, by kernels.stream_finisher's rule)."""
+    from pipeline.runtime import kernels
+
     roles = np.zeros(len(runs_of), dtype=np.int64)
     for i, (w, b) in enumerate(zip(runs_of.tolist(), hi.tolist(), strict=True)):
         t = (b - 1) // n_blocks
-        first, last = _owner(t * n_blocks, units, runs), _owner((t + 1) * n_blocks - 1, units, runs)
-        if first == last:
+        if kernels.stream_owner(t * n_blocks, units, runs) == kernels.stream_owner((t + 1) * n_blocks - 1, units, runs):
             continue
-        finisher = last if _start(last + 1, units, runs) <= (t + 1) * n_blocks else last - 1
-        roles[i] = 2 if w == finisher else 1
+        roles[i] = 2 if w == kernels.stream_finisher(t, n_blocks, units, runs) else 1
     return roles
 
 
@@ -183,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     grid, cluster, parts = ops.gemv_tc_rot_plan(rows, cols, args.bits, launch, torch.bfloat16)
     warps = launch & 255
     units = n_tiles * n_blocks
-    runs = n_tiles * parts if parts else min(grid * warps, units)
+    runs = n_tiles * parts if parts else kernels.stream_warps(grid * warps, units)
     lib = build.library()
     buf = torch.zeros(grid * warps * SLOTS, dtype=torch.int64, device=dev)
     ops._check(lib.hlwq_trace_buffer(buf.data_ptr()), "hlwq_trace_buffer")
