@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     spread = "if (parts) return t * parts + t % parts;" in traced.read_text()
     warps = launch & 255
     units = n_tiles * n_blocks
-    runs = n_tiles * parts if parts else min(grid * warps, units)
+    runs = n_tiles * parts if parts else kernels.stream_warps(grid * warps, units)
     lib = build.library()
     buf = torch.zeros(grid * warps * SLOTS, dtype=torch.int64, device=dev)
     ops._check(lib.hlwq_trace_buffer(buf.data_ptr()), "hlwq_trace_buffer")

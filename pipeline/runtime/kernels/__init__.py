@@ -239,8 +239,8 @@ def parts_for(n_blocks: int) -> bool:
 def rotating_launch(launch: int, n_blocks: int = 0) -> int | None:
     """gemv_tc_rot's word for a one-token tc_choose word: the same stream launch, its dependents triggered early
     (HLWQ_TC_TRIGGER), its CTAs in clusters by cluster_for(n_blocks) or in the part-major layout by
-    parts_for(n_blocks); None where it rotates no input itself (not the
-    2-slot lean-issue kernel, or HLWQ_TC_ROTATE=0)."""
+    parts_for(n_blocks); None where it rotates no input itself (not the 2-slot lean-issue kernel, or
+    HLWQ_TC_ROTATE=0)."""
     warps, prefetch, stream, pdl = tc_fields(launch)
     if TC_ROTATE == "0" or not (stream and pdl and prefetch == ROTATING_PREFETCH):
         return None
@@ -340,8 +340,8 @@ def _rotates(x2: torch.Tensor, bits: int, n_blocks: int) -> bool:
 
 def _rotating_word(rows: int, n_blocks: int, shared: bool = True) -> int | None:
     """The launch word of a one-token matvec that rotates its own input (gemv_tc_rot), None where tc_choose's rule
-    keeps this weight off stream mode; the caller has checked _rotates. `shared`: the rotation can be shared in
-    clusters (not the norm-making prologue's)."""
+    keeps this weight off stream mode; the caller has checked _rotates. `shared`: the rotation can be shared, in
+    clusters or the part-major layout (not the norm-making prologue's, whose norm needs all of x in every CTA)."""
     return rotating_launch(tc_choose(1, rows, n_blocks, True, True), n_blocks if shared else 0)
 
 
