@@ -9,7 +9,9 @@ changes) and runs it in place of the shipped library, in this process only. Not 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,17 +21,20 @@ import numpy as np
 SLOTS = 8  # per warp: start ns, start clock, prologue, loop, end clock, end ns, run, lo | hi << 32
 
 
-def warp_roles(runs_of: np.ndarray, hi: np.ndarray, n_blocks: int, units: int, runs: int) -> np.ndarray:
+def warp_roles(runs_of: np.ndarray, hi: np.ndarray, n_blocks: int, units: int, runs: int,
+               parts: int = 0) -> np.ndarray:  # fmt: skip
     """For each traced warp (its run, the end hi of its units): 0 its last tile is its own, 1 it parks a part there,
-    2 it is that tile's finisher (stream_flush's roles, by kernels.stream_finisher's rule)."""
+    2 it is that tile's finisher (stream_flush's roles, by kernels.stream_finisher's rule; `parts`: the part-major
+    layout's own finishers, 0 for the last-owner rule)."""
     from pipeline.runtime import kernels
 
     roles = np.zeros(len(runs_of), dtype=np.int64)
     for i, (w, b) in enumerate(zip(runs_of.tolist(), hi.tolist(), strict=True)):
         t = (b - 1) // n_blocks
-        if kernels.stream_owner(t * n_blocks, units, runs) == kernels.stream_owner((t + 1) * n_blocks - 1, units, runs):
+        first = kernels.stream_owner(t * n_blocks, units, runs)
+        if first == kernels.stream_owner((t + 1) * n_blocks - 1, units, runs):
             continue
-        roles[i] = 2 if w == kernels.stream_finisher(t, n_blocks, units, runs) else 1
+        roles[i] = 2 if w == kernels.stream_finisher(t, n_blocks, units, runs, parts) else 1
     return roles
 
 
@@ -41,7 +46,7 @@ def _stats(v: np.ndarray) -> dict[str, float]:
             "max": round(float(q[3]), 3)}  # fmt: skip
 
 
-def timeline(raw: np.ndarray, n_blocks: int, units: int, runs: int) -> dict[str, Any]:
+def timeline(raw: np.ndarray, n_blocks: int, units: int, runs: int, parts: int = 0) -> dict[str, Any]:
     """One launch's trace, [warps of the grid, SLOTS] uint64 as the kernel stored it (rows of warps without a run stay
     0), -> its timeline: the launch's span and start skew (globaltimer, µs), the SM clock's rate that the warps' own
     start/end pairs imply, and per phase (prologue, loop, last flush, whole warp) the spread in µs over the warps,
@@ -59,7 +64,7 @@ def timeline(raw: np.ndarray, n_blocks: int, units: int, runs: int) -> dict[str,
     # cycles per ns from the longer half of the warps (globaltimer ticks coarsely: short spans would round badly)
     long_ = cycles >= np.percentile(cycles, 50)
     ghz = float(np.median(cycles[long_] / np.maximum(end_ns[long_] - start_ns[long_], 1.0)))
-    roles = warp_roles(runs_of, hi, n_blocks, units, runs)
+    roles = warp_roles(runs_of, hi, n_blocks, units, runs, parts)
     phases = {"prologue": clock[:, 1], "loop": clock[:, 2] - clock[:, 1], "flush": clock[:, 3] - clock[:, 2],
               "warp": cycles}  # fmt: skip
     out: dict[str, Any] = {
@@ -98,45 +103,43 @@ extern "C" int hlwq_trace_buffer(void* buf) {
   return (int)cudaMemcpyToSymbol(hlwq_trace_buf, &p, sizeof(p));
 }
 """
-# (anchor in tc_stream2_kernel, what replaces it): the start, after the prologue's barrier, around the last flush.
-_LAST_FLUSH = "  stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R);\n"
+# (where in tc_stream2_kernel, as a regular expression, what goes there; \\g<0> is the text found): the start, after the
+# prologue's barrier, around the last flush (whatever its trailing arguments).
 _MARKS = [
     (
-        "  const int count = hi - lo;\n  const uint32_t ring_s",
-        "  const int count = hi - lo;\n  trace_mark(0, trace_ns());\n  trace_mark(1, clock64());\n"
-        "  const uint32_t ring_s",
+        r"  const int count = hi - lo;\n(?=  const uint32_t ring_s)",
+        "\\g<0>  trace_mark(0, trace_ns());\n  trace_mark(1, clock64());\n",
     ),
+    (r"  __syncthreads\(\);\n(?=  if \(ROT && trigger\) pdl_trigger\(\);)", "\\g<0>  trace_mark(2, clock64());\n"),
     (
-        "  __syncthreads();\n  if (ROT && trigger) pdl_trigger();",
-        "  __syncthreads();\n  trace_mark(2, clock64());\n  if (ROT && trigger) pdl_trigger();",
-    ),
-    (
-        _LAST_FLUSH + "  if (CN > 1) cluster_wait();",
-        "  trace_mark(3, clock64());\n" + _LAST_FLUSH + "  trace_mark(4, clock64());\n  trace_mark(5, trace_ns());\n"
+        r"  stream_flush<T, true, 4>\(acc, t, w, W, U, n_blocks, ws, y, n, R[^;]*;\n"
+        r"(?=  if \(CN > 1\) cluster_wait\(\);)",
+        "  trace_mark(3, clock64());\n\\g<0>  trace_mark(4, clock64());\n  trace_mark(5, trace_ns());\n"
         "  trace_mark(6, (unsigned long long)w);\n"
-        "  trace_mark(7, (unsigned long long)(unsigned)lo | (unsigned long long)hi << 32);\n"
-        "  if (CN > 1) cluster_wait();",
+        "  trace_mark(7, (unsigned long long)(unsigned)lo | (unsigned long long)hi << 32);\n",
     ),
 ]
 
 
 def traced_text(source: str) -> str:
-    """hlwq.cu's text -> the traced copy's; ValueError naming the anchor that the kernel source no longer has once."""
-    for anchor, marked in _MARKS:
-        if source.count(anchor) != 1:
-            raise ValueError(f"bench.trace_stream: hlwq.cu has {source.count(anchor)} places for a trace mark at "
-                             f"{anchor.splitlines()[0].strip()!r}, not 1: update _MARKS")  # fmt: skip
-        source = source.replace(anchor, marked)
+    """hlwq.cu's text -> the traced copy's; ValueError naming the place that the kernel source no longer has once."""
+    for where, mark in _MARKS:
+        found = len(re.findall(where, source))
+        if found != 1:
+            raise ValueError(f"bench.trace_stream: hlwq.cu has {found} places for a trace mark at {where[:40]!r}, "
+                             "not 1: update _MARKS")  # fmt: skip
+        source = re.sub(where, mark, source)
     return _PRELUDE + source + _EPILOGUE
 
 
 def traced_source(cache: Path) -> Path:
-    """The traced copy of the kernel source, written (atomically) into the kernel cache: its own library hash."""
+    """The traced copy of the kernel source that would be built (hlwq.cu, or HLWQ_KERNEL_SOURCE), written atomically
+    into the kernel cache under its own hash (so two sources traced in turn keep their copies and libraries)."""
     from pipeline.runtime.kernels import build
 
-    text = traced_text(build.SOURCE.read_text())
-    path = cache / "hlwq_trace.cu"
-    if not path.exists() or path.read_text() != text:
+    text = traced_text(build.source().read_text())
+    path = cache / f"hlwq_trace_{hashlib.sha256(text.encode()).hexdigest()[:12]}.cu"
+    if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".cu.tmp")
         tmp.write_text(text)
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.trace_stream: needs a CUDA GPU")
     from pipeline.runtime.kernels import build
 
+    traced = build.source()
     os.environ["HLWQ_KERNEL_SOURCE"] = str(traced_source(build.cache_dir()))
     from bench.kernel import SHAPES, probe_weights
     from pipeline.runtime import kernels
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if launch is None:
         raise SystemExit("bench.trace_stream: this shape does not run the rotating stream matvec at one token")
     grid, cluster, parts = ops.gemv_tc_rot_plan(rows, cols, args.bits, launch, torch.bfloat16)
+    # Which finisher rule the traced source has (an A/B may trace an older one): the part-major layout's own, or the
+    # last owner's everywhere.
+    spread = "if (parts) return t * parts + t % parts;" in traced.read_text()
     warps = launch & 255
     units = n_tiles * n_blocks
     runs = n_tiles * parts if parts else kernels.stream_warps(grid * warps, units)
@@ -188,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         kernels.tiled_linear(x, tiles[(i + 1) % 4], codebook, signs, args.bits, rows)
         torch.cuda.synchronize()
         raw = buf.view(grid * warps, SLOTS).cpu().numpy().view(np.uint64)
-        results.append(timeline(raw, int(n_blocks), int(units), int(runs)))
+        results.append(timeline(raw, int(n_blocks), int(units), int(runs), parts if spread else 0))
     ops._check(lib.hlwq_trace_buffer(None), "hlwq_trace_buffer")
     fig = {"shape": [rows, cols], "bits": args.bits, "grid": grid, "warps": warps, "cluster": cluster,
-           "parts": parts, "kernels": build.library_name(), "launches": results}  # fmt: skip
+           "parts": parts, "finishers": "t mod parts" if spread and parts else "last owner", "source": str(traced),
+           "kernels": build.library_name(), "launches": results}  # fmt: skip
     for r in results:
         print(
             f"{args.shape} q{args.bits}: span {r['span_us']} us, start skew {r['start_skew_us']} us, "

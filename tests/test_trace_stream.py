@@ -36,7 +36,7 @@ def test_timeline_recovers_a_synthetic_trace(n_tiles: int, n_blocks: int, grid_w
     runs = n_tiles * parts if parts else kernels.stream_warps(grid_warps, units)
     order = [kernels.stream_part_warp(j, n_tiles, parts) for j in range(runs)] if parts else list(range(runs))
     raw = _trace(n_tiles, n_blocks, runs, grid_warps, order)
-    out = trace_stream.timeline(raw, n_blocks, units, runs)
+    out = trace_stream.timeline(raw, n_blocks, units, runs, parts)
     assert out["warps"] == runs and out["sm_clock_ghz"] == pytest.approx(2.0, rel=1e-3)
     assert out["start_skew_us"] == pytest.approx(0.1 * (runs - 1), abs=1e-3)
     for name in ("finishers_us", "others_us"):
@@ -44,12 +44,12 @@ def test_timeline_recovers_a_synthetic_trace(n_tiles: int, n_blocks: int, grid_w
         assert out[name]["loop"]["max"] == pytest.approx(5.0, abs=1e-3)
     # roles: a tile with several owners has exactly one finisher, by the kernel's rule
     hi = (raw[:runs, 7] >> np.uint64(32)).astype(np.int64)
-    roles = trace_stream.warp_roles(np.array(order), hi, n_blocks, units, runs)
+    roles = trace_stream.warp_roles(np.array(order), hi, n_blocks, units, runs, parts)
     for j, w in enumerate(order):
         t = (hi[j] - 1) // n_blocks
         shared = kernels.stream_owner(t * n_blocks, units, runs) != kernels.stream_owner((t + 1) * n_blocks - 1, units,
                                                                                           runs)  # fmt: skip
-        want = 0 if not shared else 2 if kernels.stream_finisher(t, n_blocks, units, runs) == w else 1
+        want = 0 if not shared else 2 if kernels.stream_finisher(t, n_blocks, units, runs, parts) == w else 1
         assert roles[j] == want
     assert out["finishers"] == int((roles == 2).sum()) > 0
     assert out["finishers"] + out["parkers"] <= runs

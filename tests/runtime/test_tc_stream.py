@@ -211,10 +211,18 @@ def test_part_major_layout(n_tiles: int, n_blocks: int, ctas: int, kw: int, want
             assert b0 <= lo % n_blocks and (hi - 1) % n_blocks < b1
     if (n_tiles, n_blocks, ctas) == (336, 168, 132):
         assert widest == 28 and -(-runs // kw) == 126
-    # The flush's rule holds for these runs too: each shared tile's finisher ends its run inside it.
+    # The flush's rule holds for these runs too: each tile's finisher is one of its owners, whose run is inside the
+    # tile; the finishers spread over the grid (the rule's last owners would fill its last CTAs).
+    per_cta = [0] * -(-runs // kw)
+    position = {w: j for j, w in enumerate(taken[:runs])}
     for t in range(n_tiles):
-        f = kernels.stream_finisher(t, n_blocks, units, runs)
-        assert kernels.stream_start(f + 1, units, runs) == (t + 1) * n_blocks
+        f = kernels.stream_finisher(t, n_blocks, units, runs, parts)
+        assert t * parts <= f < (t + 1) * parts
+        assert t * n_blocks <= kernels.stream_start(f, units, runs) < kernels.stream_start(f + 1, units, runs)
+        assert kernels.stream_start(f + 1, units, runs) <= (t + 1) * n_blocks
+        per_cta[position[f] // kw] += 1
+    if (n_tiles, n_blocks, ctas) == (336, 168, 132):
+        assert max(per_cta) <= 4  # 336 finishers over 126 CTAs
 
 
 def test_stream_tiles_summed_in_warp_order_match_whole() -> None:
@@ -266,3 +274,4 @@ def test_scratch_marker_and_finisher_match_the_kernel_source() -> None:
     src = build.SOURCE.read_text()
     assert f"#define PART_EMPTY {ops.PART_EMPTY:#x}u" in src
     assert "return stream_start(last + 1, U, W) <= (t + 1) * n_blocks ? last : last - 1;" in src
+    assert "if (parts) return t * parts + t % parts;" in src

@@ -163,9 +163,12 @@ def stream_part_blocks(j0: int, j1: int, n_tiles: int, n_blocks: int, parts: int
     return stream_start(j0 // n_tiles, n_blocks, parts), stream_start((j1 - 1) // n_tiles + 1, n_blocks, parts)
 
 
-def stream_finisher(t: int, n_blocks: int, units: int, warps: int) -> int:
+def stream_finisher(t: int, n_blocks: int, units: int, warps: int, parts: int = 0) -> int:
     """The warp that adds the parts of shared tile t (hlwq.cu's stream_finisher): its last owner whose run ends inside
-    the tile, so that t is that run's last tile and the wait for the other parts sits at the end of the run."""
+    the tile, so that t is that run's last tile and the wait for the other parts sits at the end of the run. In the
+    part-major layout (`parts` > 0) every owner's run is inside the tile: owner t mod parts, spread over the grid."""
+    if parts:
+        return t * parts + t % parts
     last = stream_owner((t + 1) * n_blocks - 1, units, warps)
     return last if stream_start(last + 1, units, warps) <= (t + 1) * n_blocks else last - 1
 

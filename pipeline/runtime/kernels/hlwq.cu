@@ -505,25 +505,29 @@ __device__ __forceinline__ bool part_here(const float4& p) {
 
 // The owner that adds tile t's parts: the last one whose run ends inside t (`last` itself, unless its run goes on to
 // the next tile). Tile t is then its run's last, so it waits only while the other owners finish their runs too; an
-// owner whose run starts inside t parks that part first thing.
-__device__ __forceinline__ int stream_finisher(int t, int last, int U, int W, int n_blocks) {
+// owner whose run starts inside t parks that part first thing. In the part-major layout (parts > 0) every owner's run
+// is inside t, so any owner can: owner t mod parts, which spreads the finishers, and their gathers' L2 reads, over
+// the whole grid (the last owners, part parts - 1 of every tile, are the grid's last CTAs).
+__device__ __forceinline__ int stream_finisher(int t, int last, int U, int W, int n_blocks, int parts) {
+  if (parts) return t * parts + t % parts;
   return stream_start(last + 1, U, W) <= (t + 1) * n_blocks ? last : last - 1;
 }
 
 // Tile t's part of warp w's run: a tile the run covers whole goes to y at once; a shared one is parked in ws[w][0] (the
 // run's first tile) or ws[w][1] (its last), and its finisher adds the parts in warp order, its own from registers (the
 // same sum whatever the arrival order) and leaves each slot PART_EMPTY for the next launch. FINAL: t is the run's last
-// tile (only there can w be its finisher); BATCH parts are polled per L2 round trip.
+// tile (only there can w be its finisher); BATCH parts are polled per L2 round trip; parts: the launch's part-major
+// layout (0: the contiguous one), which has its own finishers.
 template <typename T, bool FINAL, int BATCH = 1>
 __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w, int W, int U, int n_blocks,
-                                          float* __restrict__ ws, T* __restrict__ y, int n, int R) {
+                                          float* __restrict__ ws, T* __restrict__ y, int n, int R, int parts = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int first = stream_owner(t * n_blocks, U, W), last = stream_owner((t + 1) * n_blocks - 1, U, W);
   if (first == last) {
     stream_store<T>(acc, y, t, g, q, n, R);
     return;
   }
-  if (!FINAL || w != stream_finisher(t, last, U, W, n_blocks)) {
+  if (!FINAL || w != stream_finisher(t, last, U, W, n_blocks, parts)) {
     const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
     reinterpret_cast<float4*>(ws + ((size_t)w * 2 + slot) * 128)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     return;
@@ -1152,7 +1156,7 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
   }
   // The run's last tile, outside the loop: every warp gets here at about the same time, so this flush is what the
   // launch ends on, and with the loop's registers free it polls four parts per round trip.
-  stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R);
+  stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R, parts);
   if (CN > 1) cluster_wait();  // no CTA of the cluster still copies from this one's shared memory
 }
 
