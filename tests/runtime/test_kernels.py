@@ -136,11 +136,11 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
 @pytest.mark.parametrize(
     ("rows", "cols"), [(1000, 5376), (5376, 1024), (300, 640), (16, 128), (16, 256), (48, 1280), (21504, 5376)]
 )
-@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
 @pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2), (32, 6), (24, 7), (28, 8)])
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
-    """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their finisher)
-    against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
+    """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their finisher; up to two
+    tokens through the compact gather, which parks only the lanes that hold sums) against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
     warp may idle between a tile's owners); deterministic; the scratch empty again afterwards."""
     from pipeline.runtime.kernels import tc_launch
 
