@@ -140,8 +140,9 @@ def _tc_inputs(bits: int, rows: int, cols: int, n: int, seed: int):  # type: ign
 @pytest.mark.parametrize(("warps", "prefetch"), [(8, 3), (16, 4), (24, 2), (32, 2), (32, 6), (24, 7), (28, 8)])
 def test_gemv_tc_stream_matches_unsplit(bits: int, rows: int, cols: int, n: int, warps: int, prefetch: int) -> None:
     """Stream mode (equal runs of units per warp, shared tiles summed in warp order by their finisher; up to two
-    tokens through the compact gather, which parks only the lanes that hold sums) against the unsplit kernel, down to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no
-    warp may idle between a tile's owners); deterministic; the scratch empty again afterwards."""
+    tokens through the compact gather, which parks only the lanes that hold sums) against the unsplit kernel, down
+    to a single unit (16x128) and to fewer units than warps (16x256, 48x1280: no warp may idle between a tile's
+    owners); deterministic; the scratch empty again afterwards."""
     from pipeline.runtime.kernels import tc_launch
 
     xp, xs, tiles, codebook = _tc_inputs(bits, rows, cols, n, seed=bits * rows + n + warps)
