@@ -577,7 +577,10 @@ template <typename T, bool FINAL, int BATCH = 1>
 __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w, int W, int U, int n_blocks,
                                           float* __restrict__ ws, T* __restrict__ y, int n, int R, int parts = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int first = stream_owner(t * n_blocks, U, W), last = stream_owner((t + 1) * n_blocks - 1, U, W);
+  // In the part-major layout tile t's owners are warps t·parts ... t·parts + parts - 1, each run starting inside t
+  // (slot 0): the same values without the divisions, at the end of the run where the last parts hold up the launch.
+  const int first = parts ? t * parts : stream_owner(t * n_blocks, U, W);
+  const int last = parts ? first + parts - 1 : stream_owner((t + 1) * n_blocks - 1, U, W);
   if (first == last) {
     stream_store<T>(acc, y, t, g, q, n, R);
     return;
@@ -586,7 +589,7 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   // float4s, and a finisher gathers up to COMPACT_OWNERS owners' parts in one round (stream_gather_compact).
   const bool compact = n <= 2 && last - first < COMPACT_OWNERS;
   if (!FINAL || w != stream_finisher(t, last, U, W, n_blocks, parts)) {
-    const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
+    const int slot = parts || t == stream_start(w, U, W) / n_blocks ? 0 : 1;
     // Compact: lane 4g's float4 at 4g, the part one whole 128-byte line. A first version left it at 16g, every sector
     // half written (which L2 may fill from DRAM when read): down_proj 25.2 -> 29.7 µs, kernel_compact_ab.json.
     if (!compact)
@@ -597,7 +600,7 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   }
   // Every owner after the first starts its run inside tile t, so parked it in slot 0; the first did so only if its
   // run starts at the tile's first unit (otherwise t is its last tile: slot 1).
-  const int first_slot = stream_start(first, U, W) == t * n_blocks ? 0 : 1;
+  const int first_slot = parts || stream_start(first, U, W) == t * n_blocks ? 0 : 1;
   if (compact) {
     float v[4];
     stream_gather_compact(acc, w, first, last, first_slot, ws, v);
