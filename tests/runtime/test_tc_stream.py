@@ -282,3 +282,29 @@ def test_scratch_marker_and_finisher_match_the_kernel_source() -> None:
     assert "if (parts) return t * parts + t % parts;" in src
     assert "const int first = parts ? t * parts : stream_owner(t * n_blocks, U, W);" in src
     assert "const int last = parts ? first + parts - 1 : stream_owner((t + 1) * n_blocks - 1, U, W);" in src
+
+
+def test_compact_gather_polls_each_part_once_and_sums_what_it_polled() -> None:
+    """The compact gather's lanes poll every (owner, row group) item of up to COMPACT_OWNERS owners exactly once, in
+    COMPACT_OWNERS / 4 float4s each, and lane 4g's shuffle for owner k reads the lane and register that polled (k, g);
+    the kernel's source has the same arithmetic and bound."""
+    from pipeline.runtime.kernels import build
+
+    regs = kernels.COMPACT_OWNERS // 4
+    polled = [kernels.compact_item(lane, r) for lane in range(32) for r in range(regs)]
+    assert sorted(polled) == [(k, g) for k in range(kernels.COMPACT_OWNERS) for g in range(8)]
+    for k in range(kernels.COMPACT_OWNERS):
+        for g in range(8):
+            src, r = kernels.compact_source(k, 4 * g)
+            assert kernels.compact_item(src, r) == (k, g)
+    src_text = build.SOURCE.read_text()
+    assert f"#define COMPACT_OWNERS {kernels.COMPACT_OWNERS}" in src_text
+    kernel_lines = (
+        "m = last - first + 1, k0 = lane >> 3;",
+        "+ (lane & 7) * 4;",
+        "if (k0 + 4 * r < m && first + k0 + 4 * r != w)",
+        "const int src = (k & 3) * 8 + g;",
+        "const float4& x = p[k >> 2];",
+    )
+    for line in kernel_lines:
+        assert line in src_text, line

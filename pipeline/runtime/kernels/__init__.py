@@ -173,6 +173,23 @@ def stream_finisher(t: int, n_blocks: int, units: int, warps: int, parts: int = 
     return last if stream_start(last + 1, units, warps) <= (t + 1) * n_blocks else last - 1
 
 
+# The compact gather (hlwq.cu's stream_gather_compact, up to two tokens): a finisher adds at most this many owners'
+# parts in one round; past it, and past two tokens, the batched gather runs.
+COMPACT_OWNERS = 12
+
+
+def compact_item(lane: int, r: int) -> tuple[int, int]:
+    """The part that `lane` polls in its r-th float4 of the compact gather: (owner index k from the tile's first
+    owner, row group g), whose float4 sits at 4·g in that owner's slot."""
+    return (lane >> 3) + 4 * r, lane & 7
+
+
+def compact_source(k: int, lane: int) -> tuple[int, int]:
+    """Where `lane` shuffles owner k's float4 from in the compact gather: (source lane, its register r). Lane 4g, which
+    stores rows g and g + 8, gets row group g's."""
+    return (k & 3) * 8 + (lane >> 2), k >> 2
+
+
 def stream_smem_bytes(bits: int, warps: int = 32, prefetch: int = 2, n_blocks: int = 0) -> int:
     """Shared memory of one stream-mode CTA (hlwq.cu's StreamSmem): the 64 KB table, then per warp a ring of
     STREAM_RINGS[prefetch] (slots x units) and one mbarrier per slot; with `n_blocks`, gemv_tc_rot's rotated input
