@@ -136,14 +136,12 @@ def traced_source(cache: Path) -> Path:
     """The traced copy of the kernel source that would be built (hlwq.cu, or HLWQ_KERNEL_SOURCE), written atomically
     into the kernel cache under its own hash (so two sources traced in turn keep their copies and libraries)."""
     from pipeline.runtime.kernels import build
+    from pipeline.shards import atomic_write_text
 
     text = traced_text(build.source().read_text())
     path = cache / f"hlwq_trace_{hashlib.sha256(text.encode()).hexdigest()[:12]}.cu"
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".cu.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return path
 
 

@@ -3,6 +3,8 @@ clock rate, and the warps' roles follow the kernel's finisher rule (kernels.stre
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,17 @@ def test_trace_marks_fit_the_kernel_source() -> None:
     assert 'extern "C" int hlwq_trace_buffer' in text
     with pytest.raises(ValueError, match="trace mark"):
         trace_stream.traced_text("__global__ void other() {}")
+
+
+def test_traced_source_is_written_once_under_its_hash(tmp_path: Path) -> None:
+    """The traced copy lands in the kernel cache (made if missing) under its text's hash, with no temp file left
+    beside it, and a second call finds it there rather than writing again."""
+    from pipeline.runtime.kernels import build
+
+    cache = tmp_path / "kcache"
+    path = trace_stream.traced_source(cache)
+    assert path.parent == cache and path.name.startswith("hlwq_trace_") and path.suffix == ".cu"
+    assert path.read_text() == trace_stream.traced_text(build.source().read_text())
+    assert [p.name for p in cache.iterdir()] == [path.name]
+    mtime = path.stat().st_mtime_ns
+    assert trace_stream.traced_source(cache) == path and path.stat().st_mtime_ns == mtime
