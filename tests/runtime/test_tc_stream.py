@@ -216,6 +216,11 @@ def test_part_major_layout(n_tiles: int, n_blocks: int, ctas: int, kw: int, want
     per_cta = [0] * -(-runs // kw)
     position = {w: j for j, w in enumerate(taken[:runs])}
     for t in range(n_tiles):
+        # stream_flush's shortcut: the owners are t·parts ... t·parts + parts - 1, each run starting inside t (slot 0).
+        first, last = t * parts, t * parts + parts - 1
+        assert kernels.stream_owner(t * n_blocks, units, runs) == first
+        assert kernels.stream_owner((t + 1) * n_blocks - 1, units, runs) == last
+        assert all(kernels.stream_start(w, units, runs) // n_blocks == t for w in range(first, last + 1))
         f = kernels.stream_finisher(t, n_blocks, units, runs, parts)
         assert t * parts <= f < (t + 1) * parts
         assert t * n_blocks <= kernels.stream_start(f, units, runs) < kernels.stream_start(f + 1, units, runs)
@@ -275,6 +280,8 @@ def test_scratch_marker_and_finisher_match_the_kernel_source() -> None:
     assert f"#define PART_EMPTY {ops.PART_EMPTY:#x}u" in src
     assert "return stream_start(last + 1, U, W) <= (t + 1) * n_blocks ? last : last - 1;" in src
     assert "if (parts) return t * parts + t % parts;" in src
+    assert "const int first = parts ? t * parts : stream_owner(t * n_blocks, U, W);" in src
+    assert "const int last = parts ? first + parts - 1 : stream_owner((t + 1) * n_blocks - 1, U, W);" in src
 
 
 def test_compact_gather_polls_each_part_once_and_sums_what_it_polled() -> None:

@@ -517,7 +517,8 @@ __device__ __forceinline__ int stream_finisher(int t, int last, int U, int W, in
 // item 8k + g of at most 8·COMPACT_OWNERS, and lane l polls items l, l + 32, ... at once: every missing part is one
 // L2 round trip away, where the float4-per-lane gather needed one round per batch of four owners. The sums then reach
 // lane 4g by shuffles in owner order, its own part from registers: the same sum, bit for bit.
-// Inlined (a variant: the non-inlined call was slower by 3.5 us on down_proj, cause unknown).
+// Inlined: as a __noinline__ call the same gather made down_proj 28.78 us against 24.72 (kernel_compact_ab.json),
+// cause unknown.
 #define COMPACT_OWNERS 12
 __device__ __forceinline__ void stream_gather_compact(const float (&acc)[4], int w, int first, int last, int first_slot,
                                                       float* __restrict__ ws, float (&v)[4]) {
@@ -577,7 +578,10 @@ template <typename T, bool FINAL, int BATCH = 1>
 __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w, int W, int U, int n_blocks,
                                           float* __restrict__ ws, T* __restrict__ y, int n, int R, int parts = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int first = stream_owner(t * n_blocks, U, W), last = stream_owner((t + 1) * n_blocks - 1, U, W);
+  // In the part-major layout tile t's owners are warps t·parts ... t·parts + parts - 1, each run starting inside t
+  // (slot 0): the same values without the divisions, at the end of the run where the last parts hold up the launch.
+  const int first = parts ? t * parts : stream_owner(t * n_blocks, U, W);
+  const int last = parts ? first + parts - 1 : stream_owner((t + 1) * n_blocks - 1, U, W);
   if (first == last) {
     stream_store<T>(acc, y, t, g, q, n, R);
     return;
@@ -586,9 +590,9 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   // float4s, and a finisher gathers up to COMPACT_OWNERS owners' parts in one round (stream_gather_compact).
   const bool compact = n <= 2 && last - first < COMPACT_OWNERS;
   if (!FINAL || w != stream_finisher(t, last, U, W, n_blocks, parts)) {
-    const int slot = t == stream_start(w, U, W) / n_blocks ? 0 : 1;
-    // Compact: lane 4g's float4 at 4g, the part one whole 128-byte line. A first version left it at 16g, every sector
-    // half written (which L2 may fill from DRAM when read): down_proj 25.2 -> 29.7 µs, kernel_compact_ab.json.
+    const int slot = parts || t == stream_start(w, U, W) / n_blocks ? 0 : 1;
+    // Compact: lane 4g's float4 at 4g, the part one whole 128-byte line (a first version at 16g, called rather than
+    // inlined, made down_proj 29.7 µs against 25.2; kernel_compact_ab.json).
     if (!compact)
       reinterpret_cast<float4*>(ws + ((size_t)w * 2 + slot) * 128)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     else if (q == 0)
@@ -597,7 +601,7 @@ __device__ __forceinline__ void stream_flush(const float (&acc)[4], int t, int w
   }
   // Every owner after the first starts its run inside tile t, so parked it in slot 0; the first did so only if its
   // run starts at the tile's first unit (otherwise t is its last tile: slot 1).
-  const int first_slot = stream_start(first, U, W) == t * n_blocks ? 0 : 1;
+  const int first_slot = parts || stream_start(first, U, W) == t * n_blocks ? 0 : 1;
   if (compact) {
     float v[4];
     stream_gather_compact(acc, w, first, last, first_slot, ws, v);
@@ -1224,7 +1228,8 @@ __global__ void __launch_bounds__(1024) tc_stream2_kernel(const uint8_t* __restr
     ++t;
   }
   // The run's last tile, outside the loop: every warp gets here at about the same time, so this flush is what the
-  // launch ends on, and with the loop's registers free it polls four parts per round trip.
+  // launch ends on, and with the loop's registers free it polls its parts in batches of four (the compact gather, up
+  // to two tokens, polls all of them at once).
   stream_flush<T, true, 4>(acc, t, w, W, U, n_blocks, ws, y, n, R, parts);
   if (CN > 1) cluster_wait();  // no CTA of the cluster still copies from this one's shared memory
 }
