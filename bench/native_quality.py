@@ -253,6 +253,16 @@ def run_point(ctx: Context, m: quality.Method, workdir: Path) -> tuple[dict[str,
 # ---------------------------------------------------------------------------------------------------- merge, report
 
 
+def kernel_library(device: torch.device) -> dict[str, Any]:
+    """Which native library (named by its source's hash) and A/B switches the GPU figures came from; none on the CPU,
+    where the native runtime's CPU reference path runs instead."""
+    if device.type != "cuda":
+        return {}
+    from pipeline.runtime import kernels
+
+    return kernels.measured_variant()
+
+
 def _model_key(label: str) -> str:
     """The model label without the permutation check's measured logit change (it varies with the host's threads)."""
     return re.sub(r"max \|logit change\| [^;]*;\s*", "", label)
@@ -351,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
             "float_model_sha256": float_sha, "token_ids_sha256": ids_sha, "same_float_model_as_bench": same_float,
             "same_tokens_as_bench": same_ids, "targets": {"mean_kl_max": TARGET_KL, "top1_min": TARGET_TOP1},
             "methods": quality.rows(float_totals, [], n_q, n_all) + rows, "exactness": exact, "not_run": failed,
-            "seconds": round(time.monotonic() - _T0, 1),
+            "seconds": round(time.monotonic() - _T0, 1), **kernel_library(device),
         }  # fmt: skip
 
     out = Path(args.out)

@@ -76,3 +76,10 @@ def test_text_file_must_be_the_packaged_one(tmp_path: Path) -> None:
         lm_source.load_text(tmp_path, p)
     with pytest.raises(PipelineError, match="not a file"):
         lm_source.prepare_smollm2(tmp_path, "", tmp_path / "missing.gguf")
+
+
+def test_gpu_figures_name_their_kernel_library() -> None:
+    from pipeline.runtime.kernels import build
+
+    assert native_quality.kernel_library(torch.device("cpu")) == {}
+    assert native_quality.kernel_library(torch.device("cuda"))["kernels"] == build.library_name()
