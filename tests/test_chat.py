@@ -466,3 +466,22 @@ def test_the_engine_answers_through_the_lean_decoder_on_a_gpu(tiny_artifact: Pat
     assert kv.endswith("lean decoder") and "lean" not in ref_kv, "the lean decoder fell back to generate"
     assert auto.decoder != "hf"
     assert (text, n) == (ref_text, ref_n) and n > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_compiled_lean_decoder_answers_as_generate_does_on_a_gpu(tiny_artifact: Path) -> None:
+    """--compile on a GPU: the lean decoder's layers through torch.compile around the native kernels' custom ops and
+    the CUDA graph, twice (the second answer replays), each equal to generate's (float32 both)."""
+    lean = Engine.open(tiny_artifact, "cuda", compile_layers=True)
+    hf = Engine.open(tiny_artifact, "cuda", decoder="hf")
+    for eng in (lean, hf):
+        eng.model.float()
+    for prompt in ("hello there", "and again"):
+        answers = []
+        for eng in (lean, hf):
+            gen = Chat(eng, Settings(max_new_tokens=12)).send(prompt)
+            answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
+        (text, n, kv), (ref_text, ref_n, _) = answers
+        assert kv.endswith("lean decoder, compiled"), f"the compiled lean decoder fell back: {kv!r}"
+        assert (text, n) == (ref_text, ref_n) and n > 0
