@@ -472,7 +472,7 @@ def test_the_engine_answers_through_the_lean_decoder_on_a_gpu(tiny_artifact: Pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_compiled_lean_decoder_answers_as_generate_does_on_a_gpu(tiny_artifact: Path) -> None:
     """--compile on a GPU: the lean decoder's layers through torch.compile around the native kernels' custom ops and
-    the CUDA graph, twice (the second answer replays), each equal to generate's (float32 both)."""
+    the CUDA graph, two answers on the same decoder, each equal to generate's (float32 both)."""
     lean = Engine.open(tiny_artifact, "cuda", compile_layers=True)
     hf = Engine.open(tiny_artifact, "cuda", decoder="hf")
     for eng in (lean, hf):
