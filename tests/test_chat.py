@@ -452,36 +452,22 @@ def test_a_lean_decoder_that_fails_hands_the_answer_to_generate(tiny_artifact: P
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_engine_answers_through_the_lean_decoder_on_a_gpu(tiny_artifact: Path) -> None:
-    """On a GPU, decoder "auto" is the lean decoder (native kernels, fused step, CUDA graph) and it keeps serving:
-    its greedy answer equals generate's on the same engine settings (float32, so bf16 rounding order cannot differ)."""
-    auto = Engine.open(tiny_artifact, "cuda")
+@pytest.mark.parametrize(("compile_layers", "status"), [(False, "lean decoder"), (True, "lean decoder, compiled")])
+def test_the_engine_answers_through_the_lean_decoder_on_a_gpu(tiny_artifact: Path, compile_layers: bool,
+                                                              status: str) -> None:  # fmt: skip
+    """On a GPU, decoder "auto" is the lean decoder (native kernels, fused step, CUDA graph; with --compile its layers
+    through torch.compile too) and it keeps serving: two answers on the same decoder, each equal to generate's on the
+    same engine settings (float32, so bf16 rounding order cannot differ)."""
+    auto = Engine.open(tiny_artifact, "cuda", compile_layers=compile_layers)
     hf = Engine.open(tiny_artifact, "cuda", decoder="hf")
-    answers = []
     for eng in (auto, hf):
-        eng.model.float()
-        gen = Chat(eng, Settings(max_new_tokens=12)).send("hello there")
-        answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
-    (text, n, kv), (ref_text, ref_n, ref_kv) = answers
-    assert kv.endswith("lean decoder") and "lean" not in ref_kv, "the lean decoder fell back to generate"
-    assert auto.decoder != "hf"
-    assert (text, n) == (ref_text, ref_n) and n > 0
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_compiled_lean_decoder_answers_as_generate_does_on_a_gpu(tiny_artifact: Path) -> None:
-    """--compile on a GPU: the lean decoder's layers through torch.compile around the native kernels' custom ops and
-    the CUDA graph, two answers on the same decoder, each equal to generate's (float32 both)."""
-    lean = Engine.open(tiny_artifact, "cuda", compile_layers=True)
-    hf = Engine.open(tiny_artifact, "cuda", decoder="hf")
-    for eng in (lean, hf):
         eng.model.float()
     for prompt in ("hello there", "and again"):
         answers = []
-        for eng in (lean, hf):
+        for eng in (auto, hf):
             gen = Chat(eng, Settings(max_new_tokens=12)).send(prompt)
             answers.append(("".join(gen), gen.stats.new_tokens, gen.stats.kv))
-        (text, n, kv), (ref_text, ref_n, _) = answers
-        assert kv.endswith("lean decoder, compiled"), f"the compiled lean decoder fell back: {kv!r}"
+        (text, n, kv), (ref_text, ref_n, ref_kv) = answers
+        assert kv.endswith(status) and "lean" not in ref_kv, f"the lean decoder fell back to generate: {kv!r}"
+        assert auto.decoder != "hf"
         assert (text, n) == (ref_text, ref_n) and n > 0
